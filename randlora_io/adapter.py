@@ -1,0 +1,209 @@
+"""A randlora adapter in memory, and its file (SPEC §2): read, validate, write atomically.
+
+Tensors in the file: ``<weight key>.lambda`` (r, n) and ``<weight key>.gamma`` (n, D) for each layer, plus, only
+when the header says ``bases.stored``, ``__bases__.A`` (r, min_dim) and ``__bases__.B`` (max_dim, N_total·r).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .basis import Bases, bases_for_header
+from .delta import reference_delta
+from .errors import AdapterShapeError, BasisMismatchError, HeaderError, NonFiniteError
+from .safetensors_io import load_tensors, read_header, save_safetensors
+from .spec import METADATA_KEY, AdapterHeader, GeneratorSpec, LayerSpec, header_from_json, num_bases, parse_header
+
+LAMBDA_SUFFIX = ".lambda"
+GAMMA_SUFFIX = ".gamma"
+STORED_A = "__bases__.A"
+STORED_B = "__bases__.B"
+
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16",
+                torch.float64: "float64"}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The spec's name for a torch floating dtype (``torch.float32`` → ``"float32"``)."""
+    return _DTYPE_NAMES[dtype]
+
+
+@dataclass
+class RandloraAdapter:
+    """Header plus scales: ``lambdas[key]`` (r, n) and ``gammas[key]`` (n, D), keyed by base weight key."""
+
+    header: AdapterHeader
+    lambdas: dict[str, torch.Tensor]
+    gammas: dict[str, torch.Tensor]
+    stored: Bases | None = None
+    source: str = "<memory>"
+    _bases: dict[str, Bases] = field(default_factory=dict, repr=False)
+
+    @property
+    def layers(self) -> dict[str, LayerSpec]:
+        return self.header.layers
+
+    def bases(self, device: str | torch.device = "cpu", verify: bool = True) -> Bases:
+        """The shared bases (stored ones if present, else regenerated), cached per device.
+
+        When the header has a checksum, regenerated bases are verified against it, so a change in torch's RNG or a
+        buggy reimplementation can never silently yield other bases.
+        """
+        key = str(torch.device(device))
+        if key not in self._bases:
+            bases = self.stored if self.stored is not None else bases_for_header(self.header)
+            if verify and self.header.bases_sha256 is not None:
+                actual = bases.sha256()
+                if actual != self.header.bases_sha256:
+                    raise BasisMismatchError(
+                        f"{self.source}: regenerated bases do not match the header checksum "
+                        f"({actual[:12]}… != {self.header.bases_sha256[:12]}…); this torch/numpy build draws "
+                        "different random numbers; convert with --keep-bases on the machine that made the adapter"
+                    )
+            self._bases[key] = Bases(A=bases.A.to(device), B=bases.B.to(device))
+        return self._bases[key]
+
+    def delta(self, key: str, device: str | torch.device = "cpu") -> torch.Tensor:
+        """The reference ΔW of weight ``key`` in its stored shape, float32."""
+        layer = self.layers[key]
+        bases = self.bases(device)
+        return reference_delta(layer, self.lambdas[key].to(device), self.gammas[key].to(device), bases.A, bases.B,
+                               self.header.scaling)
+
+    def trainable_parameters(self) -> int:
+        return sum(t.numel() for t in self.lambdas.values()) + sum(t.numel() for t in self.gammas.values())
+
+
+def validate_tensors(adapter: RandloraAdapter) -> None:
+    """Check every layer's scales against the header: present, shapes (r, n)/(n, D), dtype, finite."""
+    header = adapter.header
+    for key, layer in header.layers.items():
+        for name, table, expected in (("lambda", adapter.lambdas, (header.rank, layer.num_bases)),
+                                      ("gamma", adapter.gammas, (layer.num_bases, layer.min_dim))):
+            if key not in table:
+                raise AdapterShapeError(f"{adapter.source}: missing tensor '{key}.{name}' for a layer in the header")
+            tensor = table[key]
+            if tuple(tensor.shape) != expected:
+                raise AdapterShapeError(
+                    f"{adapter.source}: '{key}.{name}' has shape {list(tensor.shape)}, header implies {list(expected)}"
+                )
+            if tensor.dtype not in _DTYPE_NAMES or dtype_name(tensor.dtype) != layer.dtype:
+                raise AdapterShapeError(f"{adapter.source}: '{key}.{name}' is {tensor.dtype}, header says {layer.dtype}")
+            if not torch.isfinite(tensor).all():
+                raise NonFiniteError(f"{adapter.source}: '{key}.{name}' contains NaN or Inf")
+    extra = (set(adapter.lambdas) | set(adapter.gammas)) - set(header.layers)
+    if extra:
+        raise AdapterShapeError(f"{adapter.source}: scales for '{sorted(extra)[0]}' have no layer in the header")
+    if header.stored_bases:
+        if adapter.stored is None:
+            raise HeaderError(f"{adapter.source}: header says bases are stored but the file has none")
+        expected_A = (header.rank, header.min_dim)
+        expected_B = (header.max_dim, header.total_bases * header.rank)
+        if tuple(adapter.stored.A.shape) != expected_A or tuple(adapter.stored.B.shape) != expected_B:
+            raise AdapterShapeError(f"{adapter.source}: stored bases have shapes {list(adapter.stored.A.shape)}, "
+                                    f"{list(adapter.stored.B.shape)}; expected {list(expected_A)}, {list(expected_B)}")
+
+
+def read_adapter(path: str | os.PathLike) -> RandloraAdapter:
+    """Read and validate a randlora file. Raises a :class:`~randlora_io.errors.RandloraError` naming the file."""
+    path = Path(path)
+    st = read_header(path)
+    text = st.metadata.get(METADATA_KEY)
+    if text is None:
+        raise HeaderError(f"{path}: not a randlora file (no '{METADATA_KEY}' entry in the safetensors metadata)")
+    try:
+        header = parse_header(text)
+    except HeaderError as exc:
+        raise type(exc)(f"{path}: {exc}") from None
+    names = list(st.tensors)
+    unknown = [n for n in names if not (n.endswith(LAMBDA_SUFFIX) or n.endswith(GAMMA_SUFFIX) or n in (STORED_A, STORED_B))]
+    if unknown:
+        raise AdapterShapeError(f"{path}: unexpected tensor {unknown[0]!r} (expected '<key>.lambda' / '<key>.gamma')")
+    tensors = load_tensors(path)
+    lambdas = {n[: -len(LAMBDA_SUFFIX)]: t for n, t in tensors.items() if n.endswith(LAMBDA_SUFFIX)}
+    gammas = {n[: -len(GAMMA_SUFFIX)]: t for n, t in tensors.items() if n.endswith(GAMMA_SUFFIX)}
+    stored = None
+    if STORED_A in tensors or STORED_B in tensors:
+        if not header.stored_bases or STORED_A not in tensors or STORED_B not in tensors:
+            raise HeaderError(f"{path}: stored bases present but 'bases.stored' is not set (or one is missing)")
+        stored = Bases(A=tensors[STORED_A].float(), B=tensors[STORED_B].float())
+    adapter = RandloraAdapter(header=header, lambdas=lambdas, gammas=gammas, stored=stored, source=str(path))
+    validate_tensors(adapter)
+    return adapter
+
+
+def write_adapter(adapter: RandloraAdapter, path: str | os.PathLike) -> None:
+    """Validate and write ``adapter`` to ``path`` atomically (temp file beside it, then rename)."""
+    validate_tensors(adapter)
+    tensors: dict[str, torch.Tensor] = {}
+    for key in adapter.header.layers:
+        tensors[key + LAMBDA_SUFFIX] = adapter.lambdas[key].detach().cpu()
+        tensors[key + GAMMA_SUFFIX] = adapter.gammas[key].detach().cpu()
+    if adapter.header.stored_bases and adapter.stored is not None:
+        tensors[STORED_A] = adapter.stored.A.detach().cpu().float()
+        tensors[STORED_B] = adapter.stored.B.detach().cpu().float()
+    save_safetensors(tensors, path, metadata={METADATA_KEY: adapter.header.dumps()})
+
+
+def is_randlora_file(path: str | os.PathLike) -> bool:
+    """True when ``path`` is a safetensors file whose metadata carries a randlora header (not validated further)."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    try:
+        return METADATA_KEY in read_header(path).metadata
+    except Exception:  # noqa: BLE001 - detection only; the real read reports the error
+        return False
+
+
+def build_adapter(
+    *,
+    generator: GeneratorSpec,
+    rank: int,
+    alpha: float,
+    layers: dict[str, tuple[tuple[int, int], bool]],
+    lambdas: dict[str, torch.Tensor],
+    gammas: dict[str, torch.Tensor],
+    min_dim: int | None = None,
+    max_dim: int | None = None,
+    base_model: dict | None = None,
+    stored: Bases | None = None,
+    checksum: bool = True,
+) -> RandloraAdapter:
+    """Assemble and validate an adapter. ``layers`` maps weight key → (stored shape, fan_in_fan_out).
+
+    ``min_dim``/``max_dim`` default to PEFT's ``_find_dim`` rule (:func:`peft_shared_dims`). With
+    ``checksum`` the bases are generated once and their sha256 recorded (SPEC §4.4).
+    """
+    if min_dim is None or max_dim is None:
+        min_dim, max_dim = peft_shared_dims(layers.values())
+    specs = {
+        key: LayerSpec(key=key, shape=(int(shape[0]), int(shape[1])), fan_in_fan_out=bool(fan),
+                       num_bases=num_bases(min(shape), rank), dtype=dtype_name(lambdas[key].dtype))
+        for key, (shape, fan) in layers.items()
+    }
+    header = AdapterHeader(rank=rank, alpha=float(alpha), generator=generator, min_dim=min_dim, max_dim=max_dim,
+                           layers=specs, stored_bases=stored is not None, base_model=base_model)
+    header = header_from_json(header.to_json())  # one validation path for files and for memory
+    adapter = RandloraAdapter(header=header, lambdas=dict(lambdas), gammas=dict(gammas), stored=stored)
+    validate_tensors(adapter)
+    if checksum:
+        header.bases_sha256 = adapter.bases(verify=False).sha256()
+    return adapter
+
+
+def peft_shared_dims(layers) -> tuple[int, int]:
+    """PEFT's ``_find_dim``: the elementwise max of (out, in) over all layers, then its (min, max).
+
+    ``layers`` iterates (stored shape, fan_in_fan_out). Note this is not max of the per-layer minima: with
+    (96, 64) and (64, 96) layers the shared ``min_dim`` is 96.
+    """
+    max_out = max_in = 0
+    for shape, fan in layers:
+        out_f, in_f = (shape[1], shape[0]) if fan else (shape[0], shape[1])
+        max_out, max_in = max(max_out, out_f), max(max_in, in_f)
+    return min(max_out, max_in), max(max_out, max_in)

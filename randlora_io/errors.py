@@ -1,0 +1,56 @@
+"""All errors raised by randlora-io, in one place.
+
+Every class subclasses a builtin (so callers may catch ``ValueError``/``OSError``) and
+:class:`RandloraError` (so the CLI can turn any of them into one clear line). Messages name the file,
+say what is wrong and, where possible, what to do next.
+"""
+
+from __future__ import annotations
+
+
+class RandloraError(Exception):
+    """Base class of every error randlora-io raises on purpose."""
+
+
+class SafetensorsFormatError(ValueError, RandloraError):
+    """A ``.safetensors`` file is malformed (header, offsets, dtypes, metadata)."""
+
+
+class HeaderError(ValueError, RandloraError):
+    """The randlora header (``__metadata__["randlora"]``) is missing, malformed or violates the spec."""
+
+
+class UnsupportedVersionError(HeaderError):
+    """The file declares a format major version this library does not implement."""
+
+
+class AdapterShapeError(ValueError, RandloraError):
+    """A tensor's shape disagrees with the header, or with the base model."""
+
+
+class NonFiniteError(ValueError, RandloraError):
+    """NaN or Inf found in scales, a delta or a merged weight."""
+
+
+class BasisMismatchError(ValueError, RandloraError):
+    """Regenerated bases do not match the checksum in the header or the bases stored by PEFT."""
+
+
+class SourceFormatError(ValueError, RandloraError):
+    """An input (PEFT dir, dense delta, checkpoint, index) is not in a format we can read."""
+
+
+class UnsafeCheckpointError(SourceFormatError):
+    """A pickle-based checkpoint (``.bin``/``.pt``) that we refuse to unpickle."""
+
+
+class BaseModelMismatchError(ValueError, RandloraError):
+    """An adapter targets a weight the base lacks, or a weight of another shape."""
+
+
+class OutputExistsError(FileExistsError, RandloraError):
+    """The output path exists (and ``--overwrite`` was not given) or equals an input."""
+
+
+class HubError(OSError, RandloraError):
+    """A Hub operation failed (missing repo, rejected token, corrupted download)."""

@@ -1,0 +1,77 @@
+"""Tiny Llama and GPT-2 models built in code (no downloads), and helpers to make PEFT adapters on them."""
+
+from __future__ import annotations
+
+import torch
+
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32, hidden: int = 64, intermediate: int = 96,
+               layers: int = 2, vocab: int = 128):
+    """A LlamaForCausalLM with random weights: q/o (h, h), k/v (h/2, h), gate/up (i, h), down (h, i)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab,
+                         max_position_embeddings=128, tie_word_embeddings=False)
+    model = LlamaForCausalLM(config).to(dtype)
+    model.eval()
+    return model
+
+
+def tiny_gpt2(seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A GPT2LMHeadModel whose c_attn / c_fc / c_proj are Conv1D (weights stored (in, out))."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(n_embd=48, n_layer=2, n_head=4, vocab_size=96, n_positions=64)
+    model = GPT2LMHeadModel(config).to(dtype)
+    model.eval()
+    return model
+
+
+def peft_randlora(model, *, r: int = 8, seed: int = 0, sparse: bool = False, very_sparse: bool = False,
+                  targets=None, alpha: float = 16.0, save_projection: bool = False, fan_in_fan_out: bool = False,
+                  scale_seed: int = 1):
+    """Wrap ``model`` in a PEFT RandLoRA adapter and give λ, γ random non-zero values (so ΔW ≠ 0)."""
+    from peft import RandLoraConfig, get_peft_model
+
+    config = RandLoraConfig(r=r, randlora_alpha=alpha, projection_prng_key=seed, sparse=sparse,
+                            very_sparse=very_sparse, target_modules=targets or LLAMA_TARGETS,
+                            save_projection=save_projection, fan_in_fan_out=fan_in_fan_out)
+    peft_model = get_peft_model(model, config)
+    gen = torch.Generator().manual_seed(scale_seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "randlora_lambda" in name or "randlora_gamma" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    return peft_model
+
+
+def peft_lora(model, *, r: int = 4, alpha: float = 8.0, use_rslora: bool = False, targets=None,
+              fan_in_fan_out: bool = False, rank_pattern=None, alpha_pattern=None, scale_seed: int = 2):
+    """Wrap ``model`` in a PEFT LoRA adapter with random A and B (so ΔW ≠ 0)."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=r, lora_alpha=alpha, use_rslora=use_rslora, target_modules=targets or LLAMA_TARGETS,
+                        fan_in_fan_out=fan_in_fan_out, rank_pattern=rank_pattern or {},
+                        alpha_pattern=alpha_pattern or {}, init_lora_weights=False)
+    peft_model = get_peft_model(model, config)
+    gen = torch.Generator().manual_seed(scale_seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_A" in name or "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    return peft_model
+
+
+def peft_layer_deltas(peft_model) -> dict[str, torch.Tensor]:
+    """PEFT's own ``get_delta_weight`` per targeted module, keyed by the base checkpoint weight key, float32."""
+    out = {}
+    for name, module in peft_model.named_modules():
+        if hasattr(module, "get_delta_weight") and hasattr(module, "base_layer"):
+            key = name.removeprefix("base_model.model.") + ".weight"
+            out[key] = module.get_delta_weight("default").detach().float()
+    return out

@@ -1,0 +1,123 @@
+"""A local Hugging Face checkpoint directory: one ``model.safetensors`` or shards with an index.
+
+Holds only headers in memory; tensors are read one shard at a time (mmap via ``safe_open``). The index is
+validated at the boundary: no ``../`` or absolute shard paths, no ``.bin`` shards, no key in two shards, no key
+pointing at a missing shard, every shard's header consistent with the index.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from .errors import SourceFormatError, UnsafeCheckpointError
+from .safetensors_io import SafetensorsHeader, TensorInfo, read_header
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt")
+
+
+@dataclass
+class Checkpoint:
+    """A validated checkpoint: ``shards`` (file name → header) and ``weight_map`` (tensor key → shard file name)."""
+
+    root: Path
+    shards: dict[str, SafetensorsHeader]
+    weight_map: dict[str, str]
+    index: dict | None  # the parsed index JSON when sharded
+
+    def info(self, key: str) -> TensorInfo:
+        return self.shards[self.weight_map[key]].tensors[key]
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self.info(key).shape
+
+    def shard_path(self, shard: str) -> Path:
+        return self.root / shard
+
+    def keys_by_shard(self) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {s: [] for s in self.shards}
+        for key, shard in self.weight_map.items():
+            out[shard].append(key)
+        return out
+
+    def total_bytes(self) -> int:
+        return sum(self.shard_path(s).stat().st_size for s in self.shards)
+
+
+def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Open a HF model dir (or a single ``.safetensors`` file) and validate its layout."""
+    root = Path(path)
+    if root.is_file():
+        if root.suffix != ".safetensors":
+            _refuse_pickle(root)
+            raise SourceFormatError(f"{root}: not a safetensors checkpoint")
+        header = read_header(root)
+        return Checkpoint(root=root.parent, shards={root.name: header}, weight_map={k: root.name for k in header.tensors},
+                          index=None)
+    if not root.is_dir():
+        raise SourceFormatError(f"{root}: no such model directory")
+    if (root / INDEX_FILE).is_file():
+        return _open_sharded(root)
+    if (root / SINGLE_FILE).is_file():
+        header = read_header(root / SINGLE_FILE)
+        return Checkpoint(root=root, shards={SINGLE_FILE: header}, weight_map={k: SINGLE_FILE for k in header.tensors},
+                          index=None)
+    for name in PICKLE_FILES:
+        if (root / name).exists():
+            _refuse_pickle(root / name)
+    raise SourceFormatError(f"{root}: no {SINGLE_FILE} or {INDEX_FILE}; is this a Hugging Face model directory?")
+
+
+def _refuse_pickle(path: Path) -> None:
+    raise UnsafeCheckpointError(
+        f"{path}: pickle checkpoints are refused (they can run code); re-save the model with safetensors "
+        "(save_pretrained(..., safe_serialization=True))"
+    )
+
+
+def _safe_shard_name(index_path: Path, name: object) -> str:
+    if not isinstance(name, str) or not name:
+        raise SourceFormatError(f"{index_path}: shard names must be non-empty strings, got {name!r}")
+    pure = PurePosixPath(name)
+    if pure.is_absolute() or ".." in pure.parts or "\\" in name or len(pure.parts) != 1:
+        raise SourceFormatError(f"{index_path}: shard path {name!r} must be a plain file name in the model directory")
+    if not name.endswith(".safetensors"):
+        raise UnsafeCheckpointError(f"{index_path}: shard {name!r} is not a .safetensors file (pickle shards are refused)")
+    return name
+
+
+def _open_sharded(root: Path) -> Checkpoint:
+    index_path = root / INDEX_FILE
+    try:
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise SourceFormatError(f"{index_path}: not valid JSON ({exc})") from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise SourceFormatError(f"{index_path}: missing or empty 'weight_map'")
+    for key, shard in weight_map.items():
+        _safe_shard_name(index_path, shard)
+    shards: dict[str, SafetensorsHeader] = {}
+    for shard in sorted(set(weight_map.values())):
+        shard_path = root / shard
+        if not shard_path.is_file():
+            raise SourceFormatError(f"{index_path}: shard {shard!r} listed in the index is missing")
+        shards[shard] = read_header(shard_path)
+    seen: dict[str, str] = {}
+    for shard, header in shards.items():
+        for key in header.tensors:
+            if key in seen:
+                raise SourceFormatError(f"{root}: tensor {key!r} is stored in both {seen[key]!r} and {shard!r}")
+            seen[key] = shard
+    for key, shard in weight_map.items():
+        if seen.get(key) != shard:
+            where = f"is in {seen[key]!r}" if key in seen else "is in no shard"
+            raise SourceFormatError(f"{index_path}: index maps {key!r} to {shard!r} but it {where}")
+    unindexed = set(seen) - set(weight_map)
+    if unindexed:
+        raise SourceFormatError(f"{index_path}: tensor {sorted(unindexed)[0]!r} is in a shard but not in the index")
+    return Checkpoint(root=root, shards=shards, weight_map=dict(weight_map), index=index)

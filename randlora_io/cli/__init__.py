@@ -1,0 +1,1 @@
+"""The ``randlora-io`` command line (click). Thin: parse, call the library, print."""

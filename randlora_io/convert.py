@@ -1,0 +1,192 @@
+"""``convert``: move an adapter between formats, losslessly where the math allows, with measured error elsewhere.
+
+Targets: ``randlora`` (our file), ``peft-randlora`` (PEFT dir), ``dense`` (dense-delta file), ``peft-lora`` (PEFT
+dir at rank k). Lossy steps (fit to RandLoRA scales, truncated SVD) report per-layer relative Frobenius errors,
+measured on the written result against the source ΔW.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .adapter import RandloraAdapter, build_adapter, peft_shared_dims, write_adapter
+from .basis import generate_bases
+from .checkpoint import open_checkpoint
+from .converters.dense import write_dense
+from .converters.peft_lora import lora_factors, write_peft_lora
+from .converters.peft_randlora import adapter_to_peft_randlora
+from .errors import OutputExistsError, RandloraError
+from .fit import fit_scales
+from .sources import DeltaSource, RandloraSource, open_source
+from .spec import SPARSE_THRESHOLD, GeneratorSpec, normalisation, num_bases
+
+TARGETS = ("randlora", "peft-randlora", "peft-lora", "dense")
+
+
+class ConversionError(ValueError, RandloraError):
+    """A lossy conversion exceeded ``--max-error`` (nothing was written)."""
+
+
+@dataclass
+class ConvertReport:
+    """What a conversion did: layer count, parameters and bytes in/out, per-layer errors (relative Frobenius)
+    or kept energies (SVD), and the overall error."""
+
+    layers: int = 0
+    params_out: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    errors: dict[str, float] = field(default_factory=dict)
+    kept_energy: dict[str, float] = field(default_factory=dict)
+    overall_error: float = 0.0
+
+    @property
+    def max_error(self) -> float:
+        return max(self.errors.values(), default=0.0)
+
+    def summary(self) -> str:
+        text = (f"{self.layers} layers, {self.params_out:,} params, {self.bytes_in:,} B in → {self.bytes_out:,} B out, "
+                f"max error {self.max_error:.3g}, overall error {self.overall_error:.3g}")
+        if self.kept_energy:
+            text += f", min kept energy {min(self.kept_energy.values()):.4f}"
+        return text
+
+
+def path_bytes(path: str | os.PathLike) -> int:
+    path = Path(path)
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size if path.exists() else 0
+
+
+def md_orientation(stored: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
+    """Stored ΔW → (M, D): inverse of :func:`randlora_io.delta.to_stored_orientation`."""
+    out_in = stored.T if fan_in_fan_out else stored
+    return out_in if out_in.shape[1] == min(out_in.shape) else out_in.T
+
+
+def fit_adapter(source: DeltaSource, rank: int, seed: int, generator: str = "philox", kind: str = "dense",
+                alpha: float | None = None, progress: bool = False) -> tuple[RandloraAdapter, ConvertReport]:
+    """Fit RandLoRA scales to every layer of ``source`` (SPEC §3 parametrisation, ``fit.fit_scales``)."""
+    keys = source.keys()
+    layers = {k: (source.stored_shape(k), source.fan_in_fan_out(k)) for k in keys}
+    min_dim, max_dim = peft_shared_dims(layers.values())
+    if not 1 <= rank <= min_dim:
+        raise ConversionError(f"--rank {rank} must be between 1 and the smallest shared dimension {min_dim}")
+    if generator == "philox":
+        threshold = None if kind == "dense" else SPARSE_THRESHOLD
+        gen = GeneratorSpec(name="philox", kind=kind, seed=seed, threshold=threshold)
+    else:
+        gen = GeneratorSpec(name="peft", kind=kind, seed=seed, draw_dtype="bfloat16" if kind == "dense" else "float32")
+    alpha = float(alpha if alpha is not None else 2 * rank)
+    bases = generate_bases(gen, rank, min_dim, max_dim)
+    scaling = alpha / rank * normalisation(gen)
+    lambdas, gammas = {}, {}
+    for key in tqdm(keys, desc="fit", unit="layer", disable=not progress):
+        shape, fan = layers[key]
+        n = num_bases(min(shape), rank)
+        A, B = bases.for_layer(min(shape), max(shape), n)
+        result = fit_scales(md_orientation(source.delta(key), fan), A, B, scaling)
+        lambdas[key], gammas[key] = result.lam, result.gam
+    adapter = build_adapter(generator=gen, rank=rank, alpha=alpha, layers=layers, lambdas=lambdas, gammas=gammas,
+                            min_dim=min_dim, max_dim=max_dim)
+    return adapter, measure_errors(source, RandloraSource(adapter))
+
+
+def measure_errors(reference: DeltaSource, approx: DeltaSource) -> ConvertReport:
+    """Per-layer ‖ΔW_approx − ΔW_ref‖ / ‖ΔW_ref‖ and the overall ratio over all layers."""
+    report = ConvertReport()
+    num = den = 0.0
+    for key in reference.keys():
+        ref, got = reference.delta(key).double(), approx.delta(key).double()
+        diff, norm = float(torch.linalg.norm(got - ref)), float(torch.linalg.norm(ref))
+        report.errors[key] = diff / norm if norm > 0 else diff
+        num, den = num + diff**2, den + norm**2
+    report.overall_error = math.sqrt(num / den) if den > 0 else math.sqrt(num)
+    return report
+
+
+def convert(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    to: str,
+    *,
+    rank: int | None = None,
+    seed: int = 0,
+    generator: str = "philox",
+    max_error: float | None = None,
+    keep_bases: bool = False,
+    save_projection: bool = False,
+    base: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> ConvertReport:
+    """Convert ``src`` (any supported adapter) to ``dst`` in format ``to``. Nothing is written on error."""
+    if to not in TARGETS:
+        raise ConversionError(f"unknown target {to!r}; choose one of {', '.join(TARGETS)}")
+    src_p, dst_p = Path(src), Path(dst)
+    if dst_p.resolve() == src_p.resolve():
+        raise OutputExistsError(f"{dst}: output equals the input; choose another path")
+    if dst_p.exists() and not overwrite:
+        raise OutputExistsError(f"{dst}: output exists; pass --overwrite to replace it")
+    base_shapes = None
+    if base is not None:
+        ckpt = open_checkpoint(base)
+        base_shapes = {k: ckpt.shape(k) for k in ckpt.weight_map}
+    source = open_source(src_p, base_shapes=base_shapes, keep_bases=keep_bases)
+
+    report = ConvertReport()
+    if to in ("randlora", "peft-randlora"):
+        if isinstance(source, RandloraSource):
+            adapter = source.adapter
+            report.errors = {k: 0.0 for k in source.keys()}
+        else:
+            if rank is None:
+                raise ConversionError(f"{src}: fitting a {source.kind} adapter to RandLoRA needs --rank")
+            adapter, report = fit_adapter(source, rank, seed, generator, progress=progress)
+        if max_error is not None and report.overall_error > max_error:
+            raise ConversionError(f"{src}: fit error {report.overall_error:.4g} exceeds --max-error {max_error}; "
+                                  "raise --rank or the bound")
+        if to == "randlora":
+            write_adapter(adapter, dst_p)
+        else:
+            adapter_to_peft_randlora(adapter, dst_p, save_projection=save_projection, overwrite=overwrite)
+        report.params_out = adapter.trainable_parameters()
+    elif to == "dense":
+        deltas = {k: source.delta(k) for k in tqdm(source.keys(), desc="delta", unit="layer", disable=not progress)}
+        write_dense(deltas, dst_p)
+        report.errors = {k: 0.0 for k in deltas}
+        report.params_out = sum(d.numel() for d in deltas.values())
+    else:
+        if rank is None:
+            raise ConversionError("--to peft-lora needs --rank K")
+        deltas = {k: (source.delta(k), source.fan_in_fan_out(k)) for k in source.keys()}
+        fans = {fan for _, fan in deltas.values()}
+        if len(fans) != 1:
+            raise ConversionError(f"{src}: PEFT needs one fan_in_fan_out for all layers; this adapter mixes them")
+        bar = tqdm(total=len(deltas), desc="svd", unit="layer", disable=not progress)
+        lows = lora_factors(deltas, rank, on_layer=bar.update)
+        bar.close()
+        report.errors = {k: v.rel_error for k, v in lows.items()}
+        report.kept_energy = {k: v.kept_energy for k, v in lows.items()}
+        total = sum(float(d.double().pow(2).sum()) for d, _ in deltas.values())
+        lost = sum((v.rel_error**2) * float(deltas[k][0].double().pow(2).sum()) for k, v in lows.items())
+        report.overall_error = math.sqrt(lost / total) if total > 0 else 0.0
+        if max_error is not None and report.max_error > max_error:
+            raise ConversionError(f"{src}: SVD error {report.max_error:.4g} exceeds --max-error {max_error}; "
+                                  "raise --rank or the bound")
+        write_peft_lora(lows, fans.pop(), dst_p, rank, overwrite=overwrite)
+        report.params_out = sum(v.up.numel() + v.down.numel() for v in lows.values())
+    report.layers = len(source.keys())
+    report.bytes_in = path_bytes(src_p)
+    report.bytes_out = path_bytes(dst_p)
+    return report
+
+
+__all__ = ["ConvertReport", "ConversionError", "convert", "fit_adapter", "measure_errors"]

@@ -1,0 +1,102 @@
+"""Reading and writing a PEFT adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``).
+
+Shared by the RandLoRA and LoRA converters: one reader, so both validate the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import SourceFormatError, UnsafeCheckpointError
+from ..safetensors_io import atomic_directory, load_tensors
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+PICKLE_WEIGHTS_FILE = "adapter_model.bin"
+PEFT_PREFIX = "base_model.model."
+
+
+@dataclass
+class PeftDir:
+    """A PEFT adapter dir: its config dict and its tensors (keys as saved, e.g. ``base_model.model.x.randlora_lambda``)."""
+
+    path: Path
+    config: dict
+    tensors: dict[str, torch.Tensor]
+
+    @property
+    def peft_type(self) -> str:
+        return str(self.config.get("peft_type", ""))
+
+
+def is_peft_dir(path: str | os.PathLike) -> bool:
+    return (Path(path) / CONFIG_FILE).is_file()
+
+
+def read_peft_config(path: str | os.PathLike) -> dict:
+    """The parsed ``adapter_config.json`` of a PEFT dir."""
+    cfg_path = Path(path) / CONFIG_FILE
+    try:
+        config = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SourceFormatError(f"{path}: no {CONFIG_FILE}; not a PEFT adapter directory") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise SourceFormatError(f"{cfg_path}: not valid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise SourceFormatError(f"{cfg_path}: must be a JSON object")
+    return config
+
+
+def read_peft_dir(path: str | os.PathLike, expected_type: str | None = None) -> PeftDir:
+    """Read a PEFT dir. A pickle ``adapter_model.bin`` is only loaded with ``torch.load(weights_only=True)``."""
+    path = Path(path)
+    config = read_peft_config(path)
+    if expected_type is not None and config.get("peft_type") != expected_type:
+        raise SourceFormatError(f"{path}: peft_type is {config.get('peft_type')!r}, expected {expected_type!r}")
+    if (path / WEIGHTS_FILE).is_file():
+        tensors = load_tensors(path / WEIGHTS_FILE)
+    elif (path / PICKLE_WEIGHTS_FILE).is_file():
+        tensors = _load_weights_only(path / PICKLE_WEIGHTS_FILE)
+    else:
+        raise SourceFormatError(f"{path}: no {WEIGHTS_FILE} next to {CONFIG_FILE}")
+    return PeftDir(path=path, config=config, tensors=tensors)
+
+
+def _load_weights_only(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UnsafeCheckpointError(
+            f"{path}: refused: not a plain tensor checkpoint under torch.load(weights_only=True) ({first[:120]}); "
+            "re-save the adapter with safetensors"
+        ) from None
+    if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
+        raise UnsafeCheckpointError(f"{path}: expected a dict of tensors")
+    return obj
+
+
+def module_of(saved_key: str, suffix: str) -> str:
+    """``base_model.model.<module>.<suffix>`` → ``<module>`` (PEFT's saved-key convention)."""
+    return saved_key.removeprefix(PEFT_PREFIX)[: -len(suffix) - 1]
+
+
+def weight_key(module: str) -> str:
+    """The base checkpoint key of a module's weight."""
+    return module + ".weight"
+
+
+def write_peft_dir(dst: str | os.PathLike, config: dict, tensors: dict[str, torch.Tensor], overwrite: bool = False) -> None:
+    """Write a PEFT dir atomically (built beside ``dst``, renamed last)."""
+    from safetensors.torch import save_file
+
+    with atomic_directory(dst, overwrite=overwrite) as tmp:
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS_FILE),
+                  metadata={"format": "pt"})

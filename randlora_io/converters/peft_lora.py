@@ -1,0 +1,125 @@
+"""PEFT LoRA directory → dense ΔW, and dense ΔW → PEFT LoRA at rank k (truncated SVD).
+
+PEFT LoRA stores ``base_model.model.<module>.lora_A.weight`` (r, in) and ``.lora_B.weight`` (out, r);
+ΔW (out, in) = scaling · B @ A, scaling = alpha / r (or alpha / √r with ``use_rslora``), with per-module
+``rank_pattern`` / ``alpha_pattern`` overrides; transposed when ``fan_in_fan_out``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import AdapterShapeError, NonFiniteError, SourceFormatError
+from ..lowrank import LowRank, truncated_svd
+from .peft_dir import PEFT_PREFIX, module_of, read_peft_dir, weight_key, write_peft_dir
+
+PEFT_TYPE = "LORA"
+
+
+@dataclass
+class LoraLayer:
+    """One LoRA layer: ``down`` (r, in), ``up`` (out, r), its scaling and orientation."""
+
+    down: torch.Tensor
+    up: torch.Tensor
+    scaling: float
+    fan_in_fan_out: bool
+
+    def delta(self, device: str | torch.device = "cpu") -> torch.Tensor:
+        """ΔW in the weight's stored orientation, float32."""
+        d = (self.up.to(device).float() @ self.down.to(device).float()) * self.scaling
+        return d.T if self.fan_in_fan_out else d
+
+    @property
+    def stored_shape(self) -> tuple[int, int]:
+        out_in = (self.up.shape[0], self.down.shape[1])
+        return (out_in[1], out_in[0]) if self.fan_in_fan_out else out_in
+
+
+def _pattern_value(patterns: dict, module: str, default):
+    """PEFT's ``get_pattern_key``: the first pattern p with ``(.*\\.)?(p)$`` matching the module path."""
+    for pattern, value in patterns.items():
+        if re.match(rf"(.*\.)?({pattern})$", module):
+            return value
+    return default
+
+
+def read_peft_lora(src: str | os.PathLike) -> dict[str, LoraLayer]:
+    """``{weight key: LoraLayer}`` from a PEFT LoRA dir."""
+    peft = read_peft_dir(src, expected_type=PEFT_TYPE)
+    cfg = peft.config
+    if cfg.get("use_dora"):
+        raise SourceFormatError(f"{src}: DoRA adapters are not supported (their update is not additive)")
+    r_default, alpha_default = cfg.get("r"), cfg.get("lora_alpha")
+    if not isinstance(r_default, int) or r_default <= 0 or not isinstance(alpha_default, (int, float)):
+        raise SourceFormatError(f"{src}: adapter_config.json has invalid r or lora_alpha")
+    rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
+    fan = bool(cfg.get("fan_in_fan_out", False))
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in peft.tensors.items():
+        for suffix in ("lora_A.weight", "lora_B.weight"):
+            if key.endswith("." + suffix) and key.startswith(PEFT_PREFIX):
+                parts.setdefault(module_of(key, suffix), {})[suffix[5]] = tensor
+                break
+        else:
+            raise SourceFormatError(f"{src}: unsupported tensor {key!r} (only lora_A / lora_B weights of Linear layers)")
+    layers = {}
+    for module, ab in parts.items():
+        if set(ab) != {"A", "B"}:
+            raise SourceFormatError(f"{src}: module {module!r} lacks lora_A or lora_B")
+        down, up = ab["A"], ab["B"]
+        r = _pattern_value(rank_pattern, module, r_default)
+        alpha = _pattern_value(alpha_pattern, module, alpha_default)
+        if down.ndim != 2 or up.ndim != 2 or down.shape[0] != r or up.shape[1] != r:
+            raise AdapterShapeError(f"{src}: {module!r} has lora_A {list(down.shape)} and lora_B {list(up.shape)}, "
+                                    f"config says r={r}")
+        if not (torch.isfinite(down).all() and torch.isfinite(up).all()):
+            raise NonFiniteError(f"{src}: {module!r} LoRA factors contain NaN or Inf")
+        scaling = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+        layers[weight_key(module)] = LoraLayer(down=down, up=up, scaling=float(scaling), fan_in_fan_out=fan)
+    if not layers:
+        raise SourceFormatError(f"{src}: the adapter holds no lora_A / lora_B tensors")
+    return layers
+
+
+def lora_factors(deltas: dict[str, tuple[torch.Tensor, bool]], rank: int, on_layer=None) -> dict[str, LowRank]:
+    """Rank-``rank`` factors of ``{weight key: (ΔW stored, fan_in_fan_out)}``, each as (out, k) @ (k, in)."""
+    results = {}
+    for key, (delta, fan) in deltas.items():
+        results[key] = truncated_svd(delta.T if fan else delta, rank)
+        if on_layer:
+            on_layer()
+    return results
+
+
+def write_peft_lora(
+    factors: dict[str, LowRank],
+    fan_in_fan_out: bool,
+    dst: str | os.PathLike,
+    rank: int,
+    *,
+    base_model: dict | None = None,
+    overwrite: bool = False,
+) -> None:
+    """Write LoRA factors as a PEFT LoRA dir with lora_alpha = r (scaling 1)."""
+    if any(not k.endswith(".weight") for k in factors):
+        raise SourceFormatError("delta keys must end in '.weight' to map onto PEFT modules")
+    tensors = {}
+    for key, low in factors.items():
+        module = key.removesuffix(".weight")
+        tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"] = low.down.contiguous()
+        tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = low.up.contiguous()
+    base = base_model or {}
+    config = {
+        "peft_type": PEFT_TYPE, "task_type": None, "r": rank, "lora_alpha": rank, "lora_dropout": 0.0,
+        "target_modules": sorted(k.removesuffix(".weight") for k in factors), "fan_in_fan_out": fan_in_fan_out,
+        "bias": "none", "use_rslora": False, "use_dora": False, "init_lora_weights": True, "inference_mode": True,
+        "rank_pattern": {}, "alpha_pattern": {}, "modules_to_save": None,
+        "base_model_name_or_path": base.get("id"), "revision": base.get("revision"),
+    }
+    write_peft_dir(dst, config, tensors, overwrite=overwrite)

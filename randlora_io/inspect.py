@@ -1,0 +1,84 @@
+"""Describe and validate any supported adapter (``randlora-io inspect`` / ``validate``)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .adapter import read_adapter
+from .converters.dense import read_dense
+from .converters.peft_dir import read_peft_dir
+from .converters.peft_lora import read_peft_lora
+from .converters.peft_randlora import PEFT_TYPE, peft_kind, peft_scale_tensors
+from .convert import path_bytes
+from .errors import NonFiniteError
+from .sources import base_shapes_from_config, detect_kind, open_source
+
+
+def _layer_row(key: str, shape, r: int, n: int | None, tensors: list[torch.Tensor]) -> dict[str, Any]:
+    row = {"key": key, "shape": list(shape) if shape else None, "r": r,
+           "params": sum(t.numel() for t in tensors), "bytes": sum(t.numel() * t.element_size() for t in tensors)}
+    if n is not None:
+        row["N"] = n
+    return row
+
+
+def describe(path: str | os.PathLike) -> dict[str, Any]:
+    """A JSON-able summary: kind, generator, seed, rank, and per layer shape, r, N, params, bytes."""
+    path = Path(path)
+    kind = detect_kind(path)
+    info: dict[str, Any] = {"path": str(path), "kind": kind, "file_bytes": path_bytes(path)}
+    if kind == "randlora":
+        adapter = read_adapter(path)
+        h = adapter.header
+        info.update(generator=h.generator.name, kind_of_bases=h.generator.kind, seed=h.seed, rank=h.rank,
+                    alpha=h.alpha, scaling=h.scaling, format_version=h.format_version,
+                    bases={"min_dim": h.min_dim, "max_dim": h.max_dim, "sha256": h.bases_sha256,
+                           "stored": h.stored_bases},
+                    base_model=h.base_model)
+        info["layers"] = [_layer_row(k, l.shape, h.rank, l.num_bases, [adapter.lambdas[k], adapter.gammas[k]])
+                          for k, l in h.layers.items()]
+    elif kind == "peft-randlora":
+        peft = read_peft_dir(path, expected_type=PEFT_TYPE)
+        cfg = peft.config
+        info.update(generator="peft (torch CPU RNG)", kind_of_bases=peft_kind(cfg), seed=cfg.get("projection_prng_key"),
+                    rank=cfg.get("r"), alpha=cfg.get("randlora_alpha"), save_projection=cfg.get("save_projection"))
+        info["layers"] = [_layer_row(k, None, lam.shape[0], lam.shape[1], [lam, gam])
+                          for k, (lam, gam) in peft_scale_tensors(peft).items()]
+    elif kind == "peft-lora":
+        layers = read_peft_lora(path)
+        info["layers"] = [_layer_row(k, l.stored_shape, l.down.shape[0], None, [l.down, l.up]) for k, l in layers.items()]
+    else:
+        deltas = read_dense(path)
+        info["layers"] = [_layer_row(k, d.shape, min(d.shape), None, [d]) for k, d in deltas.items()]
+    info["trainable_params"] = sum(layer["params"] for layer in info["layers"])
+    return info
+
+
+def validate(path: str | os.PathLike) -> str:
+    """Full validation; returns a short description of what was checked, raises on the first defect."""
+    path = Path(path)
+    kind = detect_kind(path)
+    if kind == "randlora":
+        adapter = read_adapter(path)
+        adapter.bases(verify=True)
+        checked = "bases checksum verified" if adapter.header.bases_sha256 else "no bases checksum recorded"
+        return f"randlora v{adapter.header.format_version}, {len(adapter.layers)} layers, {checked}"
+    if kind == "peft-randlora":
+        shapes = base_shapes_from_config(path)
+        if shapes is not None:
+            open_source(path, base_shapes=shapes)
+            return "PEFT RandLoRA dir, checked against its local base model"
+        peft = read_peft_dir(path, expected_type=PEFT_TYPE)
+        r = peft.config.get("r")
+        for key, (lam, gam) in peft_scale_tensors(peft).items():
+            if lam.ndim != 2 or gam.ndim != 2 or lam.shape[0] != r or lam.shape[1] != gam.shape[0]:
+                raise NonFiniteError(f"{path}: {key!r} has λ {list(lam.shape)} and γ {list(gam.shape)} for r={r}")
+            if not (torch.isfinite(lam).all() and torch.isfinite(gam).all()):
+                raise NonFiniteError(f"{path}: {key!r} scales contain NaN or Inf")
+        return "PEFT RandLoRA dir (shapes vs base not checked: base model not available locally)"
+    source = open_source(path)
+    return f"{kind}, {len(source.keys())} layers"

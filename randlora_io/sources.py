@@ -1,0 +1,161 @@
+"""One view of every adapter input: a set of base weight keys, each with a float32 ΔW in stored orientation.
+
+``open_source`` detects the kind: our randlora file, a PEFT RandLoRA dir, a PEFT LoRA dir, or a dense-delta file.
+Merge and convert only talk to :class:`DeltaSource`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from .adapter import RandloraAdapter, is_randlora_file, read_adapter
+from .converters.dense import is_dense_file, read_dense
+from .converters.peft_dir import is_peft_dir, read_peft_config
+from .converters.peft_lora import LoraLayer, read_peft_lora
+from .converters.peft_randlora import peft_randlora_to_adapter
+from .errors import SourceFormatError, UnsafeCheckpointError
+
+KINDS = ("randlora", "peft-randlora", "peft-lora", "dense")
+
+
+class DeltaSource:
+    """An adapter seen as ``{weight key: ΔW}``; ``delta`` is computed on demand, float32, stored orientation."""
+
+    kind: str
+    path: str
+
+    def keys(self) -> list[str]:
+        raise NotImplementedError
+
+    def stored_shape(self, key: str) -> tuple[int, int]:
+        raise NotImplementedError
+
+    def fan_in_fan_out(self, key: str) -> bool:
+        raise NotImplementedError
+
+    def delta(self, key: str, device: str | torch.device = "cpu") -> torch.Tensor:
+        raise NotImplementedError
+
+
+class RandloraSource(DeltaSource):
+    def __init__(self, adapter: RandloraAdapter, kind: str = "randlora"):
+        self.adapter, self.kind, self.path = adapter, kind, adapter.source
+
+    def keys(self) -> list[str]:
+        return list(self.adapter.layers)
+
+    def stored_shape(self, key: str) -> tuple[int, int]:
+        return self.adapter.layers[key].shape
+
+    def fan_in_fan_out(self, key: str) -> bool:
+        return self.adapter.layers[key].fan_in_fan_out
+
+    def delta(self, key: str, device: str | torch.device = "cpu") -> torch.Tensor:
+        return self.adapter.delta(key, device)
+
+
+class LoraSource(DeltaSource):
+    kind = "peft-lora"
+
+    def __init__(self, layers: dict[str, LoraLayer], path: str):
+        self.layers, self.path = layers, path
+
+    def keys(self) -> list[str]:
+        return list(self.layers)
+
+    def stored_shape(self, key: str) -> tuple[int, int]:
+        return self.layers[key].stored_shape
+
+    def fan_in_fan_out(self, key: str) -> bool:
+        return self.layers[key].fan_in_fan_out
+
+    def delta(self, key: str, device: str | torch.device = "cpu") -> torch.Tensor:
+        return self.layers[key].delta(device)
+
+
+class DenseSource(DeltaSource):
+    kind = "dense"
+
+    def __init__(self, deltas: dict[str, torch.Tensor], path: str, fans: Mapping[str, bool] | None = None):
+        self.deltas, self.path, self.fans = deltas, path, dict(fans or {})
+
+    def keys(self) -> list[str]:
+        return list(self.deltas)
+
+    def stored_shape(self, key: str) -> tuple[int, int]:
+        shape = self.deltas[key].shape
+        return (shape[0], shape[1])
+
+    def fan_in_fan_out(self, key: str) -> bool:
+        return self.fans.get(key, False)
+
+    def delta(self, key: str, device: str | torch.device = "cpu") -> torch.Tensor:
+        return self.deltas[key].to(device, torch.float32)
+
+
+def detect_kind(path: str | os.PathLike) -> str:
+    """One of :data:`KINDS` for ``path``, or a :class:`SourceFormatError` saying what it is not."""
+    path = Path(path)
+    if not path.exists():
+        raise SourceFormatError(f"{path}: no such file or directory")
+    if path.is_dir():
+        if not is_peft_dir(path):
+            raise SourceFormatError(f"{path}: a directory without adapter_config.json is not an adapter")
+        peft_type = read_peft_config(path).get("peft_type")
+        if peft_type == "RANDLORA":
+            return "peft-randlora"
+        if peft_type == "LORA":
+            return "peft-lora"
+        raise SourceFormatError(f"{path}: unsupported peft_type {peft_type!r} (RANDLORA and LORA are supported)")
+    if path.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt"):
+        raise UnsafeCheckpointError(f"{path}: pickle files are refused; convert it to safetensors first")
+    if is_randlora_file(path):
+        return "randlora"
+    if is_dense_file(path):
+        return "dense"
+    from .safetensors_io import read_header
+
+    read_header(path)  # raises a precise error when the file is malformed
+    raise SourceFormatError(f"{path}: a safetensors file without randlora or dense-delta metadata")
+
+
+def base_shapes_from_config(path: Path) -> dict[str, tuple[int, ...]] | None:
+    """Weight shapes of the PEFT dir's ``base_model_name_or_path`` when it names a local checkpoint dir."""
+    from .checkpoint import open_checkpoint
+
+    name = read_peft_config(path).get("base_model_name_or_path")
+    if isinstance(name, str) and name and Path(name).is_dir():
+        ckpt = open_checkpoint(name)
+        return {k: ckpt.shape(k) for k in ckpt.weight_map}
+    return None
+
+
+def open_source(
+    path: str | os.PathLike,
+    base_shapes: Mapping[str, tuple[int, ...]] | None = None,
+    base_dtype: torch.dtype | None = None,
+    keep_bases: bool = False,
+) -> DeltaSource:
+    """Open any supported adapter. PEFT RandLoRA dirs need the base's weight shapes (``base_shapes``, or a local
+    ``base_model_name_or_path``); ``base_dtype`` reproduces PEFT's cast of the bases to a half-precision base."""
+    path = Path(path)
+    kind = detect_kind(path)
+    if kind == "randlora":
+        return RandloraSource(read_adapter(path))
+    if kind == "dense":
+        return DenseSource(read_dense(path), str(path))
+    if kind == "peft-lora":
+        return LoraSource(read_peft_lora(path), str(path))
+    shapes = base_shapes if base_shapes is not None else base_shapes_from_config(path)
+    if shapes is None:
+        raise SourceFormatError(
+            f"{path}: converting a PEFT RandLoRA dir needs the base model's weight shapes; pass --base MODEL_DIR"
+        )
+    cast = {torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(base_dtype) if base_dtype is not None else None
+    adapter = peft_randlora_to_adapter(path, shapes, keep_bases=keep_bases, cast_dtype=cast)
+    adapter.source = str(path)
+    return RandloraSource(adapter, kind="peft-randlora")

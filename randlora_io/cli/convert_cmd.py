@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from ..convert import TARGETS, convert
-from .main import handle_errors
+from .errors import handle_errors
 
 
 @click.command("convert")

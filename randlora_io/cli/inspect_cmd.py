@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from ..inspect import describe
-from .main import handle_errors
+from .errors import handle_errors
 
 
 @click.command("inspect")

@@ -1,1 +1,57 @@
-COMMANDS: list = []
+"""``randlora-io merge`` and ``unmerge``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ..merge import OUT_DTYPES, merge
+from .errors import handle_errors
+
+
+def _options(func):
+    for option in reversed([
+        click.argument("base", type=click.Path(path_type=Path)),
+        click.argument("adapters", nargs=-1, required=True),
+        click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Output model directory."),
+        click.option("--weight", "weights", type=float, multiple=True, help="One per adapter, in order (default 1.0)."),
+        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True),
+        click.option("--dtype", type=click.Choice(list(OUT_DTYPES)), default="keep", show_default=True),
+        click.option("--overwrite", is_flag=True, help="Replace an existing OUT."),
+    ]):
+        func = option(func)
+    return func
+
+
+def _run(base, adapters, out, weights, device, dtype, overwrite, subtract):
+    from ..hub import resolve_adapter_arg
+
+    paths = [resolve_adapter_arg(a) for a in adapters]
+    report = merge(base, paths, out, weights=list(weights) or None, device=device, dtype=dtype, overwrite=overwrite,
+                   subtract=subtract, progress=True)
+    verb = "unmerged" if subtract else "merged"
+    click.echo(f"{out}: {verb} {len(adapters)} adapter(s) into {report.layers} weights across {report.shards} shard(s)")
+    if report.unchanged:
+        click.echo(f"warning: {len(report.unchanged)} targeted weight(s) did not change (e.g. {report.unchanged[0]}): "
+                   "the update is below the weight dtype's precision or zero", err=True)
+
+
+@click.command("merge")
+@_options
+@click.option("--subtract", is_flag=True, help="Subtract the adapters instead (unmerge).")
+@handle_errors
+def merge_command(base, adapters, out, weights, device, dtype, overwrite, subtract):
+    """Merge ADAPTERs (randlora files, PEFT RandLoRA/LoRA dirs, dense deltas, hub:REPO[@rev]) into BASE."""
+    _run(base, adapters, out, weights, device, dtype, overwrite, subtract)
+
+
+@click.command("unmerge")
+@_options
+@handle_errors
+def unmerge_command(base, adapters, out, weights, device, dtype, overwrite):
+    """Subtract ADAPTERs from BASE (the inverse of merge)."""
+    _run(base, adapters, out, weights, device, dtype, overwrite, True)
+
+
+COMMANDS = [merge_command, unmerge_command]

@@ -1,0 +1,239 @@
+"""Streaming merge of adapters into a (sharded) Hugging Face checkpoint, with bounded memory.
+
+Plan first (which keys of which shard get which adapters; every check that can fail before writing), then
+execute one shard at a time: load the shard (mmap), add ΔW in float32 to each targeted weight, check it is
+finite, round once to the output dtype, write the shard into a temp dir beside OUT; rename the dir last.
+
+Numerics differ from PEFT's ``merge_and_unload`` in one documented way: PEFT rounds ΔW to the base dtype and
+adds in that dtype (two roundings for bf16); we add in float32 and round once, so results agree within 1 ulp.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from .adapter import RandloraAdapter
+from .checkpoint import INDEX_FILE, Checkpoint, open_checkpoint
+from .errors import BaseModelMismatchError, NonFiniteError, OutputExistsError, SourceFormatError
+from .safetensors_io import atomic_directory
+from .sources import DeltaSource, RandloraSource, open_source
+
+SUPPORTED_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+OUT_DTYPES = {"keep": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class MergeReport:
+    """Merged layer count, shards written, and the keys whose weight did not change (a no-op merge)."""
+
+    layers: int = 0
+    shards: int = 0
+    unchanged: list[str] = field(default_factory=list)
+    bytes_out: int = 0
+
+
+def add_delta_(weight32: torch.Tensor, source: DeltaSource, key: str, alpha: float) -> None:
+    """``weight32 += alpha · ΔW[key]`` in place (float32, stored orientation).
+
+    RandLoRA sources take the fast path: one ``addmm_`` of the prebuilt shared bases B (M, r·n) with
+    S = λ ⊗ A ⊗ γ (r·n, D), straight into the weight (or its transposed view); no ΔW is materialised.
+    Its oracle is :func:`randlora_io.delta.reference_delta`.
+    """
+    if isinstance(source, RandloraSource):
+        from .delta import scaled_A
+
+        adapter = source.adapter
+        layer = adapter.layers[key]
+        bases = adapter.bases(weight32.device)
+        A, B = bases.for_layer(layer.min_dim, layer.max_dim, layer.num_bases)
+        S = scaled_A(adapter.lambdas[key].to(weight32.device), A, adapter.gammas[key].to(weight32.device))
+        stored_is_md = (layer.in_features == layer.min_dim) != layer.fan_in_fan_out
+        target = weight32 if stored_is_md else weight32.T
+        target.addmm_(B, S, alpha=alpha * adapter.header.scaling)
+    else:
+        weight32.add_(source.delta(key, weight32.device), alpha=alpha)
+
+
+def _open_sources(ckpt: Checkpoint, adapters: list[str | os.PathLike | DeltaSource]) -> list[DeltaSource]:
+    shapes = {k: ckpt.shape(k) for k in ckpt.weight_map}
+    dtypes = [ckpt.info(k).dtype for k in ckpt.weight_map if ckpt.info(k).dtype in SUPPORTED_DTYPES]
+    base_dtype = SUPPORTED_DTYPES[max(set(dtypes), key=dtypes.count)] if dtypes else None
+    seen: dict[str, int] = {}
+    sources = []
+    for i, item in enumerate(adapters):
+        if isinstance(item, DeltaSource):
+            sources.append(item)
+            continue
+        resolved = str(Path(item).resolve())
+        if resolved in seen:
+            raise SourceFormatError(f"{item}: adapter listed twice (positions {seen[resolved] + 1} and {i + 1}); "
+                                    "give it once with --weight instead")
+        seen[resolved] = i
+        sources.append(open_source(item, base_shapes=shapes, base_dtype=base_dtype))
+    return sources
+
+
+def plan_merge(ckpt: Checkpoint, sources: list[DeltaSource]) -> dict[str, list[int]]:
+    """``{weight key: [source indices]}``; raises before anything is written if any adapter does not fit BASE."""
+    plan: dict[str, list[int]] = {}
+    for i, source in enumerate(sources):
+        for key in source.keys():
+            if key not in ckpt.weight_map:
+                raise BaseModelMismatchError(f"{source.path}: targets {key!r}, which the base at {ckpt.root} does "
+                                             "not have (another architecture?)")
+            info = ckpt.info(key)
+            if tuple(info.shape) != tuple(source.stored_shape(key)):
+                raise BaseModelMismatchError(
+                    f"{source.path}: {key!r} has shape {list(source.stored_shape(key))} but the base weight is "
+                    f"{list(info.shape)} (transposed Conv1D or another model size?)"
+                )
+            if info.dtype not in SUPPORTED_DTYPES:
+                raise BaseModelMismatchError(f"{ckpt.root}: weight {key!r} is {info.dtype}; only F32, BF16 and F16 "
+                                             "weights can be merged (dequantize first)")
+            plan.setdefault(key, []).append(i)
+    return plan
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SourceFormatError("--device cuda: no CUDA device is available; use --device cpu")
+    return torch.device(device)
+
+
+def merge(
+    base: str | os.PathLike,
+    adapters: list[str | os.PathLike | DeltaSource],
+    out: str | os.PathLike,
+    *,
+    weights: list[float] | None = None,
+    device: str = "auto",
+    dtype: str = "keep",
+    overwrite: bool = False,
+    subtract: bool = False,
+    check_finite: bool = True,
+    progress: bool = False,
+) -> MergeReport:
+    """Merge ``adapters`` (each scaled by its weight, default 1.0) into the checkpoint ``base``, writing ``out``.
+
+    ``subtract`` removes the same adapters (unmerge). BASE is only read; OUT appears only if everything succeeded.
+    """
+    base_p, out_p = Path(base), Path(out)
+    if out_p.resolve() == base_p.resolve() or (base_p.is_file() and out_p.resolve() == base_p.parent.resolve()):
+        raise OutputExistsError(f"{out}: output equals the base model; choose another directory")
+    if out_p.exists() and not overwrite:
+        raise OutputExistsError(f"{out}: output exists; pass --overwrite to replace it")
+    weights = list(weights) if weights else [1.0] * len(adapters)
+    if len(weights) != len(adapters):
+        raise SourceFormatError(f"got {len(weights)} --weight values for {len(adapters)} adapters")
+    if dtype not in OUT_DTYPES:
+        raise SourceFormatError(f"--dtype must be one of {', '.join(OUT_DTYPES)}")
+    dev = resolve_device(device)
+    ckpt = open_checkpoint(base_p)
+    sources = _open_sources(ckpt, adapters)
+    plan = plan_merge(ckpt, sources)
+    for source in sources:  # generate (and checksum-verify) each adapter's shared bases once, before writing
+        if isinstance(source, RandloraSource):
+            source.adapter.bases(dev)
+    sign = -1.0 if subtract else 1.0
+    report = MergeReport(layers=len(plan), shards=len(ckpt.shards))
+    out_dtype = OUT_DTYPES[dtype]
+    bar = tqdm(total=ckpt.total_bytes(), unit="B", unit_scale=True, desc="merge", disable=not progress)
+    with atomic_directory(out_p, overwrite=overwrite) as tmp:
+        _copy_side_files(ckpt, tmp, out_dtype)
+        for shard, keys in ckpt.keys_by_shard().items():
+            tensors = {}
+            with safe_open(str(ckpt.shard_path(shard)), framework="pt") as f:
+                metadata = f.metadata() or {}
+                for key in keys:
+                    tensor = f.get_tensor(key)
+                    if key in plan:
+                        tensor = _merge_one(tensor, key, [(sources[i], sign * weights[i]) for i in plan[key]], dev,
+                                            check_finite, report)
+                    if out_dtype is not None and tensor.is_floating_point():
+                        tensor = tensor.to(out_dtype)
+                    tensors[key] = tensor
+            save_file(tensors, str(tmp / shard), metadata={**metadata, "format": "pt"})
+            del tensors
+            bar.update(ckpt.shard_path(shard).stat().st_size)
+        if ckpt.index is not None:
+            index = dict(ckpt.index)
+            if out_dtype is not None:
+                index["metadata"] = {**index.get("metadata", {}),
+                                     "total_size": sum((tmp / s).stat().st_size for s in ckpt.shards)}
+            (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+        report.bytes_out = sum(p.stat().st_size for p in tmp.iterdir() if p.is_file())
+    bar.close()
+    return report
+
+
+def _merge_one(tensor: torch.Tensor, key: str, terms: list[tuple[DeltaSource, float]], dev: torch.device,
+               check_finite: bool, report: MergeReport) -> torch.Tensor:
+    original_dtype = tensor.dtype
+    w32 = tensor.to(dev, torch.float32, copy=True)
+    for source, alpha in terms:
+        add_delta_(w32, source, key, alpha)
+    if check_finite and not torch.isfinite(w32).all():
+        raise NonFiniteError(f"merged weight {key!r} contains NaN or Inf (from {terms[0][0].path}); nothing was written")
+    merged = w32.to(original_dtype).cpu()
+    if torch.equal(merged, tensor):
+        report.unchanged.append(key)
+    return merged
+
+
+def _copy_side_files(ckpt: Checkpoint, dst: Path, out_dtype: torch.dtype | None) -> None:
+    """Copy BASE's non-weight files (config, generation config, tokenizer, …), updating config.json's dtype."""
+    skip = set(ckpt.shards) | {INDEX_FILE}
+    for item in ckpt.root.iterdir():
+        if item.name in skip or item.name.startswith("."):
+            continue
+        if item.is_file():
+            shutil.copy2(item, dst / item.name)
+        elif item.is_dir():
+            shutil.copytree(item, dst / item.name)
+    config = dst / "config.json"
+    if out_dtype is not None and config.is_file():
+        data = json.loads(config.read_text(encoding="utf-8"))
+        name = str(out_dtype).removeprefix("torch.")
+        for key in ("torch_dtype", "dtype"):
+            if key in data:
+                data[key] = name
+        config.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+
+
+def merge_into_state_dict(
+    state_dict: Mapping[str, torch.Tensor] | dict[str, torch.Tensor],
+    adapter: RandloraAdapter | DeltaSource | str | os.PathLike,
+    weight: float = 1.0,
+) -> dict[str, torch.Tensor]:
+    """In-memory merge for training code: returns a new dict with ``W + weight·ΔW`` (float32 add, one rounding)
+    for every adapter key; other tensors are passed through. Raises if a key is missing or a shape differs."""
+    if isinstance(adapter, RandloraAdapter):
+        source: DeltaSource = RandloraSource(adapter)
+    elif isinstance(adapter, DeltaSource):
+        source = adapter
+    else:
+        source = open_source(adapter, base_shapes={k: tuple(v.shape) for k, v in state_dict.items()})
+    out = dict(state_dict)
+    for key in source.keys():
+        if key not in out:
+            raise BaseModelMismatchError(f"{source.path}: targets {key!r}, which the state dict does not have")
+        tensor = out[key]
+        if tuple(tensor.shape) != tuple(source.stored_shape(key)):
+            raise BaseModelMismatchError(f"{source.path}: {key!r} has shape {list(source.stored_shape(key))}, "
+                                         f"the state dict has {list(tensor.shape)}")
+        w32 = tensor.detach().to(torch.float32, copy=True)
+        add_delta_(w32, source, key, weight)
+        out[key] = w32.to(tensor.dtype)
+    return out

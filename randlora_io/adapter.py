@@ -179,6 +179,8 @@ def build_adapter(
     ``min_dim``/``max_dim`` default to PEFT's ``_find_dim`` rule (:func:`peft_shared_dims`). With
     ``checksum`` the bases are generated once and their sha256 recorded (SPEC §4.4).
     """
+    if not isinstance(rank, int) or rank < 1:
+        raise HeaderError(f"rank must be a positive integer, got {rank!r}")
     if min_dim is None or max_dim is None:
         min_dim, max_dim = peft_shared_dims(layers.values())
     specs = {

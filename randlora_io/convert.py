@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from .adapter import RandloraAdapter, build_adapter, peft_shared_dims, write_adapter
 from .basis import generate_bases
@@ -23,6 +22,7 @@ from .converters.peft_lora import lora_factors, write_peft_lora
 from .converters.peft_randlora import adapter_to_peft_randlora
 from .errors import OutputExistsError, RandloraError
 from .fit import fit_scales
+from .progress import progress_bar
 from .sources import DeltaSource, RandloraSource, open_source
 from .spec import SPARSE_THRESHOLD, GeneratorSpec, normalisation, num_bases
 
@@ -88,7 +88,7 @@ def fit_adapter(source: DeltaSource, rank: int, seed: int, generator: str = "phi
     bases = generate_bases(gen, rank, min_dim, max_dim)
     scaling = alpha / rank * normalisation(gen)
     lambdas, gammas = {}, {}
-    for key in tqdm(keys, desc="fit", unit="layer", disable=not progress):
+    for key in progress_bar(progress, iterable=keys, desc="fit", unit="layer"):
         shape, fan = layers[key]
         n = num_bases(min(shape), rank)
         A, B = bases.for_layer(min(shape), max(shape), n)
@@ -159,7 +159,7 @@ def convert(
             adapter_to_peft_randlora(adapter, dst_p, save_projection=save_projection, overwrite=overwrite)
         report.params_out = adapter.trainable_parameters()
     elif to == "dense":
-        deltas = {k: source.delta(k) for k in tqdm(source.keys(), desc="delta", unit="layer", disable=not progress)}
+        deltas = {k: source.delta(k) for k in progress_bar(progress, iterable=source.keys(), desc="delta", unit="layer")}
         write_dense(deltas, dst_p)
         report.errors = {k: 0.0 for k in deltas}
         report.params_out = sum(d.numel() for d in deltas.values())
@@ -170,7 +170,7 @@ def convert(
         fans = {fan for _, fan in deltas.values()}
         if len(fans) != 1:
             raise ConversionError(f"{src}: PEFT needs one fan_in_fan_out for all layers; this adapter mixes them")
-        bar = tqdm(total=len(deltas), desc="svd", unit="layer", disable=not progress)
+        bar = progress_bar(progress, total=len(deltas), desc="svd", unit="layer")
         lows = lora_factors(deltas, rank, on_layer=bar.update)
         bar.close()
         report.errors = {k: v.rel_error for k, v in lows.items()}

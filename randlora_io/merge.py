@@ -20,11 +20,11 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from tqdm.auto import tqdm
 
 from .adapter import RandloraAdapter
 from .checkpoint import INDEX_FILE, Checkpoint, open_checkpoint
 from .errors import BaseModelMismatchError, NonFiniteError, OutputExistsError, SourceFormatError
+from .progress import progress_bar
 from .safetensors_io import atomic_directory
 from .sources import DeltaSource, RandloraSource, open_source
 
@@ -149,7 +149,7 @@ def merge(
     sign = -1.0 if subtract else 1.0
     report = MergeReport(layers=len(plan), shards=len(ckpt.shards))
     out_dtype = OUT_DTYPES[dtype]
-    bar = tqdm(total=ckpt.total_bytes(), unit="B", unit_scale=True, desc="merge", disable=not progress)
+    bar = progress_bar(progress, total=ckpt.total_bytes(), unit="B", unit_scale=True, desc="merge")
     with atomic_directory(out_p, overwrite=overwrite) as tmp:
         _copy_side_files(ckpt, tmp, out_dtype)
         for shard, keys in ckpt.keys_by_shard().items():

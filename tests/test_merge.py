@@ -1,0 +1,262 @@
+"""Streaming merge against PEFT's merge_and_unload: state dicts, logits, sharding, weights, unmerge, bad inputs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+import torch
+from conftest import assert_one_line_error, run_cli
+from safetensors.torch import load_file
+from tiny_models import peft_lora, peft_randlora, tiny_gpt2, tiny_llama
+
+from randlora_io.adapter import read_adapter
+
+GPT2_TARGETS = ["c_attn", "c_fc", "c_proj"]
+
+
+def _load_state(path):
+    out = {}
+    for f in sorted(path.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def _peft_merged_state(pm):
+    merged = pm.merge_and_unload()
+    return {k: v.detach() for k, v in merged.state_dict().items()}
+
+
+def _digest(path):
+    h = hashlib.sha256()
+    for f in sorted(path.rglob("*")):
+        if f.is_file():
+            h.update(f.name.encode() + f.read_bytes())
+    return h.hexdigest()
+
+
+def _ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The spacing of ``dtype`` numbers at magnitude |x| (exact powers of two)."""
+    mant = {torch.bfloat16: 7, torch.float16: 10, torch.float32: 23}[dtype]
+    return torch.pow(2.0, torch.floor(torch.log2(x.abs().clamp_min(torch.finfo(dtype).tiny))) - mant)
+
+
+def _compare(ours, theirs, dtype, base=None):
+    for key, want in theirs.items():
+        if key not in ours:
+            continue  # tied lm_head: saved once by transformers
+        got = ours[key]
+        assert got.dtype == want.dtype, key
+        if dtype == torch.float32:
+            denom = want.float().norm().clamp_min(1e-12)
+            assert float((got.float() - want.float()).norm() / denom) <= 1e-5, key
+        else:
+            # PEFT rounds ΔW to bf16, then rounds W + ΔW again: the two agree within 1 ulp of the operands'
+            # magnitude (where W and ΔW cancel, PEFT's first rounding dominates the tiny result).
+            w0 = base[key].float()
+            magnitude = torch.maximum(torch.maximum(w0.abs(), want.float().abs()), (want.float() - w0).abs())
+            assert bool(((got.float() - want.float()).abs() <= _ulp(magnitude, dtype)).all()), key
+
+
+def _assert_correctly_rounded(ours, base, deltas, dtype):
+    """Ours is W + ΔW computed in float32 and rounded once: within half an ulp of the exact float64 sum."""
+    for key, delta in deltas.items():
+        exact = base[key].double() + delta.double()
+        err = (ours[key].double() - exact).abs()
+        # slack: ΔW itself is computed in float32, with error relative to the operands' magnitude, not the sum's
+        operands = torch.maximum(base[key].double().abs(), delta.double().abs())
+        ratio = float((err / (0.5 * _ulp(exact.float(), dtype).double() + 1e-6 * operands + 1e-30)).max())
+        assert ratio <= 1.0, (key, ratio)
+
+
+MERGE_CASES = [
+    ("llama", "dense", torch.float32, None), ("llama", "sparse", torch.float32, None),
+    ("llama", "very_sparse", torch.float32, "20KB"), ("llama", "dense", torch.bfloat16, "30KB"),
+    ("gpt2", "dense", torch.float32, None),
+]
+
+
+@pytest.mark.parametrize("arch,kind,dtype,shard", MERGE_CASES)
+def test_merge_randlora_equals_peft(tmp_path, arch, kind, dtype, shard):
+    gpt2 = arch == "gpt2"
+    make = tiny_gpt2 if gpt2 else tiny_llama
+    base = tmp_path / "base"
+    kwargs = {"max_shard_size": shard} if shard else {}
+    make(dtype=dtype).save_pretrained(base, **kwargs)
+    if shard:
+        assert (base / "model.safetensors.index.json").exists()
+    digest = _digest(base)
+    pm = peft_randlora(make(dtype=dtype), r=6, seed=3, sparse=kind == "sparse", very_sparse=kind == "very_sparse",
+                       targets=GPT2_TARGETS if gpt2 else None, fan_in_fan_out=gpt2)
+    pm.save_pretrained(tmp_path / "peft")
+    ids = torch.randint(0, 90, (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want_logits = pm(input_ids=ids).logits
+    expected = _peft_merged_state(pm)
+
+    # straight from the PEFT dir, and through our file: both must equal PEFT
+    run_cli("merge", base, tmp_path / "peft", "-o", tmp_path / "out1")
+    run_cli("convert", tmp_path / "peft", tmp_path / "a.safetensors", "--to", "randlora", "--base", base)
+    run_cli("merge", base, tmp_path / "a.safetensors", "-o", tmp_path / "out2")
+    base_state = _load_state(base)
+    for out in ("out1", "out2"):
+        _compare(_load_state(tmp_path / out), expected, dtype, base_state)
+    if dtype != torch.float32:
+        adapter = read_adapter(tmp_path / "a.safetensors")
+        _assert_correctly_rounded(_load_state(tmp_path / "out2"), base_state,
+                                  {k: adapter.delta(k) for k in adapter.layers}, dtype)
+    assert _digest(base) == digest  # BASE untouched
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out1", dtype=dtype)
+    with torch.no_grad():
+        got_logits = merged(input_ids=ids).logits
+    tol = 1e-4 if dtype == torch.float32 else 5e-2
+    assert torch.allclose(got_logits.float(), want_logits.float(), atol=tol, rtol=tol)
+    if shard:
+        assert sorted(p.name for p in (tmp_path / "out1").glob("*.safetensors")) == \
+            sorted(p.name for p in base.glob("*.safetensors"))
+
+
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_merge_lora_equals_peft(tmp_path, use_rslora):
+    base = tmp_path / "base"
+    tiny_llama().save_pretrained(base)
+    pm = peft_lora(tiny_llama(), r=4, use_rslora=use_rslora)
+    pm.save_pretrained(tmp_path / "lora")
+    expected = _peft_merged_state(pm)
+    run_cli("merge", base, tmp_path / "lora", "-o", tmp_path / "out")
+    _compare(_load_state(tmp_path / "out"), expected, torch.float32)
+
+
+def test_two_adapters_weighted_and_unmerge(tmp_path):
+    base = tmp_path / "base"
+    tiny_llama().save_pretrained(base)
+    for name, seed in (("p1", 1), ("p2", 2)):
+        peft_randlora(tiny_llama(), r=6, seed=seed, scale_seed=seed + 10).save_pretrained(tmp_path / name)
+        run_cli("convert", tmp_path / name, tmp_path / f"{name}.safetensors", "--to", "randlora", "--base", base)
+    a1, a2 = (read_adapter(tmp_path / f"p{i}.safetensors") for i in (1, 2))
+    run_cli("merge", base, tmp_path / "p1.safetensors", tmp_path / "p2.safetensors", "--weight", "0.7",
+            "--weight", "0.3", "-o", tmp_path / "both")
+    base_state, both = _load_state(base), _load_state(tmp_path / "both")
+    for key in a1.layers:
+        want = base_state[key].double() + 0.7 * a1.delta(key).double() + 0.3 * a2.delta(key).double()
+        assert float((both[key].double() - want).norm() / want.norm()) <= 1e-6
+    run_cli("unmerge", tmp_path / "both", tmp_path / "p1.safetensors", tmp_path / "p2.safetensors", "--weight", "0.7",
+            "--weight", "0.3", "-o", tmp_path / "back")
+    back = _load_state(tmp_path / "back")
+    for key, tensor in base_state.items():
+        assert float((back[key] - tensor).norm() / tensor.norm()) <= 1e-6, key
+    for name in ("config.json", "generation_config.json"):
+        assert (tmp_path / "both" / name).read_bytes() == (base / name).read_bytes()
+
+
+def test_merge_into_state_dict_matches_the_cli(tmp_path):
+    from randlora_io.merge import merge_into_state_dict
+
+    base = tmp_path / "base"
+    model = tiny_llama()
+    model.save_pretrained(base)
+    peft_randlora(tiny_llama(), r=6, seed=4).save_pretrained(tmp_path / "p")
+    run_cli("convert", tmp_path / "p", tmp_path / "a.safetensors", "--to", "randlora", "--base", base)
+    run_cli("merge", base, tmp_path / "a.safetensors", "-o", tmp_path / "out")
+    merged = merge_into_state_dict(_load_state(base), read_adapter(tmp_path / "a.safetensors"))
+    for key, tensor in _load_state(tmp_path / "out").items():
+        assert torch.equal(merged[key], tensor), key
+
+
+# ---------------------------------------------------------------------------------------------------- bad inputs
+
+
+@pytest.fixture
+def setup(tmp_path):
+    base = tmp_path / "base"
+    tiny_llama().save_pretrained(base)
+    peft_randlora(tiny_llama(), r=6, seed=3).save_pretrained(tmp_path / "peft")
+    run_cli("convert", tmp_path / "peft", tmp_path / "a.safetensors", "--to", "randlora", "--base", base)
+    return base, tmp_path / "a.safetensors"
+
+
+def _merge_fails(tmp_path, base, adapter, *fragments, extra=()):
+    digest = _digest(base)
+    out = tmp_path / "out"
+    result = run_cli("merge", base, adapter, "-o", out, *extra, check=False)
+    assert_one_line_error(result, *fragments)
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+    assert _digest(base) == digest
+
+
+def test_base_of_another_architecture(tmp_path, setup):
+    _, adapter = setup
+    other = tmp_path / "gpt2"
+    tiny_gpt2().save_pretrained(other)
+    _merge_fails(tmp_path, other, adapter, "does not have")
+
+
+def test_shape_mismatch(tmp_path, setup):
+    _, adapter = setup
+    bigger = tmp_path / "bigger"
+    tiny_llama(hidden=32, intermediate=48).save_pretrained(bigger)
+    _merge_fails(tmp_path, bigger, adapter, "shape")
+
+
+def test_nan_result_is_refused(tmp_path, setup):
+    base, _ = setup
+    from randlora_io.converters.dense import write_dense
+
+    state = _load_state(base)
+    key = "model.layers.0.self_attn.q_proj.weight"
+    write_dense({key: torch.full_like(state[key], float("inf"))}, tmp_path / "inf.safetensors")
+    # the dense reader already refuses non-finite deltas; a huge finite one overflows in the merged weight instead
+    _merge_fails(tmp_path, base, tmp_path / "inf.safetensors", "nan")
+    write_dense({key: torch.full_like(state[key], 3e38)}, tmp_path / "big.safetensors")
+    _merge_fails(tmp_path, base, tmp_path / "big.safetensors", "nan", extra=("--weight", "2"))
+
+
+def test_existing_out_and_truncated_shard(tmp_path, setup):
+    base, adapter = setup
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep").write_text("x")
+    result = run_cli("merge", base, adapter, "-o", tmp_path / "out", check=False)
+    assert_one_line_error(result, "exists")
+    assert (tmp_path / "out" / "keep").read_text() == "x"
+    (tmp_path / "out" / "keep").unlink()
+    (tmp_path / "out").rmdir()
+    shard = base / "model.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-64])
+    _merge_fails(tmp_path, base, adapter, "truncated")
+
+
+def test_bad_index_files(tmp_path, setup):
+    base, adapter = setup
+    sharded = tmp_path / "sharded"
+    tiny_llama().save_pretrained(sharded, max_shard_size="20KB")
+    index_path = sharded / "model.safetensors.index.json"
+    good = json.loads(index_path.read_text())
+    first_key = next(iter(good["weight_map"]))
+    other_shard = next(s for s in good["weight_map"].values() if s != good["weight_map"][first_key])
+    for mutate, fragment in [
+        (lambda ix: ix["weight_map"].update({first_key: "../evil.safetensors"}), "plain file name"),
+        (lambda ix: ix["weight_map"].update({first_key: "/etc/passwd.safetensors"}), "plain file name"),
+        (lambda ix: ix["weight_map"].update({first_key: "pytorch_model-1.bin"}), "pickle"),
+        (lambda ix: ix["weight_map"].update({first_key: "model-missing.safetensors"}), "missing"),
+        (lambda ix: ix["weight_map"].update({first_key: other_shard}), "but it is in"),
+    ]:
+        index = json.loads(json.dumps(good))
+        mutate(index)
+        index_path.write_text(json.dumps(index))
+        _merge_fails(tmp_path, sharded, adapter, fragment)
+    index_path.write_text(json.dumps(good))
+
+
+def test_same_adapter_twice_and_pickle_base(tmp_path, setup):
+    base, adapter = setup
+    digest = _digest(base)
+    result = run_cli("merge", base, adapter, adapter, "-o", tmp_path / "out", check=False)
+    assert_one_line_error(result, "twice")
+    assert _digest(base) == digest
+    pickled = tmp_path / "pkl"
+    pickled.mkdir()
+    (pickled / "pytorch_model.bin").write_bytes(b"\x80\x04junk")
+    _merge_fails(tmp_path, pickled, adapter, "pickle")

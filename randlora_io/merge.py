@@ -1,7 +1,7 @@
 """Streaming merge of adapters into a (sharded) Hugging Face checkpoint, with bounded memory.
 
 Plan first (which keys of which shard get which adapters; every check that can fail before writing), then
-execute one shard at a time: load the shard (mmap), add ΔW in float32 to each targeted weight, check it is
+execute one shard at a time, one tensor at a time (``stream_rewrite``): read the tensor, add ΔW in float32 to each targeted weight, check it is
 finite, round once to the output dtype, write the shard into a temp dir beside OUT; rename the dir last.
 
 Numerics differ from PEFT's ``merge_and_unload`` in one documented way: PEFT rounds ΔW to the base dtype and
@@ -18,14 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from .adapter import RandloraAdapter
 from .checkpoint import INDEX_FILE, Checkpoint, open_checkpoint
 from .errors import BaseModelMismatchError, NonFiniteError, OutputExistsError, SourceFormatError
 from .progress import progress_bar
-from .safetensors_io import atomic_directory
+from .safetensors_io import atomic_directory, stream_rewrite
 from .sources import DeltaSource, RandloraSource, open_source
 
 SUPPORTED_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
@@ -152,20 +150,14 @@ def merge(
     bar = progress_bar(progress, total=ckpt.total_bytes(), unit="B", unit_scale=True, desc="merge")
     with atomic_directory(out_p, overwrite=overwrite) as tmp:
         _copy_side_files(ckpt, tmp, out_dtype)
-        for shard, keys in ckpt.keys_by_shard().items():
-            tensors = {}
-            with safe_open(str(ckpt.shard_path(shard)), framework="pt") as f:
-                metadata = f.metadata() or {}
-                for key in keys:
-                    tensor = f.get_tensor(key)
-                    if key in plan:
-                        tensor = _merge_one(tensor, key, [(sources[i], sign * weights[i]) for i in plan[key]], dev,
-                                            check_finite, report)
-                    if out_dtype is not None and tensor.is_floating_point():
-                        tensor = tensor.to(out_dtype)
-                    tensors[key] = tensor
-            save_file(tensors, str(tmp / shard), metadata={**metadata, "format": "pt"})
-            del tensors
+        for shard in ckpt.shards:
+            def transform(key: str, tensor: torch.Tensor) -> torch.Tensor:
+                if key not in plan:
+                    return tensor
+                return _merge_one(tensor, key, [(sources[i], sign * weights[i]) for i in plan[key]], dev,
+                                  check_finite, report)
+
+            stream_rewrite(ckpt.shard_path(shard), ckpt.shards[shard], tmp / shard, transform, out_dtype)
             bar.update(ckpt.shard_path(shard).stat().st_size)
         if ckpt.index is not None:
             index = dict(ckpt.index)

@@ -207,3 +207,58 @@ def save_safetensors(tensors: dict[str, torch.Tensor], dst: str | os.PathLike, m
     """Write ``tensors`` (contiguous CPU tensors) with string ``metadata`` to ``dst`` atomically."""
     with atomic_file(dst) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Streaming rewrite of one file, one tensor at a time
+# --------------------------------------------------------------------------------------------------------------------
+
+_TORCH_OF = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+             "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+             "BOOL": torch.bool}
+_NAME_OF = {v: k for k, v in _TORCH_OF.items()}
+
+
+def stream_rewrite(src: str | os.PathLike, header: SafetensorsHeader, dst: str | os.PathLike, transform,
+                   out_dtype: torch.dtype | None = None) -> None:
+    """Write ``dst`` with the same tensors as ``src`` (its validated ``header``), each passed through
+    ``transform(key, tensor) -> tensor`` (same shape), holding one tensor in memory at a time.
+
+    Tensors are read with plain reads (not mmap) so resident memory stays at about one tensor. ``out_dtype`` casts
+    floating tensors. The output's header is computed before any data is written; ``dst`` should be a temp path.
+    """
+    order = sorted(header.tensors, key=lambda k: header.tensors[k].begin)
+    entries, offset = {}, 0
+    for key in order:
+        info = header.tensors[key]
+        if info.dtype not in _TORCH_OF:
+            raise SafetensorsFormatError(f"{src}: tensor {key!r} has dtype {info.dtype}, which cannot be streamed")
+        dtype = _TORCH_OF[info.dtype]
+        if out_dtype is not None and dtype.is_floating_point:
+            dtype = out_dtype
+        nbytes = DTYPE_SIZES[_NAME_OF[dtype]]
+        for d in info.shape:
+            nbytes *= d
+        entries[key] = {"dtype": _NAME_OF[dtype], "shape": list(info.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    meta = {"__metadata__": {**header.metadata, "format": "pt"}, **entries}
+    raw = json.dumps(meta, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    with open(src, "rb") as fin, open(dst, "wb") as fout:
+        fout.write(struct.pack("<Q", len(raw)) + raw)
+        for key in order:
+            info = header.tensors[key]
+            buf = bytearray(info.end - info.begin)
+            fin.seek(header.data_offset + info.begin)
+            if fin.readinto(buf) != len(buf):
+                raise SafetensorsFormatError(f"{src}: truncated while reading {key!r}")
+            tensor = torch.frombuffer(buf, dtype=_TORCH_OF[info.dtype]).reshape(info.shape) if buf else \
+                torch.empty(info.shape, dtype=_TORCH_OF[info.dtype])
+            tensor = transform(key, tensor)
+            if out_dtype is not None and tensor.is_floating_point():
+                tensor = tensor.to(out_dtype)
+            expected = entries[key]
+            if list(tensor.shape) != expected["shape"] or _NAME_OF[tensor.dtype] != expected["dtype"]:
+                raise SafetensorsFormatError(f"{dst}: internal error: {key!r} changed shape or dtype while merging")
+            fout.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+            del buf, tensor

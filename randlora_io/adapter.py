@@ -15,7 +15,7 @@ import torch
 from .basis import Bases, bases_for_header
 from .delta import reference_delta
 from .errors import AdapterShapeError, BasisMismatchError, HeaderError, NonFiniteError
-from .safetensors_io import load_tensors, read_header, save_safetensors
+from .safetensors_io import has_metadata_key, load_tensors, read_header, save_safetensors
 from .spec import METADATA_KEY, AdapterHeader, GeneratorSpec, LayerSpec, header_from_json, num_bases, parse_header
 
 LAMBDA_SUFFIX = ".lambda"
@@ -151,13 +151,7 @@ def write_adapter(adapter: RandloraAdapter, path: str | os.PathLike) -> None:
 
 def is_randlora_file(path: str | os.PathLike) -> bool:
     """True when ``path`` is a safetensors file whose metadata carries a randlora header (not validated further)."""
-    path = Path(path)
-    if not path.is_file():
-        return False
-    try:
-        return METADATA_KEY in read_header(path).metadata
-    except Exception:  # noqa: BLE001 - detection only; the real read reports the error
-        return False
+    return has_metadata_key(path, METADATA_KEY)
 
 
 def build_adapter(

@@ -8,25 +8,18 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 import torch
 
 from ..errors import NonFiniteError, SourceFormatError
-from ..safetensors_io import load_tensors, read_header, save_safetensors
+from ..safetensors_io import has_metadata_key, load_tensors, read_header, save_safetensors
 
 METADATA_KEY = "randlora_dense_delta"
 FORMAT_VERSION = "1.0"
 
 
 def is_dense_file(path: str | os.PathLike) -> bool:
-    path = Path(path)
-    if not path.is_file():
-        return False
-    try:
-        return METADATA_KEY in read_header(path).metadata
-    except Exception:  # noqa: BLE001 - detection only
-        return False
+    return has_metadata_key(path, METADATA_KEY)
 
 
 def read_dense(path: str | os.PathLike) -> dict[str, torch.Tensor]:

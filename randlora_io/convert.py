@@ -130,6 +130,9 @@ def convert(
     """Convert ``src`` (any supported adapter) to ``dst`` in format ``to``. Nothing is written on error."""
     if to not in TARGETS:
         raise ConversionError(f"unknown target {to!r}; choose one of {', '.join(TARGETS)}")
+    from .hub import resolve_adapter_arg
+
+    src = resolve_adapter_arg(src)
     src_p, dst_p = Path(src), Path(dst)
     if dst_p.resolve() == src_p.resolve():
         raise OutputExistsError(f"{dst}: output equals the input; choose another path")

@@ -63,6 +63,8 @@ def add_delta_(weight32: torch.Tensor, source: DeltaSource, key: str, alpha: flo
 
 
 def _open_sources(ckpt: Checkpoint, adapters: list[str | os.PathLike | DeltaSource]) -> list[DeltaSource]:
+    from .hub import resolve_adapter_arg
+
     shapes = {k: ckpt.shape(k) for k in ckpt.weight_map}
     dtypes = [ckpt.info(k).dtype for k in ckpt.weight_map if ckpt.info(k).dtype in SUPPORTED_DTYPES]
     base_dtype = SUPPORTED_DTYPES[max(set(dtypes), key=dtypes.count)] if dtypes else None
@@ -72,6 +74,7 @@ def _open_sources(ckpt: Checkpoint, adapters: list[str | os.PathLike | DeltaSour
         if isinstance(item, DeltaSource):
             sources.append(item)
             continue
+        item = resolve_adapter_arg(item)
         resolved = str(Path(item).resolve())
         if resolved in seen:
             raise SourceFormatError(f"{item}: adapter listed twice (positions {seen[resolved] + 1} and {i + 1}); "

@@ -17,10 +17,10 @@ import torch
 from .spec import LayerSpec
 
 
-def scaled_A(lam: torch.Tensor, A: torch.Tensor, gam: torch.Tensor) -> torch.Tensor:
-    """S = λ ⊗ A ⊗ γ flattened: λ (r, n), A (r, D), γ (n, D) → (r·n, D), float32, row k = i·n + b."""
+def scaled_A(lam: torch.Tensor, A: torch.Tensor, gam: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """S = λ ⊗ A ⊗ γ flattened: λ (r, n), A (r, D), γ (n, D) → (r·n, D) in ``dtype``, row k = i·n + b."""
     r, n = lam.shape
-    S = lam.float()[:, :, None] * A.float()[:, None, :] * gam.float()[None, :, :]
+    S = lam.to(dtype)[:, :, None] * A.to(dtype)[:, None, :] * gam.to(dtype)[None, :, :]
     return S.reshape(r * n, A.shape[1])
 
 

@@ -1,0 +1,79 @@
+"""The module that wraps a frozen Linear / Conv1D with trainable RandLoRA scales, and the shared bases it slices."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..basis import Bases, generate_bases
+from ..delta import reference_delta
+from ..spec import GeneratorSpec, LayerSpec
+from .function import randlora_linear
+
+
+class SharedBases:
+    """The model-wide bases A (r, min_dim) and B (max_dim, N·r), float32: generated once, one copy per device."""
+
+    def __init__(self, generator: GeneratorSpec, rank: int, min_dim: int, max_dim: int):
+        self.generator, self.rank, self.min_dim, self.max_dim = generator, rank, min_dim, max_dim
+        self._by_device: dict[str, Bases] = {}
+
+    def on(self, device: torch.device | str) -> Bases:
+        key = str(torch.device(device))
+        if key not in self._by_device:
+            if self._by_device:
+                first = next(iter(self._by_device.values()))
+                bases = Bases(A=first.A.to(device), B=first.B.to(device))
+            else:
+                bases = generate_bases(self.generator, self.rank, self.min_dim, self.max_dim)
+                bases = Bases(A=bases.A.to(device), B=bases.B.to(device))
+            self._by_device[key] = bases
+        return self._by_device[key]
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' GPT-2 ``Conv1D``: a linear layer whose weight is stored (in, out)."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
+
+
+class RandloraLayer(nn.Module):
+    """A frozen ``base_layer`` (nn.Linear or Conv1D) plus trainable ``randlora_lambda`` (r, n) and
+    ``randlora_gamma`` (n, D), float32, initialised as PEFT does: λ = 0 (so ΔW = 0), γ = 1 / max(n, D)."""
+
+    def __init__(self, base_layer: nn.Module, key: str, shared: SharedBases, scaling: float, dropout: float = 0.0):
+        super().__init__()
+        fan = is_conv1d(base_layer)
+        weight = base_layer.weight
+        shape = (int(weight.shape[0]), int(weight.shape[1]))
+        r = shared.rank
+        self.base_layer = base_layer
+        self.spec = LayerSpec(key=key, shape=shape, fan_in_fan_out=fan, num_bases=-(-min(shape) // r),
+                              dtype="float32")
+        self.shared, self.scaling = shared, float(scaling)
+        n, D = self.spec.num_bases, self.spec.min_dim
+        device = weight.device
+        self.randlora_lambda = nn.Parameter(torch.zeros(r, n, device=device))
+        self.randlora_gamma = nn.Parameter(torch.full((n, D), 1.0 / max(n, D), device=device))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        for p in base_layer.parameters():
+            p.requires_grad_(False)
+
+    def weight_outin(self) -> torch.Tensor:
+        w = self.base_layer.weight
+        return w.T if self.spec.fan_in_fan_out else w
+
+    def layer_bases(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """This layer's A (r, D) and U_B (M, r·n) slices of the shared bases on ``device``."""
+        return self.shared.on(device).for_layer(self.spec.min_dim, self.spec.max_dim, self.spec.num_bases)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        A, U_B = self.layer_bases(x.device)
+        bias = getattr(self.base_layer, "bias", None)
+        return randlora_linear(x, self.dropout(x), self.weight_outin(), bias, self.randlora_lambda,
+                               self.randlora_gamma, A, U_B, self.scaling)
+
+    @torch.no_grad()
+    def delta(self) -> torch.Tensor:
+        """ΔW in the base weight's stored orientation, float32 (the format's reference delta)."""
+        bases = self.shared.on(self.randlora_lambda.device)
+        return reference_delta(self.spec, self.randlora_lambda, self.randlora_gamma, bases.A, bases.B, self.scaling)

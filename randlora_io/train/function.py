@@ -5,9 +5,10 @@ For a frozen base weight with (out, in) view W, bias b, D = min(out, in), M = ma
 
     y = x Wᵀ + b + s · xd ΔWᵀ,     ΔW = U_B S (out = M)   or   (U_B S)ᵀ (out = D)
 
-with xd = dropout(x). The fast path never forms ΔW (M×D) and saves only xd for backward (no (T, K) intermediate, no
-S, no per-base copies): S is rebuilt from λ, γ, A in backward (an elementwise product) and the one (T, K) product
-the gradient needs is recomputed. The adapter path runs in float32 (float64 when λ is float64, for gradcheck)
+with xd = dropout(x). Only xd is saved for backward (no (T, K) intermediate, no S, no ΔW, no per-base copies): S is
+rebuilt from λ, γ, A in backward (an elementwise product). Two ways to compute, chosen by FLOPs: the factored path
+(two skinny GEMMs over the tokens, ΔW never formed), or, when the batch has more tokens than the layer is wide and
+there is no dropout, W + s·ΔW formed transiently in forward and again in backward (freed at once, never stored). The adapter path runs in float32 (float64 when λ is float64, for gradcheck)
 whatever the base dtype, as PEFT's ``autocast_adapter_dtype`` does; the sum is rounded once to x's dtype.
 """
 
@@ -35,26 +36,29 @@ def _scale_grads(dS: torch.Tensor, lam: torch.Tensor, A: torch.Tensor, gam: torc
 
 
 class RandloraLinearFunction(torch.autograd.Function):
-    """``apply(x, xd, weight_outin, bias, lam, gam, A, U_B, scaling)``; x and xd (..., in), returns (..., out).
+    """``apply(x, xd, weight_outin, bias, lam, gam, A, U_B, scaling, mode)``; x and xd (..., in), returns (..., out).
 
     ``weight_outin`` is the frozen base weight viewed as (out, in); A (r, D) and U_B (M, K) are the layer's slices of
     the shared bases (no gradient). The base weight and bias get no gradient (they are frozen)."""
 
     @staticmethod
-    def forward(ctx, x, xd, weight, bias, lam, gam, A, U_B, scaling: float):
+    def forward(ctx, x, xd, weight, bias, lam, gam, A, U_B, scaling: float, mode: str = "auto"):
         out_f, in_f = weight.shape
         dt = _compute_dtype(lam)
-        base = F.linear(x, weight, bias)
-        xf = xd.reshape(-1, in_f).to(dt)
         S = scaled_A(lam, A, gam, dt)
         U = U_B.to(dt)
+        xf = xd.reshape(-1, in_f).to(dt)
+        merged = _use_merged(mode, x, xd, weight, dt, xf.shape[0], U.shape[1])
+        ctx.merged, ctx.scaling = merged, scaling
+        ctx.save_for_backward(xd, weight, lam, gam, A, U_B)
+        if merged:  # W + s·ΔW formed transiently: one GEMM over the tokens instead of three
+            return F.linear(x, weight + _delta_outin(U, S, scaling, in_f <= out_f), bias)
+        base = F.linear(x, weight, bias)
         if in_f <= out_f:   # D = in: y = (xd Sᵀ) U_Bᵀ
             y = (xf @ S.T) @ U.T
         else:               # D = out: y = (xd U_B) S
             y = (xf @ U) @ S
         y = y.reshape(*x.shape[:-1], out_f).mul_(scaling)
-        ctx.save_for_backward(xd, weight, lam, gam, A, U_B)
-        ctx.scaling = scaling
         return (base.to(dt) + y).to(x.dtype) if base.dtype != dt else base + y
 
     @staticmethod
@@ -64,33 +68,61 @@ class RandloraLinearFunction(torch.autograd.Function):
         out_f, in_f = weight.shape
         dt = _compute_dtype(lam)
         g = grad_out.reshape(-1, out_f)
-        grad_x = (grad_out @ weight.to(grad_out.dtype)) if ctx.needs_input_grad[0] else None
         gf = g.to(dt)
         xf = xd.reshape(-1, in_f).to(dt)
         S = scaled_A(lam, A, gam, dt)
         U = U_B.to(dt)
-        if in_f <= out_f:
-            gU = gf @ U                                  # (T, K)
-            grad_xd = (gU @ S).mul_(s)                   # (T, in)
-            dS = (gU.T @ xf).mul_(s)                     # (K, D)
+        in_is_min = in_f <= out_f
+        grad_x = grad_xd = None
+        if ctx.merged:
+            # x and xd are the same tensor here: one gradient through W + s·ΔW
+            if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+                grad_x = grad_out @ (weight + _delta_outin(U, S, s, in_is_min))
+            G = gf.T @ xf if in_is_min else xf.T @ gf    # (M, D)
+            dS = (U.T @ G).mul_(s)
         else:
-            gS = gf @ S.T                                # (T, K)
-            grad_xd = (gS @ U.T).mul_(s)                 # (T, in)
-            T, M, K, D = xf.shape[0], U.shape[0], U.shape[1], S.shape[1]
-            if T * K * (M + D) <= M * D * (T + K):       # pick the cheaper order for dS = s · U_Bᵀ xdᵀ g
-                dS = ((xf @ U).T @ gf).mul_(s)
+            grad_x = (grad_out @ weight.to(grad_out.dtype)) if ctx.needs_input_grad[0] else None
+            if in_is_min:
+                gU = gf @ U                                  # (T, K)
+                grad_xd = (gU @ S).mul_(s)                   # (T, in)
+                dS = (gU.T @ xf).mul_(s)                     # (K, D)
             else:
-                dS = (U.T @ (xf.T @ gf)).mul_(s)
+                gS = gf @ S.T                                # (T, K)
+                grad_xd = (gS @ U.T).mul_(s)                 # (T, in)
+                T, M, K, D = xf.shape[0], U.shape[0], U.shape[1], S.shape[1]
+                if T * K * (M + D) <= M * D * (T + K):       # the cheaper order for dS = s · U_Bᵀ xdᵀ g
+                    dS = ((xf @ U).T @ gf).mul_(s)
+                else:
+                    dS = (U.T @ (xf.T @ gf)).mul_(s)
+            grad_xd = grad_xd.reshape(xd.shape).to(xd.dtype) if ctx.needs_input_grad[1] else None
         d_lam, d_gam = _scale_grads(dS, lam.to(dt), A.to(dt), gam.to(dt))
-        grad_xd = grad_xd.reshape(xd.shape).to(xd.dtype) if ctx.needs_input_grad[1] else None
-        return grad_x, grad_xd, None, None, d_lam.to(lam.dtype), d_gam.to(gam.dtype), None, None, None
+        return grad_x, grad_xd, None, None, d_lam.to(lam.dtype), d_gam.to(gam.dtype), None, None, None, None
+
+
+def _delta_outin(U: torch.Tensor, S: torch.Tensor, scaling: float, in_is_min: bool) -> torch.Tensor:
+    delta = (U @ S).mul_(scaling)                            # (M, D)
+    return delta if in_is_min else delta.T
+
+
+def _use_merged(mode: str, x, xd, weight, dt, tokens: int, K: int) -> bool:
+    """Form W + s·ΔW when there is no dropout (xd is x), the weight is already in the compute dtype (so the base
+    product is unchanged), and forming ΔW (M·K·D) costs less than the factored path over the tokens (T·K·(M + D))."""
+    if mode == "factored" or xd is not x or weight.dtype != dt:
+        return False
+    if mode == "merged":
+        return True
+    out_f, in_f = weight.shape
+    return out_f * in_f < tokens * (out_f + in_f)
 
 
 def randlora_linear(x: torch.Tensor, xd: torch.Tensor, weight_outin: torch.Tensor, bias: torch.Tensor | None,
                     lam: torch.Tensor, gam: torch.Tensor, A: torch.Tensor, U_B: torch.Tensor,
-                    scaling: float) -> torch.Tensor:
-    """The memory-efficient RandLoRA linear: (..., in) → (..., out). See the module docstring for shapes."""
-    return RandloraLinearFunction.apply(x, xd, weight_outin, bias, lam, gam, A, U_B, scaling)
+                    scaling: float, mode: str = "auto") -> torch.Tensor:
+    """The memory-efficient RandLoRA linear: (..., in) → (..., out). See the module docstring for shapes.
+
+    ``mode``: ``factored`` never forms ΔW; ``merged`` forms W + s·ΔW transiently (only without dropout and when the
+    weight is in the compute dtype); ``auto`` picks the one with fewer FLOPs for this many tokens."""
+    return RandloraLinearFunction.apply(x, xd, weight_outin, bias, lam, gam, A, U_B, scaling, mode)
 
 
 def randlora_linear_reference(x: torch.Tensor, xd: torch.Tensor, weight_outin: torch.Tensor,

@@ -33,11 +33,16 @@ def batches(steps: int, batch: int = 8, length: int = 32, vocab: int = 64):
         yield (start + stride * torch.arange(length)) % vocab
 
 
-def main() -> None:
+def example_args() -> argparse.Namespace:
+    """--steps N and --out FILE, shared by both training examples."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--out", type=Path, default=Path(tempfile.mkdtemp()) / "adapter.randlora.safetensors")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = example_args()
 
     model = tiny_llama()
     handle = attach(model, RandloraConfig(r=8, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"]))

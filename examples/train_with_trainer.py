@@ -6,16 +6,14 @@
 
 from __future__ import annotations
 
-import argparse
 import tempfile
-from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainingArguments
 
 from randlora_io.train import RandloraConfig, attach
 
-from train_torch_loop import tiny_llama  # noqa: E402  (the same tiny model as the plain-loop example)
+from train_torch_loop import example_args, tiny_llama  # noqa: E402  (shared with the plain-loop example)
 
 
 class ArithmeticSequences(torch.utils.data.Dataset):
@@ -33,10 +31,7 @@ class ArithmeticSequences(torch.utils.data.Dataset):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--out", type=Path, default=Path(tempfile.mkdtemp()) / "adapter.randlora.safetensors")
-    args = parser.parse_args()
+    args = example_args()
 
     model = tiny_llama()
     handle = attach(model, RandloraConfig(r=8))  # all Linear layers but lm_head

@@ -124,6 +124,16 @@ def _handler_for(hub: FakeHub):
                 return None
             return repo
 
+        def _commit(self, repo_id: str, revision: str, head: bool) -> tuple[Repo | None, str | None]:
+            """(repo, commit sha) of a readable repo's revision; (…, None) after answering 404."""
+            repo = self._repo(repo_id, head)
+            if repo is None:
+                return None, None
+            sha = repo.resolve(revision)
+            if sha is None:
+                self._error(404, "RevisionNotFound", f"Invalid rev id: {revision}", head=head)
+            return repo, sha
+
         # -- verbs ----------------------------------------------------------------------------------------------
         def do_POST(self) -> None:
             path = urlsplit(self.path).path
@@ -186,12 +196,9 @@ def _handler_for(hub: FakeHub):
             m = _REPO_API.match(path)
             if m:
                 repo_id, verb, revision = m.group(1), m.group(2), unquote(m.group(3))
-                repo = self._repo(repo_id, head)
-                if repo is None:
-                    return None
-                sha = repo.resolve(revision)
+                repo, sha = self._commit(repo_id, revision, head)
                 if sha is None:
-                    return self._error(404, "RevisionNotFound", f"Invalid rev id: {revision}", head=head)
+                    return None
                 files = repo.commits[sha]
                 if verb == "revision":
                     return self._json(200, {"id": repo_id, "modelId": repo_id, "sha": sha, "private": repo.private,
@@ -203,12 +210,9 @@ def _handler_for(hub: FakeHub):
             m = _RESOLVE.match(path)
             if m:
                 repo_id, revision, name = m.group(1), unquote(m.group(2)), unquote(m.group(3))
-                repo = self._repo(repo_id, head)
-                if repo is None:
-                    return None
-                sha = repo.resolve(revision)
+                repo, sha = self._commit(repo_id, revision, head)
                 if sha is None:
-                    return self._error(404, "RevisionNotFound", f"Invalid rev id: {revision}", head=head)
+                    return None
                 if name not in repo.commits[sha]:
                     return self._error(404, "EntryNotFound", f"{name} does not exist", head=head)
                 data = repo.commits[sha][name]

@@ -10,7 +10,7 @@ Part 2 (cost): a Llama built in code (h=512, 4 layers, all 7 projections), batch
 vs PEFT RandLoRA at the same r, and PEFT LoRA at equal trainable parameters, each in its own process: median step
 time, the bytes autograd saves for backward (activation memory), and peak RSS.
 
-Run: python bench/bench_train.py [--steps 600] [--threads 2]
+Run: python bench/bench_train.py [--steps 600] [--threads 2] [--part 1|2|all]
 """
 
 from __future__ import annotations
@@ -182,6 +182,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--train-rank", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--part", choices=["1", "2", "all"], default="all")
     args = parser.parse_args()
     if args.worker is not None:
         m, h, l, r, k, b, s, n, t = args.worker
@@ -191,6 +192,13 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
+    if args.part != "2":
+        part1(args)
+    if args.part != "1":
+        part2(args)
+
+
+def part1(args) -> None:
     print(f"## Part 1: full-rank target, equal trainable parameters (2-layer MLP, D={args.dim}, {args.steps} steps)")
     for target in ("orthogonal", "gaussian"):
         res = claim(args.dim, args.rank, args.steps, target)
@@ -201,6 +209,9 @@ def main() -> None:
         ours, lora = res["rows"]["randlora-io RandLoRA"]["error"], res["rows"]["PEFT LoRA"]["error"]
         print(f"RandLoRA / LoRA error: {ours / lora:.3f} ({'RandLoRA lower' if ours < lora else 'LoRA lower'})")
 
+
+
+def part2(args) -> None:
     k = lora_rank_for(args.hidden, args.layers, args.train_rank)
     print(f"\n## Part 2: one training step, Llama h={args.hidden}, {args.layers} layers, 7 projections, "
           f"batch 4×256, {args.threads} threads")

@@ -40,12 +40,13 @@ class MergeReport:
     bytes_out: int = 0
 
 
-def add_delta_(weight32: torch.Tensor, source: DeltaSource, key: str, alpha: float) -> None:
+def add_delta_(weight32: torch.Tensor, source: DeltaSource, key: str, alpha: float, kernel: str = "auto") -> None:
     """``weight32 += alpha · ΔW[key]`` in place (float32, stored orientation).
 
-    RandLoRA sources take the fast path: one ``addmm_`` of the prebuilt shared bases B (M, r·n) with
-    S = λ ⊗ A ⊗ γ (r·n, D), straight into the weight (or its transposed view); no ΔW is materialised.
-    Its oracle is :func:`randlora_io.delta.reference_delta`.
+    RandLoRA sources take a fast path: on CUDA (``kernel`` auto or triton) the Triton kernel
+    (``randlora_io.kernels.merge_triton``) adds the tile-wise product into W in place; otherwise one ``addmm_`` of
+    the prebuilt shared bases B (M, r·n) with S = λ ⊗ A ⊗ γ (r·n, D), straight into the weight (or its transposed
+    view). No ΔW is materialised. Their oracle is :func:`randlora_io.delta.reference_delta`.
     """
     if isinstance(source, RandloraSource):
         from .delta import scaled_A
@@ -53,6 +54,12 @@ def add_delta_(weight32: torch.Tensor, source: DeltaSource, key: str, alpha: flo
         adapter = source.adapter
         layer = adapter.layers[key]
         bases = adapter.bases(weight32.device)
+        if kernel == "triton" or (kernel == "auto" and weight32.is_cuda):
+            from .kernels.merge_triton import merge_layer_triton_
+
+            merge_layer_triton_(weight32, layer, adapter.lambdas[key], adapter.gammas[key], bases.A, bases.B,
+                                alpha * adapter.header.scaling)
+            return
         A, B = bases.for_layer(layer.min_dim, layer.max_dim, layer.num_bases)
         S = scaled_A(adapter.lambdas[key].to(weight32.device), A, adapter.gammas[key].to(weight32.device))
         stored_is_md = (layer.in_features == layer.min_dim) != layer.fan_in_fan_out
@@ -125,8 +132,12 @@ def merge(
     subtract: bool = False,
     check_finite: bool = True,
     progress: bool = False,
+    kernel: str = "auto",
 ) -> MergeReport:
     """Merge ``adapters`` (each scaled by its weight, default 1.0) into the checkpoint ``base``, writing ``out``.
+
+    ``kernel``: ``auto`` uses the Triton kernel for RandLoRA layers on CUDA and ``addmm_`` on CPU; ``triton`` or
+    ``torch`` forces one (``triton`` on CPU needs ``TRITON_INTERPRET=1`` and is for testing).
 
     ``subtract`` removes the same adapters (unmerge). BASE is only read; OUT appears only if everything succeeded.
     """
@@ -158,7 +169,7 @@ def merge(
                 if key not in plan:
                     return tensor
                 return _merge_one(tensor, key, [(sources[i], sign * weights[i]) for i in plan[key]], dev,
-                                  check_finite, report)
+                                  check_finite, report, kernel)
 
             stream_rewrite(ckpt.shard_path(shard), ckpt.shards[shard], tmp / shard, transform, out_dtype)
             bar.update(ckpt.shard_path(shard).stat().st_size)
@@ -174,11 +185,11 @@ def merge(
 
 
 def _merge_one(tensor: torch.Tensor, key: str, terms: list[tuple[DeltaSource, float]], dev: torch.device,
-               check_finite: bool, report: MergeReport) -> torch.Tensor:
+               check_finite: bool, report: MergeReport, kernel: str = "auto") -> torch.Tensor:
     original_dtype = tensor.dtype
     w32 = tensor.to(dev, torch.float32, copy=True)
     for source, alpha in terms:
-        add_delta_(w32, source, key, alpha)
+        add_delta_(w32, source, key, alpha, kernel)
     if check_finite and not torch.isfinite(w32).all():
         raise NonFiniteError(f"merged weight {key!r} contains NaN or Inf (from {terms[0][0].path}); nothing was written")
     merged = w32.to(original_dtype).cpu()

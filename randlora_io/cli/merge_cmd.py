@@ -19,17 +19,19 @@ def _options(func):
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True),
         click.option("--dtype", type=click.Choice(list(OUT_DTYPES)), default="keep", show_default=True),
         click.option("--overwrite", is_flag=True, help="Replace an existing OUT."),
+        click.option("--kernel", type=click.Choice(["auto", "triton", "torch"]), default="auto", show_default=True,
+                     help="RandLoRA merge path: the Triton kernel (CUDA) or torch addmm (CPU)."),
     ]):
         func = option(func)
     return func
 
 
-def _run(base, adapters, out, weights, device, dtype, overwrite, subtract):
+def _run(base, adapters, out, weights, device, dtype, overwrite, kernel, subtract):
     from ..hub import resolve_adapter_arg
 
     paths = [resolve_adapter_arg(a) for a in adapters]
     report = merge(base, paths, out, weights=list(weights) or None, device=device, dtype=dtype, overwrite=overwrite,
-                   subtract=subtract, progress=True)
+                   subtract=subtract, progress=True, kernel=kernel)
     verb = "unmerged" if subtract else "merged"
     click.echo(f"{out}: {verb} {len(adapters)} adapter(s) into {report.layers} weights across {report.shards} shard(s)")
     if report.unchanged:
@@ -41,17 +43,17 @@ def _run(base, adapters, out, weights, device, dtype, overwrite, subtract):
 @_options
 @click.option("--subtract", is_flag=True, help="Subtract the adapters instead (unmerge).")
 @handle_errors
-def merge_command(base, adapters, out, weights, device, dtype, overwrite, subtract):
+def merge_command(base, adapters, out, weights, device, dtype, overwrite, kernel, subtract):
     """Merge ADAPTERs (randlora files, PEFT RandLoRA/LoRA dirs, dense deltas, hub:REPO[@rev]) into BASE."""
-    _run(base, adapters, out, weights, device, dtype, overwrite, subtract)
+    _run(base, adapters, out, weights, device, dtype, overwrite, kernel, subtract)
 
 
 @click.command("unmerge")
 @_options
 @handle_errors
-def unmerge_command(base, adapters, out, weights, device, dtype, overwrite):
+def unmerge_command(base, adapters, out, weights, device, dtype, overwrite, kernel):
     """Subtract ADAPTERs from BASE (the inverse of merge)."""
-    _run(base, adapters, out, weights, device, dtype, overwrite, True)
+    _run(base, adapters, out, weights, device, dtype, overwrite, kernel, True)
 
 
 COMMANDS = [merge_command, unmerge_command]

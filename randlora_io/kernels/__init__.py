@@ -1,0 +1,1 @@
+"""GPU kernels (Triton). Each kernel module keeps its torch reference beside it."""

@@ -49,7 +49,9 @@ def hub_offline() -> bool:
     from huggingface_hub import constants
 
     env = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE")
-    return (env or "").strip().lower() in _TRUE if env is not None else bool(constants.HF_HUB_OFFLINE)
+    if env is None:
+        return bool(constants.HF_HUB_OFFLINE)
+    return env.strip().lower() in _TRUE
 
 
 def _cache_dir(cache_dir: str | os.PathLike | None) -> str | None:

@@ -14,8 +14,6 @@ one kernel serves every layout. Under ``TRITON_INTERPRET=1`` it runs on CPU tens
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -24,7 +22,6 @@ from ..delta import reference_delta
 from ..philox import PHILOX_M0, PHILOX_M1, PHILOX_W0, PHILOX_W1, split_seed
 from ..spec import GeneratorSpec, LayerSpec
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _KIND_CODE = {"dense": 0, "sparse": 1, "very_sparse": 1}
 _M0, _M1 = tl.constexpr(PHILOX_M0), tl.constexpr(PHILOX_M1)
 _W0, _W1 = tl.constexpr(PHILOX_W0), tl.constexpr(PHILOX_W1)
@@ -196,11 +193,4 @@ def merge_layer_reference_(weight: torch.Tensor, layer: LayerSpec, lam: torch.Te
     return weight
 
 
-def triton_usable(tensor: torch.Tensor) -> bool:
-    """Whether the kernel can run on ``tensor``'s device: CUDA with a Triton driver, or CPU under the interpreter."""
-    if INTERPRET:
-        return True
-    return tensor.is_cuda
-
-
-__all__ = ["INTERPRET", "merge_layer_reference_", "merge_layer_triton_", "philox_block_triton", "triton_usable"]
+__all__ = ["merge_layer_reference_", "merge_layer_triton_", "philox_block_triton"]

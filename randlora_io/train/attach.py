@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ..adapter import RandloraAdapter, build_adapter, peft_shared_dims, read_adapter, write_adapter
+from ..basis import Bases
 from ..errors import AdapterShapeError, BaseModelMismatchError, HeaderError
 from ..spec import GeneratorSpec, normalisation
 from .config import ALL_LINEAR, RandloraConfig
@@ -79,10 +80,14 @@ class AttachHandle:
         gammas = {k: l.randlora_gamma.detach().float().cpu().clone() for k, l in self.layers.items()}
         shapes = {k: (l.spec.shape, l.spec.fan_in_fan_out) for k, l in self.layers.items()}
         fingerprint = base_fingerprint({k: l.base_layer.weight for k, l in self.layers.items()})
-        return build_adapter(generator=self.generator, rank=self.shared.rank, alpha=float(self.config.alpha),
-                             layers=shapes, lambdas=lambdas, gammas=gammas, min_dim=self.shared.min_dim,
-                             max_dim=self.shared.max_dim,
-                             base_model={"id": self.base_model_id, "revision": None, "fingerprint": fingerprint})
+        adapter = build_adapter(generator=self.generator, rank=self.shared.rank, alpha=float(self.config.alpha),
+                                layers=shapes, lambdas=lambdas, gammas=gammas, min_dim=self.shared.min_dim,
+                                max_dim=self.shared.max_dim, checksum=False,
+                                base_model={"id": self.base_model_id, "revision": None, "fingerprint": fingerprint})
+        # the bases the layers trained with are the ones the header describes: checksum them, do not redraw them
+        device = next(iter(self.layers.values())).randlora_lambda.device
+        adapter.header.bases_sha256 = self.shared.on(device).sha256()
+        return adapter
 
     def save(self, path: str | os.PathLike) -> RandloraAdapter:
         """Write the randlora file (atomically) and return the adapter written."""
@@ -108,10 +113,12 @@ class AttachHandle:
 
 
 def attach(model: nn.Module, config: RandloraConfig | None = None, *, min_dim: int | None = None,
-           max_dim: int | None = None, generator: GeneratorSpec | None = None) -> AttachHandle:
+           max_dim: int | None = None, generator: GeneratorSpec | None = None,
+           bases: Bases | None = None) -> AttachHandle:
     """Wrap the targeted Linear / Conv1D modules of ``model`` with :class:`RandloraLayer` and freeze every other
     parameter. Bases are shared by all layers, sized by PEFT's rule from the targets (or ``min_dim``/``max_dim``),
-    drawn by ``config``'s generator (or ``generator``, when resuming a file), one copy per device."""
+    drawn by ``config``'s generator (or ``generator``, when resuming a file; ``bases`` reuses ones already drawn),
+    one copy per device."""
     config = config or RandloraConfig()
     targets = _targets(model, config)
     shapes = {name: (tuple(m.weight.shape), is_conv1d(m)) for name, m in targets.items()}
@@ -120,7 +127,7 @@ def attach(model: nn.Module, config: RandloraConfig | None = None, *, min_dim: i
     if config.r > min_dim:
         raise HeaderError(f"r={config.r} exceeds the smallest shared dimension {min_dim}; choose r ≤ {min_dim}")
     generator = generator or config.generator_spec(min_dim)
-    shared = SharedBases(generator, config.r, min_dim, max_dim)
+    shared = SharedBases(generator, config.r, min_dim, max_dim, bases)
     scaling = float(config.alpha) / config.r * normalisation(generator)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -152,8 +159,8 @@ def load_into(model: nn.Module, path: str | os.PathLike, *, check_fingerprint: b
                                     f"{list(module.weight.shape)} in the model")
     config = RandloraConfig(r=h.rank, alpha=h.alpha, target_modules="|".join(map(re.escape, names)),
                             generator=h.generator.name, kind=h.generator.kind, seed=h.seed)
-    adapter.bases(verify=True)  # a file whose bases this machine cannot regenerate is refused here
-    handle = attach(model, config, min_dim=h.min_dim, max_dim=h.max_dim, generator=h.generator)
+    bases = adapter.bases(verify=True)  # a file whose bases this machine cannot regenerate is refused here
+    handle = attach(model, config, min_dim=h.min_dim, max_dim=h.max_dim, generator=h.generator, bases=bases)
     with torch.no_grad():
         for key, layer in handle.layers.items():
             layer.randlora_lambda.copy_(adapter.lambdas[key].float())

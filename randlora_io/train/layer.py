@@ -14,9 +14,10 @@ from .function import randlora_linear
 class SharedBases:
     """The model-wide bases A (r, min_dim) and B (max_dim, N·r), float32: generated once, one copy per device."""
 
-    def __init__(self, generator: GeneratorSpec, rank: int, min_dim: int, max_dim: int):
+    def __init__(self, generator: GeneratorSpec, rank: int, min_dim: int, max_dim: int, bases: Bases | None = None):
+        """``bases``: already generated (and verified) bases to reuse instead of drawing them again."""
         self.generator, self.rank, self.min_dim, self.max_dim = generator, rank, min_dim, max_dim
-        self._by_device: dict[str, Bases] = {}
+        self._by_device: dict[str, Bases] = {} if bases is None else {str(bases.A.device): bases}
 
     def on(self, device: torch.device | str) -> Bases:
         key = str(torch.device(device))

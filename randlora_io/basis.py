@@ -33,7 +33,7 @@ class Bases:
         """SPEC §4.4: sha256 of A's then B's float32 little-endian bytes, row-major."""
         digest = hashlib.sha256()
         for t in (self.A, self.B):
-            digest.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+            digest.update(memoryview(t.detach().to("cpu", torch.float32).contiguous().numpy()).cast("B"))
         return digest.hexdigest()
 
     def for_layer(self, min_dim: int, max_dim: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,8 +111,10 @@ def peft_bases_raw(generator: GeneratorSpec, rank: int, min_dim: int, max_dim: i
     if generator.kind == "dense":
         dtype = _TORCH_DTYPES[generator.draw_dtype or "bfloat16"]
         A = _peft_kaiming((rank, 1, min_dim), dtype, gen)
-        B = torch.cat([_peft_kaiming((max_dim, 1, rank), dtype, gen) for _ in range(n_total)], dim=1)
-        A, B = A / A.std(), B / B.std()
+        B = torch.empty((max_dim, n_total, rank), dtype=dtype)
+        for b in range(n_total):  # PEFT draws the chunks one by one and concatenates them: same draws, one buffer
+            B[:, b: b + 1] = _peft_kaiming((max_dim, 1, rank), dtype, gen)
+        A, B = A / A.std(), B.div_(B.std())
     else:
         sparsity = 3 if generator.kind == "sparse" else math.sqrt(min_dim)
         A_u = torch.rand((rank, 1, min_dim), generator=gen)

@@ -17,10 +17,16 @@ import torch
 from .spec import LayerSpec
 
 
-def scaled_A(lam: torch.Tensor, A: torch.Tensor, gam: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """S = λ ⊗ A ⊗ γ flattened: λ (r, n), A (r, D), γ (n, D) → (r·n, D) in ``dtype``, row k = i·n + b."""
+def scaled_A(lam: torch.Tensor, A: torch.Tensor, gam: torch.Tensor, dtype: torch.dtype = torch.float32,
+             out: torch.Tensor | None = None) -> torch.Tensor:
+    """S = λ ⊗ A ⊗ γ flattened: λ (r, n), A (r, D), γ (n, D) → (r·n, D) in ``dtype``, row k = i·n + b.
+    ``out``: an (r, n, D) tensor of ``dtype`` to compute into (no allocation); the result is its (r·n, D) view."""
     r, n = lam.shape
-    S = lam.to(dtype)[:, :, None] * A.to(dtype)[:, None, :] * gam.to(dtype)[None, :, :]
+    lam, A, gam = lam.to(dtype), A.to(dtype), gam.to(dtype)
+    if out is None:
+        S = lam[:, :, None] * A[:, None, :] * gam[None, :, :]
+    else:
+        S = torch.mul(lam[:, :, None], A[:, None, :], out=out).mul_(gam[None, :, :])
     return S.reshape(r * n, A.shape[1])
 
 

@@ -1,8 +1,9 @@
 """Streaming merge of adapters into a (sharded) Hugging Face checkpoint, with bounded memory.
 
 Plan first (which keys of which shard get which adapters; every check that can fail before writing), then
-execute one shard at a time, one tensor at a time (``stream_rewrite``): read the tensor, add ΔW in float32 to each targeted weight, check it is
-finite, round once to the output dtype, write the shard into a temp dir beside OUT; rename the dir last.
+execute one shard at a time, one tensor at a time (``stream_rewrite``): untouched tensors are copied byte for byte;
+a targeted weight is read, widened to float32 in a reused workspace, ΔW is added in place, the sum is checked to be
+finite and rounded once to the output dtype; shards are written into a temp dir beside OUT, renamed last.
 
 Numerics differ from PEFT's ``merge_and_unload`` in one documented way: PEFT rounds ΔW to the base dtype and
 adds in that dtype (two roundings for bf16); we add in float32 and round once, so results agree within 1 ulp.
@@ -11,6 +12,7 @@ adds in that dtype (two roundings for bf16); we add in float32 and round once, s
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from collections.abc import Mapping
@@ -23,8 +25,9 @@ from .adapter import RandloraAdapter
 from .checkpoint import INDEX_FILE, Checkpoint, open_checkpoint
 from .errors import BaseModelMismatchError, NonFiniteError, OutputExistsError, SourceFormatError
 from .progress import progress_bar
-from .safetensors_io import atomic_directory, stream_rewrite
+from .safetensors_io import atomic_directory
 from .sources import DeltaSource, RandloraSource, open_source
+from .stream import stream_rewrite
 
 SUPPORTED_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 OUT_DTYPES = {"keep": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -40,8 +43,9 @@ class MergeReport:
     bytes_out: int = 0
 
 
-def add_delta_(weight32: torch.Tensor, source: DeltaSource, key: str, alpha: float, kernel: str = "auto") -> None:
-    """``weight32 += alpha · ΔW[key]`` in place (float32, stored orientation).
+def add_delta_(weight32: torch.Tensor, source: DeltaSource, key: str, alpha: float, kernel: str = "auto",
+               workspace: Workspace | None = None) -> None:
+    """``weight32 += alpha · ΔW[key]`` in place (float32, stored orientation); ``workspace`` holds S between calls.
 
     RandLoRA sources take a fast path: on CUDA (``kernel`` auto or triton) the Triton kernel
     (``randlora_io.kernels.merge_triton``) adds the tile-wise product into W in place; otherwise one ``addmm_`` of
@@ -61,7 +65,9 @@ def add_delta_(weight32: torch.Tensor, source: DeltaSource, key: str, alpha: flo
                                 alpha * adapter.header.scaling)
             return
         A, B = bases.for_layer(layer.min_dim, layer.max_dim, layer.num_bases)
-        S = scaled_A(adapter.lambdas[key].to(weight32.device), A, adapter.gammas[key].to(weight32.device))
+        lam, gam = adapter.lambdas[key].to(weight32.device), adapter.gammas[key].to(weight32.device)
+        out = None if workspace is None else workspace.take("S", (*lam.shape, A.shape[1]), torch.float32, A.device)
+        S = scaled_A(lam, A, gam, out=out)
         stored_is_md = (layer.in_features == layer.min_dim) != layer.fan_in_fan_out
         target = weight32 if stored_is_md else weight32.T
         target.addmm_(B, S, alpha=alpha * adapter.header.scaling)
@@ -162,6 +168,7 @@ def merge(
     report = MergeReport(layers=len(plan), shards=len(ckpt.shards))
     out_dtype = OUT_DTYPES[dtype]
     bar = progress_bar(progress, total=ckpt.total_bytes(), unit="B", unit_scale=True, desc="merge")
+    workspace = Workspace()
     with atomic_directory(out_p, overwrite=overwrite) as tmp:
         _copy_side_files(ckpt, tmp, out_dtype)
         for shard in ckpt.shards:
@@ -169,9 +176,9 @@ def merge(
                 if key not in plan:
                     return tensor
                 return _merge_one(tensor, key, [(sources[i], sign * weights[i]) for i in plan[key]], dev,
-                                  check_finite, report, kernel)
+                                  check_finite, report, kernel, workspace, out_dtype)
 
-            stream_rewrite(ckpt.shard_path(shard), ckpt.shards[shard], tmp / shard, transform, out_dtype)
+            stream_rewrite(ckpt.shard_path(shard), ckpt.shards[shard], tmp / shard, transform, out_dtype, keys=plan)
             bar.update(ckpt.shard_path(shard).stat().st_size)
         if ckpt.index is not None:
             index = dict(ckpt.index)
@@ -184,16 +191,52 @@ def merge(
     return report
 
 
+class Workspace:
+    """Buffers reused from one weight to the next, grown to the largest seen, so each layer's float32 copy, its
+    scaled bases and its rounded result live in memory that is already mapped instead of fresh allocations faulted
+    in per layer. A name taken with ``slots=2`` alternates between two buffers (results still being written)."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple, torch.Tensor] = {}
+        self._turn: dict[str, int] = {}
+
+    def take(self, name: str, shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, device: torch.device,
+             slots: int = 1) -> torch.Tensor:
+        """An uninitialised tensor of ``shape`` and ``dtype`` on ``device``, valid until ``take(name)`` is called
+        ``slots`` more times."""
+        turn = self._turn[name] = (self._turn.get(name, -1) + 1) % slots
+        slot = (name, turn, dtype, device)
+        numel = math.prod(shape)
+        buf = self._buffers.get(slot)
+        if buf is None or buf.numel() < numel:
+            self._buffers.pop(slot, None)
+            buf = self._buffers[slot] = torch.empty(numel, dtype=dtype, device=device)
+        return buf[:numel].view(shape)
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """True when no element is NaN or ±Inf. A sum reads the tensor once at memory speed and is non-finite whenever
+    an element is; only then (or on overflow of the sum itself) is the elementwise check run."""
+    return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
+
+
 def _merge_one(tensor: torch.Tensor, key: str, terms: list[tuple[DeltaSource, float]], dev: torch.device,
-               check_finite: bool, report: MergeReport, kernel: str = "auto") -> torch.Tensor:
-    original_dtype = tensor.dtype
-    w32 = tensor.to(dev, torch.float32, copy=True)
+               check_finite: bool, report: MergeReport, kernel: str, workspace: Workspace,
+               out_dtype: torch.dtype | None) -> torch.Tensor:
+    """W + Σ αᵢ·ΔWᵢ for one weight: float32 in ``workspace``, rounded once to ``out_dtype`` (default W's dtype).
+    The result is a view of ``workspace``, valid until the call after next (``stream_rewrite``'s contract)."""
+    w32 = workspace.take("w32", tensor.shape, torch.float32, dev)
+    w32.copy_(tensor)
     for source, alpha in terms:
-        add_delta_(w32, source, key, alpha, kernel)
-    if check_finite and not torch.isfinite(w32).all():
+        add_delta_(w32, source, key, alpha, kernel, workspace)
+    if check_finite and not all_finite(w32):
         raise NonFiniteError(f"merged weight {key!r} contains NaN or Inf (from {terms[0][0].path}); nothing was written")
-    merged = w32.to(original_dtype).cpu()
-    if torch.equal(merged, tensor):
+    merged = workspace.take("out", tensor.shape, out_dtype or tensor.dtype, torch.device("cpu"), slots=2)
+    merged.copy_(w32)
+    if check_finite and merged.dtype == torch.float16 and not all_finite(merged):
+        raise NonFiniteError(f"merged weight {key!r} overflows float16; merge to bfloat16 or float32 instead "
+                             "(--dtype); nothing was written")
+    if torch.equal(merged, tensor if tensor.dtype == merged.dtype else tensor.to(merged.dtype)):
         report.unchanged.append(key)
     return merged
 

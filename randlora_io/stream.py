@@ -1,0 +1,131 @@
+"""Rewrite one safetensors file tensor by tensor with bounded memory: the engine under ``merge``.
+
+Only the tensors a caller may change are read into memory, one at a time, into one reused buffer; every other tensor
+is copied byte for byte (inside the kernel where the OS allows it, else in fixed-size chunks). Output bytes are written
+straight from the result tensor's memory, with no intermediate ``bytes`` copy, by a background thread, so reading,
+computing and writing overlap. The output header is computed before any data is written. Peak memory: about four
+copies of the largest changed tensor (two inputs, two results in flight), independent of shard size.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Callable, Collection
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+
+from .errors import SafetensorsFormatError
+from .safetensors_io import DTYPE_SIZES, SafetensorsHeader
+from .shard_writer import SequentialWriter, read_exact
+
+TORCH_DTYPE_OF = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                  "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                  "BOOL": torch.bool}
+NAME_OF_DTYPE = {v: k for k, v in TORCH_DTYPE_OF.items()}
+
+Transform = Callable[[str, torch.Tensor], torch.Tensor]
+
+
+def stream_rewrite(src: str | os.PathLike, header: SafetensorsHeader, dst: str | os.PathLike, transform: Transform,
+                   out_dtype: torch.dtype | None = None, keys: Collection[str] | None = None) -> None:
+    """Write ``dst`` with the tensors of ``src`` (whose validated header is ``header``) in the same order.
+
+    ``keys``: the tensors ``transform(key, tensor) -> tensor`` may change (same shape; ``None`` = all); the others
+    are copied byte for byte. ``out_dtype`` casts floating tensors. ``dst`` should be a temp path: on error it is
+    left half written for the caller to remove.
+
+    I/O overlaps compute: one background thread reads the next changed tensor ahead and writes results and copies
+    behind, in file order, while ``transform`` runs. Contract for ``transform``: the tensor it receives lives in a
+    buffer reused two calls later, and its result is written before the call after next returns, so it may return
+    a view of a buffer it alternates between (see ``merge.Workspace``).
+    """
+    order = sorted(header.tensors, key=lambda k: header.tensors[k].begin)
+    entries = _output_entries(src, header, order, out_dtype)
+    meta = json.dumps({"__metadata__": {**header.metadata, "format": "pt"}, **entries}, separators=(",", ":"))
+    raw = meta.encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    changed = [k for k in order if keys is None or k in keys or entries[k]["dtype"] != header.tensors[k].dtype]
+    scratch = [bytearray(), bytearray()]  # read buffers, alternating between consecutive changed tensors
+
+    with open(src, "rb", buffering=0) as fin, SequentialWriter(dst) as out, \
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="randlora-io-io") as io:
+        fd_in = fin.fileno()
+
+        def read(j: int) -> torch.Tensor:
+            key = changed[j]
+            info = header.tensors[key]
+            size = info.end - info.begin
+            if len(scratch[j % 2]) < size:
+                scratch[j % 2] = bytearray(size)
+            view = memoryview(scratch[j % 2])[:size]
+            read_exact(fd_in, view, header.data_offset + info.begin, f"{src}: truncated while reading {key!r}")
+            dtype = TORCH_DTYPE_OF[info.dtype]
+            return torch.frombuffer(view, dtype=dtype).reshape(info.shape) if size else torch.empty(info.shape, dtype=dtype)
+
+        pending: list[Future] = [io.submit(out.write, struct.pack("<Q", len(raw)) + raw)]
+        reads = {0: io.submit(read, 0)} if changed else {}
+        try:
+            j = 0
+            for key in order:
+                if j >= len(changed) or changed[j] != key:
+                    info = header.tensors[key]
+                    pending.append(io.submit(out.copy_from, fd_in, header.data_offset + info.begin,
+                                             info.end - info.begin, f"{src}: truncated while reading {key!r}"))
+                    continue
+                tensor = reads.pop(j).result()
+                if j + 1 < len(changed):  # queued after the write that last used its buffer
+                    reads[j + 1] = io.submit(read, j + 1)
+                result = transform(key, tensor)
+                if out_dtype is not None and result.is_floating_point():
+                    result = result.to(out_dtype)
+                if list(result.shape) != entries[key]["shape"] or NAME_OF_DTYPE[result.dtype] != entries[key]["dtype"]:
+                    raise SafetensorsFormatError(f"{dst}: internal error: {key!r} changed shape or dtype while merging")
+                pending.append(io.submit(write_tensor, out, result))
+                del tensor, result
+                pending = _raise_finished(pending)
+                j += 1
+            for f in pending:
+                f.result()
+        except BaseException:
+            for f in [*pending, *reads.values()]:
+                f.cancel()
+            raise
+
+
+def _raise_finished(futures: list[Future]) -> list[Future]:
+    """Re-raise the error of any finished I/O task now rather than at the end; return the unfinished ones."""
+    unfinished = []
+    for f in futures:
+        if f.done():
+            f.result()
+        else:
+            unfinished.append(f)
+    return unfinished
+
+
+def _output_entries(src: str | os.PathLike, header: SafetensorsHeader, order: list[str],
+                    out_dtype: torch.dtype | None) -> dict[str, dict]:
+    entries, offset = {}, 0
+    for key in order:
+        info = header.tensors[key]
+        if info.dtype not in TORCH_DTYPE_OF:
+            raise SafetensorsFormatError(f"{src}: tensor {key!r} has dtype {info.dtype}, which cannot be streamed")
+        dtype = TORCH_DTYPE_OF[info.dtype]
+        if out_dtype is not None and dtype.is_floating_point:
+            dtype = out_dtype
+        nbytes = DTYPE_SIZES[NAME_OF_DTYPE[dtype]]
+        for d in info.shape:
+            nbytes *= d
+        entries[key] = {"dtype": NAME_OF_DTYPE[dtype], "shape": list(info.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    return entries
+
+
+def write_tensor(out: SequentialWriter, tensor: torch.Tensor) -> None:
+    """Append a CPU tensor's bytes (row-major, native little-endian) from its own memory."""
+    flat = tensor.detach().contiguous().reshape(-1)
+    if flat.numel():
+        out.write(memoryview(flat.view(torch.uint8).numpy()))

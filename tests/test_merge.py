@@ -260,3 +260,20 @@ def test_same_adapter_twice_and_pickle_base(tmp_path, setup):
     pickled.mkdir()
     (pickled / "pytorch_model.bin").write_bytes(b"\x80\x04junk")
     _merge_fails(tmp_path, pickled, adapter, "pickle")
+
+
+def test_dtype_float32_keeps_the_unrounded_sum(tmp_path):
+    """--dtype float32 from a bf16 base: W + ΔW in float32 with no rounding to bf16 on the way."""
+    base = tmp_path / "base"
+    tiny_llama(dtype=torch.bfloat16).save_pretrained(base)
+    peft_randlora(tiny_llama(dtype=torch.bfloat16), r=6, seed=5).save_pretrained(tmp_path / "peft")
+    run_cli("convert", tmp_path / "peft", tmp_path / "a.safetensors", "--to", "randlora", "--base", base)
+    run_cli("merge", base, tmp_path / "a.safetensors", "--dtype", "float32", "-o", tmp_path / "out")
+    adapter, base_state, got = read_adapter(tmp_path / "a.safetensors"), _load_state(base), _load_state(tmp_path / "out")
+    assert all(t.dtype == torch.float32 for t in got.values() if t.is_floating_point())
+    for key in adapter.layers:
+        exact = base_state[key].double() + adapter.delta(key).double()
+        assert float((got[key].double() - exact).norm() / exact.norm()) <= 1e-6, key
+        assert not torch.equal(got[key], got[key].to(torch.bfloat16).float()), key  # not rounded through bf16
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype" if "dtype" in json.loads(
+        (base / "config.json").read_text()) else "torch_dtype"] == "float32"

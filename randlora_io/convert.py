@@ -162,10 +162,9 @@ def convert(
             adapter_to_peft_randlora(adapter, dst_p, save_projection=save_projection, overwrite=overwrite)
         report.params_out = adapter.trainable_parameters()
     elif to == "dense":
-        deltas = {k: source.delta(k) for k in progress_bar(progress, iterable=source.keys(), desc="delta", unit="layer")}
-        write_dense(deltas, dst_p)
-        report.errors = {k: 0.0 for k in deltas}
-        report.params_out = sum(d.numel() for d in deltas.values())
+        write_dense(source, dst_p, progress=progress)
+        report.errors = {k: 0.0 for k in source.keys()}
+        report.params_out = sum(math.prod(source.stored_shape(k)) for k in source.keys())
     else:
         if rank is None:
             raise ConversionError("--to peft-lora needs --rank K")

@@ -10,15 +10,16 @@ copies of the largest changed tensor (two inputs, two results in flight), indepe
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
 from .errors import SafetensorsFormatError
-from .safetensors_io import DTYPE_SIZES, SafetensorsHeader
+from .safetensors_io import DTYPE_SIZES, SafetensorsHeader, atomic_file
 from .shard_writer import SequentialWriter, read_exact
 
 TORCH_DTYPE_OF = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -44,9 +45,7 @@ def stream_rewrite(src: str | os.PathLike, header: SafetensorsHeader, dst: str |
     """
     order = sorted(header.tensors, key=lambda k: header.tensors[k].begin)
     entries = _output_entries(src, header, order, out_dtype)
-    meta = json.dumps({"__metadata__": {**header.metadata, "format": "pt"}, **entries}, separators=(",", ":"))
-    raw = meta.encode("utf-8")
-    raw += b" " * (-len(raw) % 8)
+    raw = header_bytes(entries, {**header.metadata, "format": "pt"})
     changed = [k for k in order if keys is None or k in keys or entries[k]["dtype"] != header.tensors[k].dtype]
     scratch = [bytearray(), bytearray()]  # read buffers, alternating between consecutive changed tensors
 
@@ -65,7 +64,7 @@ def stream_rewrite(src: str | os.PathLike, header: SafetensorsHeader, dst: str |
             dtype = TORCH_DTYPE_OF[info.dtype]
             return torch.frombuffer(view, dtype=dtype).reshape(info.shape) if size else torch.empty(info.shape, dtype=dtype)
 
-        pending: list[Future] = [io.submit(out.write, struct.pack("<Q", len(raw)) + raw)]
+        pending: list[Future] = [io.submit(out.write, raw)]
         reads = {0: io.submit(read, 0)} if changed else {}
         try:
             j = 0
@@ -108,20 +107,61 @@ def _raise_finished(futures: list[Future]) -> list[Future]:
 
 def _output_entries(src: str | os.PathLike, header: SafetensorsHeader, order: list[str],
                     out_dtype: torch.dtype | None) -> dict[str, dict]:
-    entries, offset = {}, 0
+    shapes, dtypes = {}, {}
     for key in order:
         info = header.tensors[key]
         if info.dtype not in TORCH_DTYPE_OF:
             raise SafetensorsFormatError(f"{src}: tensor {key!r} has dtype {info.dtype}, which cannot be streamed")
         dtype = TORCH_DTYPE_OF[info.dtype]
-        if out_dtype is not None and dtype.is_floating_point:
-            dtype = out_dtype
-        nbytes = DTYPE_SIZES[NAME_OF_DTYPE[dtype]]
-        for d in info.shape:
-            nbytes *= d
-        entries[key] = {"dtype": NAME_OF_DTYPE[dtype], "shape": list(info.shape), "data_offsets": [offset, offset + nbytes]}
+        dtypes[key] = out_dtype if out_dtype is not None and dtype.is_floating_point else dtype
+        shapes[key] = info.shape
+    return header_entries(order, shapes, dtypes)
+
+
+def header_entries(order: list[str], shapes: Mapping[str, tuple[int, ...]],
+                   dtypes: Mapping[str, torch.dtype]) -> dict[str, dict]:
+    """Safetensors header entries for tensors laid out back to back in ``order``."""
+    entries, offset = {}, 0
+    for key in order:
+        nbytes = DTYPE_SIZES[NAME_OF_DTYPE[dtypes[key]]] * math.prod(shapes[key])
+        entries[key] = {"dtype": NAME_OF_DTYPE[dtypes[key]], "shape": list(shapes[key]),
+                        "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     return entries
+
+
+def header_bytes(entries: dict[str, dict], metadata: Mapping[str, str]) -> bytes:
+    """The 8-byte length prefix and the JSON header (space-padded to a multiple of 8 bytes)."""
+    raw = json.dumps({"__metadata__": dict(metadata), **entries}, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def stream_write(dst: str | os.PathLike, order: list[str], shapes: Mapping[str, tuple[int, ...]],
+                 produce: Callable[[str], torch.Tensor], metadata: Mapping[str, str],
+                 dtype: torch.dtype = torch.float32) -> None:
+    """Write a new safetensors file at ``dst`` (atomically) holding ``produce(key)`` for each key of ``order``, cast
+    to ``dtype``, one tensor at a time: at most two produced tensors are held while the background thread writes."""
+    entries = header_entries(order, shapes, {k: dtype for k in order})
+    with atomic_file(dst) as tmp, SequentialWriter(tmp) as out, \
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="randlora-io-io") as io:
+        pending: list[Future] = [io.submit(out.write, header_bytes(entries, metadata))]
+        try:
+            for key in order:
+                tensor = produce(key).detach().to("cpu", dtype)
+                if list(tensor.shape) != entries[key]["shape"]:
+                    raise SafetensorsFormatError(f"{dst}: internal error: {key!r} has shape {list(tensor.shape)}, "
+                                                 f"expected {entries[key]['shape']}")
+                pending.append(io.submit(write_tensor, out, tensor))
+                del tensor
+                if len(pending) > 2:
+                    pending.pop(0).result()
+            for f in pending:
+                f.result()
+        except BaseException:
+            for f in pending:
+                f.cancel()
+            raise
 
 
 def write_tensor(out: SequentialWriter, tensor: torch.Tensor) -> None:

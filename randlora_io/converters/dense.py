@@ -8,11 +8,18 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..errors import NonFiniteError, SourceFormatError
-from ..safetensors_io import has_metadata_key, load_tensors, read_header, save_safetensors
+from ..progress import progress_bar
+from ..safetensors_io import has_metadata_key, load_tensors, read_header
+from ..stream import stream_write
+
+if TYPE_CHECKING:
+    from ..sources import DeltaSource
 
 METADATA_KEY = "randlora_dense_delta"
 FORMAT_VERSION = "1.0"
@@ -43,9 +50,25 @@ def read_dense(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def write_dense(deltas: dict[str, torch.Tensor], path: str | os.PathLike, base_model: dict | None = None) -> None:
-    """Write ``{weight key: ΔW}`` (float32, stored orientation) atomically."""
+def write_dense(deltas: Mapping[str, torch.Tensor] | DeltaSource, path: str | os.PathLike,
+                base_model: dict | None = None, progress: bool = False) -> None:
+    """Write ``{weight key: ΔW}`` (float32, stored orientation) atomically. Given a ``DeltaSource``, each ΔW is
+    computed when it is written, so memory holds about two layers' deltas rather than the whole file."""
+    from ..sources import DeltaSource
+
     meta = {"format_version": FORMAT_VERSION}
     if base_model:
         meta["base_model"] = base_model
-    save_safetensors({k: v.float() for k, v in deltas.items()}, path, metadata={METADATA_KEY: json.dumps(meta)})
+    if isinstance(deltas, DeltaSource):
+        keys, shapes, produce = deltas.keys(), {k: deltas.stored_shape(k) for k in deltas.keys()}, deltas.delta
+    else:
+        keys, shapes, produce = list(deltas), {k: tuple(v.shape) for k, v in deltas.items()}, deltas.__getitem__
+    bar = progress_bar(progress, total=len(keys), desc="delta", unit="layer")
+
+    def produce_one(key: str) -> torch.Tensor:
+        delta = produce(key)
+        bar.update(1)
+        return delta
+
+    stream_write(path, list(keys), shapes, produce_one, {METADATA_KEY: json.dumps(meta)})
+    bar.close()

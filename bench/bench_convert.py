@@ -6,17 +6,13 @@ Run: python bench/bench_convert.py [--layers 22 --rank 32]
 
 from __future__ import annotations
 
-import argparse
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import report_self, run_worker  # noqa: E402
-
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+from common import LLAMA_TARGETS as TARGETS  # noqa: E402
+from common import bench_args, report_self, run_worker, workdir  # noqa: E402
 
 
 def llama_config(layers: int):
@@ -75,16 +71,10 @@ def worker(kind: str, work: Path, layers: int) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--worker")
-    p.add_argument("--workdir")
-    p.add_argument("--layers", type=int, default=22)
-    p.add_argument("--rank", type=int, default=32)
-    args = p.parse_args()
+    args = bench_args(layers=22, rank=32)
     if args.worker:
         return worker(args.worker, Path(args.workdir), args.layers)
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-convert-"))
-    try:
+    with workdir(args.workdir, "bench-convert-") as work:
         build(work, args.layers, args.rank)
         common = ("--workdir", str(work), "--layers", str(args.layers))
         rows = [("PEFT load + save (reference)", run_worker(__file__, "peft_load_save", *common)),
@@ -98,9 +88,6 @@ def main() -> None:
         for name, r in rows:
             print(f"{name:<30} wall {r['wall_s']:6.1f} s  peak RSS {r['peak_rss_mib']:6.0f} MiB  "
                   f"({ref / r['wall_s']:.2f}x PEFT load+save speed)")
-    finally:
-        if not args.workdir:
-            shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

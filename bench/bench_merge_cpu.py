@@ -7,18 +7,15 @@ Run: python bench/bench_merge_cpu.py [--hidden 2048 --intermediate 5632 --layers
 
 from __future__ import annotations
 
-import argparse
 import json
-import shutil
+import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import report_self, run_worker  # noqa: E402
-
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+from common import LLAMA_TARGETS as TARGETS  # noqa: E402
+from common import bench_args, report_self, run_worker, workdir  # noqa: E402
 
 
 def build(work: Path, hidden: int, intermediate: int, layers: int, rank: int, shard_mb: int) -> None:
@@ -102,25 +99,14 @@ def worker(kind: str, work: Path) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--worker")
-    p.add_argument("--workdir")
-    p.add_argument("--hidden", type=int, default=2048)
-    p.add_argument("--intermediate", type=int, default=5632)
-    p.add_argument("--layers", type=int, default=12)
-    p.add_argument("--rank", type=int, default=32)
-    p.add_argument("--shard-mb", type=int, default=400)
-    args = p.parse_args()
+    args = bench_args(hidden=2048, intermediate=5632, layers=12, rank=32, shard_mb=400)
     if args.worker == "build":
         return build(Path(args.workdir), args.hidden, args.intermediate, args.layers, args.rank, args.shard_mb)
     if args.worker:
         return worker(args.worker, Path(args.workdir))
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-merge-"))
-    try:
+    with workdir(args.workdir, "bench-merge-") as work:
         build_cmd = ["--workdir", str(work), "--hidden", str(args.hidden), "--intermediate", str(args.intermediate),
                      "--layers", str(args.layers), "--rank", str(args.rank), "--shard-mb", str(args.shard_mb)]
-        import subprocess
-
         subprocess.run([sys.executable, __file__, "--worker", "build", *build_cmd], check=True)  # own process
         import torch
 
@@ -131,9 +117,6 @@ def main() -> None:
             print(f"{name:<24} wall {r['wall_s']:7.1f} s   peak RSS {r['peak_rss_mib']:7.0f} MiB")
         print(f"speed-up vs PEFT: {peft['wall_s'] / ours['wall_s']:.2f}x   "
               f"peak RSS ratio (ours/PEFT): {ours['peak_rss_mib'] / peft['peak_rss_mib']:.2f}")
-    finally:
-        if not args.workdir:
-            shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import json
 import resource
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 
 def peak_rss_mib() -> float:
@@ -37,3 +43,30 @@ def run_worker(script: str, *args: str) -> dict:
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     result["wall_s"] = wall
     return result
+
+
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def bench_args(**int_options: int) -> argparse.Namespace:
+    """``--worker`` / ``--workdir`` (every bench script runs its sides as workers) plus ``--name value`` integer
+    options with the given defaults (underscores become dashes)."""
+    p = argparse.ArgumentParser()
+    p.add_argument("--worker")
+    p.add_argument("--workdir")
+    for name, default in int_options.items():
+        p.add_argument(f"--{name.replace('_', '-')}", type=int, default=default)
+    return p.parse_args()
+
+
+@contextlib.contextmanager
+def workdir(given: str | None, prefix: str) -> Iterator[Path]:
+    """``given`` as a Path (kept afterwards), or a fresh temp dir removed at the end."""
+    if given:
+        yield Path(given)
+        return
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)

@@ -41,13 +41,7 @@ def peft_randlora(model, *, r: int = 8, seed: int = 0, sparse: bool = False, ver
     config = RandLoraConfig(r=r, randlora_alpha=alpha, projection_prng_key=seed, sparse=sparse,
                             very_sparse=very_sparse, target_modules=targets or LLAMA_TARGETS,
                             save_projection=save_projection, fan_in_fan_out=fan_in_fan_out)
-    peft_model = get_peft_model(model, config)
-    gen = torch.Generator().manual_seed(scale_seed)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "randlora_lambda" in name or "randlora_gamma" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
-    return peft_model
+    return _randomize(get_peft_model(model, config), ("randlora_lambda", "randlora_gamma"), scale_seed)
 
 
 def peft_lora(model, *, r: int = 4, alpha: float = 8.0, use_rslora: bool = False, targets=None,
@@ -58,11 +52,15 @@ def peft_lora(model, *, r: int = 4, alpha: float = 8.0, use_rslora: bool = False
     config = LoraConfig(r=r, lora_alpha=alpha, use_rslora=use_rslora, target_modules=targets or LLAMA_TARGETS,
                         fan_in_fan_out=fan_in_fan_out, rank_pattern=rank_pattern or {},
                         alpha_pattern=alpha_pattern or {}, init_lora_weights=False)
-    peft_model = get_peft_model(model, config)
-    gen = torch.Generator().manual_seed(scale_seed)
+    return _randomize(get_peft_model(model, config), ("lora_A", "lora_B"), scale_seed)
+
+
+def _randomize(peft_model, names: tuple[str, ...], seed: int):
+    """Fill the adapter parameters whose name contains one of ``names`` with N(0, 0.1²) draws, in parameter order."""
+    gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
-            if "lora_A" in name or "lora_B" in name:
+            if any(n in name for n in names):
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
     return peft_model
 

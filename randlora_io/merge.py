@@ -43,14 +43,21 @@ class MergeReport:
     bytes_out: int = 0
 
 
+PRECISIONS = ("fp32", "bf16")
+_BF16_ROWS = 1024  # rows of ΔW per bf16 GEMM: bounds the ΔW buffer and oneDNN's per-shape scratch memory
+
+
 def add_delta_(weight32: torch.Tensor, source: DeltaSource, key: str, alpha: float, kernel: str = "auto",
-               workspace: Workspace | None = None) -> None:
+               workspace: Workspace | None = None, precision: str = "fp32") -> None:
     """``weight32 += alpha · ΔW[key]`` in place (float32, stored orientation); ``workspace`` holds S between calls.
 
     RandLoRA sources take a fast path: on CUDA (``kernel`` auto or triton) the Triton kernel
     (``randlora_io.kernels.merge_triton``) adds the tile-wise product into W in place; otherwise one ``addmm_`` of
     the prebuilt shared bases B (M, r·n) with S = λ ⊗ A ⊗ γ (r·n, D), straight into the weight (or its transposed
     view). No ΔW is materialised. Their oracle is :func:`randlora_io.delta.reference_delta`.
+
+    ``precision="bf16"`` (opt-in, any device, torch path): B and S rounded to bf16, one bf16 GEMM with fp32
+    accumulation, ΔW rounded to bf16 (as PEFT does for bf16 models), then added in float32. Error ≈ 2⁻⁸ of |ΔW|.
     """
     if isinstance(source, RandloraSource):
         from .delta import scaled_A
@@ -58,21 +65,35 @@ def add_delta_(weight32: torch.Tensor, source: DeltaSource, key: str, alpha: flo
         adapter = source.adapter
         layer = adapter.layers[key]
         bases = adapter.bases(weight32.device)
-        if kernel == "triton" or (kernel == "auto" and weight32.is_cuda):
+        scale = alpha * adapter.header.scaling
+        if precision == "fp32" and (kernel == "triton" or (kernel == "auto" and weight32.is_cuda)):
             from .kernels.merge_triton import merge_layer_triton_
 
-            merge_layer_triton_(weight32, layer, adapter.lambdas[key], adapter.gammas[key], bases.A, bases.B,
-                                alpha * adapter.header.scaling)
+            merge_layer_triton_(weight32, layer, adapter.lambdas[key], adapter.gammas[key], bases.A, bases.B, scale)
             return
         A, B = bases.for_layer(layer.min_dim, layer.max_dim, layer.num_bases)
         lam, gam = adapter.lambdas[key].to(weight32.device), adapter.gammas[key].to(weight32.device)
-        out = None if workspace is None else workspace.take("S", (*lam.shape, A.shape[1]), torch.float32, A.device)
-        S = scaled_A(lam, A, gam, out=out)
+        workspace = workspace or Workspace()
+        S = scaled_A(lam, A, gam, out=workspace.take("S", (*lam.shape, A.shape[1]), torch.float32, A.device))
         stored_is_md = (layer.in_features == layer.min_dim) != layer.fan_in_fan_out
         target = weight32 if stored_is_md else weight32.T
-        target.addmm_(B, S, alpha=alpha * adapter.header.scaling)
+        if precision == "fp32":
+            target.addmm_(B, S, alpha=scale)
+            return
+        _addmm_bf16_(target, B, S, scale, workspace)
     else:
         weight32.add_(source.delta(key, weight32.device), alpha=alpha)
+
+
+def _addmm_bf16_(target: torch.Tensor, B: torch.Tensor, S: torch.Tensor, scale: float, workspace: Workspace) -> None:
+    """``target (M, D) fp32 += scale · bf16(bf16(B) @ bf16(S))``, in blocks of rows: one GEMM shape per layer
+    and small bf16 copies of B and ΔW (bounded memory, including oneDNN's per-shape scratch)."""
+    S16 = S.to(torch.bfloat16)
+    for start in range(0, B.shape[0], _BF16_ROWS):
+        rows = B[start: start + _BF16_ROWS]
+        rows16 = workspace.take("B16", rows.shape, torch.bfloat16, B.device).copy_(rows)
+        delta16 = workspace.take("delta16", (rows.shape[0], S.shape[1]), torch.bfloat16, B.device)
+        target[start: start + _BF16_ROWS].add_(torch.mm(rows16, S16, out=delta16), alpha=scale)
 
 
 def _open_sources(ckpt: Checkpoint, adapters: list[str | os.PathLike | DeltaSource]) -> list[DeltaSource]:
@@ -139,11 +160,14 @@ def merge(
     check_finite: bool = True,
     progress: bool = False,
     kernel: str = "auto",
+    precision: str = "fp32",
 ) -> MergeReport:
     """Merge ``adapters`` (each scaled by its weight, default 1.0) into the checkpoint ``base``, writing ``out``.
 
     ``kernel``: ``auto`` uses the Triton kernel for RandLoRA layers on CUDA and ``addmm_`` on CPU; ``triton`` or
     ``torch`` forces one (``triton`` on CPU needs ``TRITON_INTERPRET=1`` and is for testing).
+
+    ``precision``: ``fp32`` (default; the spec's numerics) or ``bf16`` (opt-in fast CPU path, see :func:`add_delta_`).
 
     ``subtract`` removes the same adapters (unmerge). BASE is only read; OUT appears only if everything succeeded.
     """
@@ -155,6 +179,8 @@ def merge(
     weights = list(weights) if weights else [1.0] * len(adapters)
     if len(weights) != len(adapters):
         raise SourceFormatError(f"got {len(weights)} --weight values for {len(adapters)} adapters")
+    if precision not in PRECISIONS:
+        raise SourceFormatError(f"--precision must be one of {', '.join(PRECISIONS)}")
     if dtype not in OUT_DTYPES:
         raise SourceFormatError(f"--dtype must be one of {', '.join(OUT_DTYPES)}")
     dev = resolve_device(device)
@@ -176,7 +202,7 @@ def merge(
                 if key not in plan:
                     return tensor
                 return _merge_one(tensor, key, [(sources[i], sign * weights[i]) for i in plan[key]], dev,
-                                  check_finite, report, kernel, workspace, out_dtype)
+                                  check_finite, report, kernel, workspace, out_dtype, precision)
 
             stream_rewrite(ckpt.shard_path(shard), ckpt.shards[shard], tmp / shard, transform, out_dtype, keys=plan)
             bar.update(ckpt.shard_path(shard).stat().st_size)
@@ -222,13 +248,13 @@ def all_finite(tensor: torch.Tensor) -> bool:
 
 def _merge_one(tensor: torch.Tensor, key: str, terms: list[tuple[DeltaSource, float]], dev: torch.device,
                check_finite: bool, report: MergeReport, kernel: str, workspace: Workspace,
-               out_dtype: torch.dtype | None) -> torch.Tensor:
+               out_dtype: torch.dtype | None, precision: str = "fp32") -> torch.Tensor:
     """W + Σ αᵢ·ΔWᵢ for one weight: float32 in ``workspace``, rounded once to ``out_dtype`` (default W's dtype).
     The result is a view of ``workspace``, valid until the call after next (``stream_rewrite``'s contract)."""
     w32 = workspace.take("w32", tensor.shape, torch.float32, dev)
     w32.copy_(tensor)
     for source, alpha in terms:
-        add_delta_(w32, source, key, alpha, kernel, workspace)
+        add_delta_(w32, source, key, alpha, kernel, workspace, precision)
     if check_finite and not all_finite(w32):
         raise NonFiniteError(f"merged weight {key!r} contains NaN or Inf (from {terms[0][0].path}); nothing was written")
     merged = workspace.take("out", tensor.shape, out_dtype or tensor.dtype, torch.device("cpu"), slots=2)

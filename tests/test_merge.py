@@ -277,3 +277,29 @@ def test_dtype_float32_keeps_the_unrounded_sum(tmp_path):
         assert not torch.equal(got[key], got[key].to(torch.bfloat16).float()), key  # not rounded through bf16
     assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype" if "dtype" in json.loads(
         (base / "config.json").read_text()) else "torch_dtype"] == "float32"
+
+
+def test_precision_bf16_is_within_a_bf16_rounding_of_the_exact_update(tmp_path):
+    """The opt-in bf16 GEMM: ΔW rounded at bf16 precision (like PEFT's bf16 merge), nothing worse; logits match PEFT."""
+    base = tmp_path / "base"
+    tiny_llama(dtype=torch.bfloat16).save_pretrained(base)
+    pm = peft_randlora(tiny_llama(dtype=torch.bfloat16), r=6, seed=4)
+    pm.save_pretrained(tmp_path / "peft")
+    ids = torch.randint(0, 90, (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want_logits = pm(input_ids=ids).logits
+    run_cli("convert", tmp_path / "peft", tmp_path / "a.safetensors", "--to", "randlora", "--base", base)
+    run_cli("merge", base, tmp_path / "a.safetensors", "--precision", "bf16", "--dtype", "float32",
+            "-o", tmp_path / "out")
+    adapter, base_state, got = read_adapter(tmp_path / "a.safetensors"), _load_state(base), _load_state(tmp_path / "out")
+    worst = 0.0
+    for key in adapter.layers:
+        delta = adapter.delta(key).double()
+        err = (got[key].double() - (base_state[key].double() + delta)).norm() / delta.norm()
+        worst = max(worst, float(err))
+    assert 0 < worst <= 2**-7, worst  # bf16-level, and not the exact fp32 result
+    from transformers import AutoModelForCausalLM
+
+    with torch.no_grad():
+        got_logits = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.bfloat16)(input_ids=ids).logits
+    assert torch.allclose(got_logits.float(), want_logits.float(), atol=5e-2, rtol=5e-2)

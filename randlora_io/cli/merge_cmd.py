@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ..merge import OUT_DTYPES, merge
+from ..merge import OUT_DTYPES, PRECISIONS, merge
 from .errors import handle_errors
 
 
@@ -21,17 +21,20 @@ def _options(func):
         click.option("--overwrite", is_flag=True, help="Replace an existing OUT."),
         click.option("--kernel", type=click.Choice(["auto", "triton", "torch"]), default="auto", show_default=True,
                      help="RandLoRA merge path: the Triton kernel (CUDA) or torch addmm (CPU)."),
+        click.option("--precision", type=click.Choice(list(PRECISIONS)), default="fp32", show_default=True,
+                     help="ΔW arithmetic: fp32 (exact to float32), or bf16 (a bf16 GEMM, about 2x faster on CPUs "
+                          "with bf16 units; ΔW rounded to bf16 as PEFT does)."),
     ]):
         func = option(func)
     return func
 
 
-def _run(base, adapters, out, weights, device, dtype, overwrite, kernel, subtract):
+def _run(base, adapters, out, weights, device, dtype, overwrite, kernel, precision, subtract):
     from ..hub import resolve_adapter_arg
 
     paths = [resolve_adapter_arg(a) for a in adapters]
     report = merge(base, paths, out, weights=list(weights) or None, device=device, dtype=dtype, overwrite=overwrite,
-                   subtract=subtract, progress=True, kernel=kernel)
+                   subtract=subtract, progress=True, kernel=kernel, precision=precision)
     verb = "unmerged" if subtract else "merged"
     click.echo(f"{out}: {verb} {len(adapters)} adapter(s) into {report.layers} weights across {report.shards} shard(s)")
     if report.unchanged:
@@ -43,17 +46,17 @@ def _run(base, adapters, out, weights, device, dtype, overwrite, kernel, subtrac
 @_options
 @click.option("--subtract", is_flag=True, help="Subtract the adapters instead (unmerge).")
 @handle_errors
-def merge_command(base, adapters, out, weights, device, dtype, overwrite, kernel, subtract):
+def merge_command(base, adapters, out, weights, device, dtype, overwrite, kernel, precision, subtract):
     """Merge ADAPTERs (randlora files, PEFT RandLoRA/LoRA dirs, dense deltas, hub:REPO[@rev]) into BASE."""
-    _run(base, adapters, out, weights, device, dtype, overwrite, kernel, subtract)
+    _run(base, adapters, out, weights, device, dtype, overwrite, kernel, precision, subtract)
 
 
 @click.command("unmerge")
 @_options
 @handle_errors
-def unmerge_command(base, adapters, out, weights, device, dtype, overwrite, kernel):
+def unmerge_command(base, adapters, out, weights, device, dtype, overwrite, kernel, precision):
     """Subtract ADAPTERs from BASE (the inverse of merge)."""
-    _run(base, adapters, out, weights, device, dtype, overwrite, kernel, True)
+    _run(base, adapters, out, weights, device, dtype, overwrite, kernel, precision, True)
 
 
 COMMANDS = [merge_command, unmerge_command]

@@ -1,10 +1,11 @@
-"""Rewrite one safetensors file tensor by tensor with bounded memory: the engine under ``merge``.
+"""Safetensors files written tensor by tensor with bounded memory: the engine under ``merge`` and dense output.
 
-Only the tensors a caller may change are read into memory, one at a time, into one reused buffer; every other tensor
-is copied byte for byte (inside the kernel where the OS allows it, else in fixed-size chunks). Output bytes are written
-straight from the result tensor's memory, with no intermediate ``bytes`` copy, by a background thread, so reading,
-computing and writing overlap. The output header is computed before any data is written. Peak memory: about four
-copies of the largest changed tensor (two inputs, two results in flight), independent of shard size.
+``stream_rewrite`` rewrites one file: only the tensors a caller may change are read into memory, one at a time, into
+two alternating buffers; every other tensor is copied byte for byte (by the kernel, or through the writer's staging
+buffer). ``stream_write`` writes a new file from tensors produced one at a time. In both, output bytes go straight
+from the tensor's memory to a ``SequentialWriter`` (O_DIRECT where possible) on a background thread, so reading,
+computing and writing overlap. Headers are computed before any data is written. Peak memory: about four copies of
+the largest changed tensor (two inputs, two results in flight), independent of the file's size.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ if the file system refuses an aligned write, the writer continues with plain buf
 from __future__ import annotations
 
 import errno
+import functools
 import mmap
 import os
 
@@ -59,6 +60,22 @@ def copy_range(fd_in: int, fd_out: int, offset: int, size: int, truncated: str) 
         done += len(view)
 
 
+def _names_the_file(method):
+    """Re-raise an OSError from the descriptor-level calls (which carry no file name) with the writer's path, so the
+    CLI's one line says which file could not be written (e.g. a full disk)."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except OSError as exc:
+            if exc.filename is not None:
+                raise
+            raise OSError(exc.errno, f"cannot write ({exc.strerror or exc})", self.path) from None
+
+    return wrapper
+
+
 def direct_io_wanted() -> bool:
     """O_DIRECT is tried unless the platform lacks it or ``RANDLORA_IO_DIRECT=0``."""
     return hasattr(os, "O_DIRECT") and os.environ.get("RANDLORA_IO_DIRECT", "1") != "0"
@@ -94,6 +111,7 @@ class SequentialWriter:
         """Whether bytes still go through the O_DIRECT staging buffer."""
         return self._stage is not None
 
+    @_names_the_file
     def write(self, data: memoryview | bytes) -> None:
         """Append ``data``."""
         data = memoryview(data).cast("B")
@@ -106,6 +124,7 @@ class SequentialWriter:
             write_all(self._fd, data)
             self.size += len(data)
 
+    @_names_the_file
     def copy_from(self, fd_in: int, offset: int, size: int, truncated: str) -> None:
         """Append ``size`` bytes of the file ``fd_in`` starting at ``offset`` (read straight into the staging buffer
         when direct, else copied by the kernel)."""
@@ -118,6 +137,7 @@ class SequentialWriter:
             copy_range(fd_in, self._fd, offset, size, truncated)
             self.size += size
 
+    @_names_the_file
     def close(self) -> None:
         """Flush the staged tail (padded to BLOCK, then the file is truncated to its true length) and close."""
         if self._fd < 0:

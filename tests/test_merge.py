@@ -303,3 +303,28 @@ def test_precision_bf16_is_within_a_bf16_rounding_of_the_exact_update(tmp_path):
     with torch.no_grad():
         got_logits = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.bfloat16)(input_ids=ids).logits
     assert torch.allclose(got_logits.float(), want_logits.float(), atol=5e-2, rtol=5e-2)
+
+
+def test_full_disk_mid_write(tmp_path, setup, monkeypatch):
+    """ENOSPC while a shard is being written: one line naming the file, OUT absent, no temp dir left, BASE intact."""
+    import errno
+    import os
+
+    base, adapter = setup
+    digest = _digest(base)
+    real_write, calls = os.write, []
+
+    def write(fd, data):
+        calls.append(len(data))
+        if len(calls) == 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", write)
+    monkeypatch.delattr(os, "copy_file_range", raising=False)  # every byte goes through os.write
+    result = run_cli("merge", base, adapter, "-o", tmp_path / "out", check=False)
+    assert_one_line_error(result, "No space left on device")
+    assert ".safetensors" in result.stderr
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+    assert _digest(base) == digest

@@ -1,5 +1,5 @@
-"""The Triton merge kernel under TRITON_INTERPRET=1 (set in conftest when there is no CUDA) against its torch
-reference, and its in-kernel Philox against the numpy generator, bit for bit.
+"""The Triton merge kernel against its torch reference, and its in-kernel Philox against the numpy generator, bit for
+bit: on CUDA when a GPU is present, else under TRITON_INTERPRET=1 on CPU tensors (set in conftest).
 
 Tolerances: fp32 W — the kernel and the reference sum the same fp32 products in another order: ≤ 1e-5 relative to
 the update's scale. bf16 W — both add in fp32 and round once, so they may differ only where the fp32 sums straddle a
@@ -17,7 +17,7 @@ from randlora_io.kernels.merge_triton import merge_layer_reference_, merge_layer
 from randlora_io.philox import MATRIX_A, MATRIX_B
 from randlora_io.spec import SPARSE_THRESHOLD, GeneratorSpec, LayerSpec, very_sparse_threshold
 
-pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter tests run on CPU-only machines")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def philox(kind: str, seed: int = 2**40 + 7) -> GeneratorSpec:
@@ -30,7 +30,7 @@ def philox(kind: str, seed: int = 2**40 + 7) -> GeneratorSpec:
 def test_in_kernel_philox_equals_the_numpy_generator_bitwise(kind, matrix):
     gen = philox(kind, seed=2**63 + 12345)
     rows, cols = slice(3, 40), slice(5, 62)   # an offset, odd-sized block: counters and word selection both move
-    ours = philox_block_triton(gen, matrix, rows, cols).numpy()
+    ours = philox_block_triton(gen, matrix, rows, cols, device=DEVICE).cpu().numpy()
     expected = philox_block_numpy(gen, matrix, rows, cols)
     assert ours.dtype == expected.dtype and np.array_equal(ours.view(np.uint32), expected.view(np.uint32))
 
@@ -56,7 +56,7 @@ def test_kernel_equals_the_reference(shape, fan, dtype, bases_from):
     layer = LayerSpec(key="w", shape=shape, fan_in_fan_out=fan, num_bases=n, dtype="float32")
     g = torch.Generator().manual_seed(D * M)
     lam, gam = torch.randn(r, n, generator=g), torch.randn(n, D, generator=g)
-    W = torch.randn(shape, generator=g).to(dtype)
+    W = torch.randn(shape, generator=g).to(DEVICE, dtype)
     ours, ref = W.clone(), W.clone()
     in_kernel = bases_from.endswith("in-kernel")
     merge_layer_triton_(ours, layer, lam, gam, bases.A, None if in_kernel else bases.B, 0.3, gen,
@@ -92,7 +92,7 @@ def test_merge_with_the_kernel_equals_the_torch_path(llama_dir, tmp_path):
     peft_dir = tmp_path / "peft"
     peft_randlora(tiny_llama(), r=4, seed=1).save_pretrained(peft_dir)
     run_cli("merge", llama_dir, peft_dir, "-o", tmp_path / "torch", "--kernel", "torch", "--device", "cpu")
-    run_cli("merge", llama_dir, peft_dir, "-o", tmp_path / "triton", "--kernel", "triton", "--device", "cpu")
+    run_cli("merge", llama_dir, peft_dir, "-o", tmp_path / "triton", "--kernel", "triton", "--device", DEVICE)
     a, b = load_file(tmp_path / "torch" / "model.safetensors"), load_file(tmp_path / "triton" / "model.safetensors")
     base = load_file(llama_dir / "model.safetensors")
     for key in a:

@@ -194,15 +194,14 @@ def merge(
     report = MergeReport(layers=len(plan), shards=len(ckpt.shards))
     out_dtype = OUT_DTYPES[dtype]
     bar = progress_bar(progress, total=ckpt.total_bytes(), unit="B", unit_scale=True, desc="merge")
-    workspace = Workspace()
+    merge_one = _LayerMerger(dev, kernel, precision, check_finite, out_dtype, report)
     with atomic_directory(out_p, overwrite=overwrite) as tmp:
         _copy_side_files(ckpt, tmp, out_dtype)
         for shard in ckpt.shards:
             def transform(key: str, tensor: torch.Tensor) -> torch.Tensor:
-                if key not in plan:
+                if key not in plan:  # only cast (--dtype): stream_rewrite does it
                     return tensor
-                return _merge_one(tensor, key, [(sources[i], sign * weights[i]) for i in plan[key]], dev,
-                                  check_finite, report, kernel, workspace, out_dtype, precision)
+                return merge_one(tensor, key, [(sources[i], sign * weights[i]) for i in plan[key]])
 
             stream_rewrite(ckpt.shard_path(shard), ckpt.shards[shard], tmp / shard, transform, out_dtype, keys=plan)
             bar.update(ckpt.shard_path(shard).stat().st_size)
@@ -246,25 +245,37 @@ def all_finite(tensor: torch.Tensor) -> bool:
     return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
 
 
-def _merge_one(tensor: torch.Tensor, key: str, terms: list[tuple[DeltaSource, float]], dev: torch.device,
-               check_finite: bool, report: MergeReport, kernel: str, workspace: Workspace,
-               out_dtype: torch.dtype | None, precision: str = "fp32") -> torch.Tensor:
-    """W + Σ αᵢ·ΔWᵢ for one weight: float32 in ``workspace``, rounded once to ``out_dtype`` (default W's dtype).
-    The result is a view of ``workspace``, valid until the call after next (``stream_rewrite``'s contract)."""
-    w32 = workspace.take("w32", tensor.shape, torch.float32, dev)
-    w32.copy_(tensor)
-    for source, alpha in terms:
-        add_delta_(w32, source, key, alpha, kernel, workspace, precision)
-    if check_finite and not all_finite(w32):
-        raise NonFiniteError(f"merged weight {key!r} contains NaN or Inf (from {terms[0][0].path}); nothing was written")
-    merged = workspace.take("out", tensor.shape, out_dtype or tensor.dtype, torch.device("cpu"), slots=2)
-    merged.copy_(w32)
-    if check_finite and merged.dtype == torch.float16 and not all_finite(merged):
-        raise NonFiniteError(f"merged weight {key!r} overflows float16; merge to bfloat16 or float32 instead "
-                             "(--dtype); nothing was written")
-    if torch.equal(merged, tensor if tensor.dtype == merged.dtype else tensor.to(merged.dtype)):
-        report.unchanged.append(key)
-    return merged
+@dataclass
+class _LayerMerger:
+    """How each targeted weight is merged (device, kernel, precision, checks, output dtype) and the buffers reused
+    from one weight to the next."""
+
+    device: torch.device
+    kernel: str
+    precision: str
+    check_finite: bool
+    out_dtype: torch.dtype | None
+    report: MergeReport
+    workspace: Workspace = field(default_factory=Workspace)
+
+    def __call__(self, tensor: torch.Tensor, key: str, terms: list[tuple[DeltaSource, float]]) -> torch.Tensor:
+        """W + Σ αᵢ·ΔWᵢ for one weight: float32 in the workspace, rounded once to ``out_dtype`` (default W's dtype).
+        The result is a view of the workspace, valid until the call after next (``stream_rewrite``'s contract)."""
+        w32 = self.workspace.take("w32", tensor.shape, torch.float32, self.device)
+        w32.copy_(tensor)
+        for source, alpha in terms:
+            add_delta_(w32, source, key, alpha, self.kernel, self.workspace, self.precision)
+        if self.check_finite and not all_finite(w32):
+            raise NonFiniteError(f"merged weight {key!r} contains NaN or Inf (from {terms[0][0].path}); "
+                                 "nothing was written")
+        merged = self.workspace.take("out", tensor.shape, self.out_dtype or tensor.dtype, torch.device("cpu"), slots=2)
+        merged.copy_(w32)
+        if self.check_finite and merged.dtype == torch.float16 and not all_finite(merged):
+            raise NonFiniteError(f"merged weight {key!r} overflows float16; merge to bfloat16 or float32 instead "
+                                 "(--dtype); nothing was written")
+        if torch.equal(merged, tensor if tensor.dtype == merged.dtype else tensor.to(merged.dtype)):
+            self.report.unchanged.append(key)
+        return merged
 
 
 def _copy_side_files(ckpt: Checkpoint, dst: Path, out_dtype: torch.dtype | None) -> None:

@@ -203,6 +203,7 @@ def atomic_directory(dst: str | os.PathLike, overwrite: bool = False) -> Iterato
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent))
     try:
         yield tmp
+        _fsync_dir(tmp)  # the entries of the new dir are durable before it is renamed into place
         if dst.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".old", dir=dst.parent))
             os.replace(dst, old / "x")
@@ -210,9 +211,24 @@ def atomic_directory(dst: str | os.PathLike, overwrite: bool = False) -> Iterato
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, dst)
+        _fsync_dir(dst.parent)  # and so is the rename
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    """Flush a directory's entries to disk where the platform and file system allow it (best effort)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def save_safetensors(tensors: dict[str, torch.Tensor], dst: str | os.PathLike, metadata: dict[str, str]) -> None:

@@ -139,7 +139,9 @@ class SequentialWriter:
 
     @_names_the_file
     def close(self) -> None:
-        """Flush the staged tail (padded to BLOCK, then the file is truncated to its true length) and close."""
+        """Flush the staged tail (padded to BLOCK, then the file is truncated to its true length), make the file
+        durable (``fsync``: the caller renames it into place next, and a crash must not leave a renamed file whose
+        data never reached the disk), and close."""
         if self._fd < 0:
             return
         try:
@@ -148,6 +150,7 @@ class SequentialWriter:
                 self._stage[self._fill: self._fill + pad] = bytes(pad)
                 self._flush(self._fill + pad)
                 os.ftruncate(self._fd, self.size)
+            os.fsync(self._fd)
         finally:
             self._close_fd()
 

@@ -15,7 +15,7 @@ import re
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import unquote, urlsplit
 
 
 def git_blob_sha1(data: bytes) -> str:
@@ -188,8 +188,7 @@ def _handler_for(hub: FakeHub):
             return self._error(404, None, f"no route for POST {path}")
 
         def do_GET(self, head: bool = False) -> None:
-            split = urlsplit(self.path)
-            path, query = split.path, parse_qs(split.query)
+            path = urlsplit(self.path).path
             hub.requests.append(f"{'HEAD' if head else 'GET'} {path}")
             if self._authorised(write=False, head=head) is False:
                 return None
@@ -203,8 +202,7 @@ def _handler_for(hub: FakeHub):
                 if verb == "revision":
                     return self._json(200, {"id": repo_id, "modelId": repo_id, "sha": sha, "private": repo.private,
                                             "siblings": [{"rfilename": p} for p in sorted(files)]}, head=head)
-                if verb == "tree":
-                    del query  # recursive listing is the only one used; folders are not modelled
+                if verb == "tree":  # the recursive listing is the only one used; folders are not modelled
                     return self._json(200, [{"type": "file", "path": p, "size": len(d), "oid": git_blob_sha1(d)}
                                             for p, d in sorted(files.items())], head=head)
             m = _RESOLVE.match(path)

@@ -5,12 +5,17 @@ Run: python bench/bench_basis.py
 
 from __future__ import annotations
 
+import sys
 import time
+from pathlib import Path
 
 import torch
 
 from randlora_io.basis import generate_bases
 from randlora_io.spec import GeneratorSpec, num_bases
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import machine_line  # noqa: E402
 
 
 def timed(fn, repeats: int = 3) -> float:
@@ -23,7 +28,7 @@ def timed(fn, repeats: int = 3) -> float:
 
 
 def main() -> None:
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(machine_line())
     print(f"{'shape (r, min_dim, max_dim)':<30} {'generator':<22} {'MB':>8} {'s':>8} {'GB/s':>8} {'vs torch.rand':>14}")
     for r, min_dim, max_dim in [(32, 2048, 5632), (32, 4096, 11008)]:
         numel = r * min_dim + max_dim * num_bases(min_dim, r) * r

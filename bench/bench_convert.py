@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import LLAMA_TARGETS as TARGETS  # noqa: E402
-from common import bench_args, report_self, run_worker, workdir  # noqa: E402
+from common import bench_args, machine_line, report_self, run_worker, workdir  # noqa: E402
 
 
 def llama_config(layers: int):
@@ -75,6 +75,7 @@ def main() -> None:
     if args.worker:
         return worker(args.worker, Path(args.workdir), args.layers)
     with workdir(args.workdir, "bench-convert-") as work:
+        print(machine_line())
         build(work, args.layers, args.rank)
         common = ("--workdir", str(work), "--layers", str(args.layers))
         rows = [("PEFT load + save (reference)", run_worker(__file__, "peft_load_save", *common)),

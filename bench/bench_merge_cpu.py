@@ -3,12 +3,15 @@ save_pretrained), each in its own process, on a Llama-shaped bf16 checkpoint (�
 Prints wall time and peak RSS of each and their ratios, for the default (fp32 ΔW) merge and the opt-in
 ``--precision bf16`` one. Goal: ≥ 2x PEFT's speed at ≤ 1/3 of its peak RSS.
 
-Run: python bench/bench_merge_cpu.py [--hidden 2048 --intermediate 5632 --layers 12 --rank 32 --workdir DIR]
+Run: python bench/bench_merge_cpu.py [--hidden 2048 --intermediate 5632 --layers 12 --rank 32 --repeat N
+     --workdir DIR]
 """
 
 from __future__ import annotations
 
 import json
+import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -16,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import LLAMA_TARGETS as TARGETS  # noqa: E402
-from common import bench_args, report_self, run_worker, workdir  # noqa: E402
+from common import bench_args, machine_line, report_self, run_worker, workdir  # noqa: E402
 
 
 def build(work: Path, hidden: int, intermediate: int, layers: int, rank: int, shard_mb: int) -> None:
@@ -83,8 +86,9 @@ def build(work: Path, hidden: int, intermediate: int, layers: int, rank: int, sh
 def worker(kind: str, work: Path) -> None:
     import torch
 
-    start = time.perf_counter()
     out = work / f"out-{kind}"
+    shutil.rmtree(out, ignore_errors=True)  # an earlier run's output (--repeat); not timed
+    start = time.perf_counter()
     if kind in ("ours", "ours_bf16"):
         from randlora_io.merge import merge
 
@@ -100,8 +104,12 @@ def worker(kind: str, work: Path) -> None:
     report_self(inner_s=time.perf_counter() - start)
 
 
+SIDES = (("ours", "randlora-io merge (fp32 ΔW, default)"), ("peft", "PEFT merge_and_unload"),
+         ("ours_bf16", "randlora-io merge --precision bf16"))
+
+
 def main() -> None:
-    args = bench_args(hidden=2048, intermediate=5632, layers=12, rank=32, shard_mb=400)
+    args = bench_args(hidden=2048, intermediate=5632, layers=12, rank=32, shard_mb=400, repeat=1)
     if args.worker == "build":
         return build(Path(args.workdir), args.hidden, args.intermediate, args.layers, args.rank, args.shard_mb)
     if args.worker:
@@ -110,19 +118,27 @@ def main() -> None:
         build_cmd = ["--workdir", str(work), "--hidden", str(args.hidden), "--intermediate", str(args.intermediate),
                      "--layers", str(args.layers), "--rank", str(args.rank), "--shard-mb", str(args.shard_mb)]
         subprocess.run([sys.executable, __file__, "--worker", "build", *build_cmd], check=True)  # own process
-        import torch
-
-        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-        ours = run_worker(__file__, "ours", "--workdir", str(work))
-        peft = run_worker(__file__, "peft", "--workdir", str(work))
-        fast = run_worker(__file__, "ours_bf16", "--workdir", str(work))
-        rows = (("randlora-io merge (fp32 ΔW, default)", ours), ("PEFT merge_and_unload", peft),
-                ("randlora-io merge --precision bf16", fast))
-        for name, r in rows:
-            print(f"{name:<38} wall {r['wall_s']:7.1f} s   peak RSS {r['peak_rss_mib']:7.0f} MiB")
-        for name, r in (rows[0], rows[2]):
-            print(f"{name:<38} speed-up vs PEFT: {peft['wall_s'] / r['wall_s']:.2f}x   "
-                  f"peak RSS ratio (ours/PEFT): {r['peak_rss_mib'] / peft['peak_rss_mib']:.2f}")
+        print(machine_line())
+        ratios: dict[str, list[tuple[float, float]]] = {"ours": [], "ours_bf16": []}
+        for run in range(1, args.repeat + 1):  # the sides alternate, so drift of the machine hits all of them
+            if args.repeat > 1:
+                print(f"run {run}/{args.repeat}")
+            results = {kind: run_worker(__file__, kind, "--workdir", str(work)) for kind, _ in SIDES}
+            for kind, name in SIDES:
+                r = results[kind]
+                print(f"{name:<38} wall {r['wall_s']:7.1f} s   peak RSS {r['peak_rss_mib']:7.0f} MiB")
+            peft = results["peft"]
+            for kind, name in (SIDES[0], SIDES[2]):
+                r = results[kind]
+                ratios[kind].append((peft["wall_s"] / r["wall_s"], r["peak_rss_mib"] / peft["peak_rss_mib"]))
+                print(f"{name:<38} speed-up vs PEFT: {ratios[kind][-1][0]:.2f}x   "
+                      f"peak RSS ratio (ours/PEFT): {ratios[kind][-1][1]:.2f}")
+        if args.repeat > 1:
+            print(f"over {args.repeat} runs (min / median / max):")
+            for kind, name in (SIDES[0], SIDES[2]):
+                speed, rss = (sorted(column) for column in zip(*ratios[kind]))
+                print(f"{name:<38} speed-up vs PEFT {speed[0]:.2f} / {statistics.median(speed):.2f} / "
+                      f"{speed[-1]:.2f}x   peak RSS ratio {rss[0]:.2f} / {statistics.median(rss):.2f} / {rss[-1]:.2f}")
 
 
 if __name__ == "__main__":

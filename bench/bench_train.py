@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import report_self, run_worker  # noqa: E402
+from common import machine_line, report_self, run_worker  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -192,6 +192,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
+    print(machine_line())
     if args.part != "2":
         part1(args)
     if args.part != "1":

@@ -45,6 +45,26 @@ def run_worker(script: str, *args: str) -> dict:
     return result
 
 
+def machine_line() -> str:
+    """One line naming the CPU model, its core count, torch's version and thread count: timings move with the
+    machine (the project's CI machines are not all the same CPU), so every bench output says where it ran."""
+    import os
+    import platform
+
+    import torch
+
+    model = platform.processor() or "unknown CPU"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (f"cpu: {model}, {os.cpu_count()} cores; torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads")
+
+
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 

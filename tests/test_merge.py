@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 
 import pytest
 import torch
@@ -226,6 +227,42 @@ def test_existing_out_and_truncated_shard(tmp_path, setup):
     shard = base / "model.safetensors"
     shard.write_bytes(shard.read_bytes()[:-64])
     _merge_fails(tmp_path, base, adapter, "truncated")
+
+
+def test_missing_layer_and_unreadable_or_garbage_shard(tmp_path, setup, monkeypatch):
+    """A base lacking one adapted weight, a shard that cannot be opened, a shard of random bytes: one line each."""
+    import builtins
+    import os
+
+    from safetensors.torch import save_file
+
+    base, adapter = setup
+    key = next(iter(read_adapter(adapter).layers))
+    lacking = tmp_path / "lacking"
+    shutil.copytree(base, lacking)
+    state = _load_state(base)
+    del state[key]
+    save_file(state, str(lacking / "model.safetensors"), metadata={"format": "pt"})
+    _merge_fails(tmp_path, lacking, adapter, "does not have", key)
+
+    shard = str(base / "model.safetensors")
+    real_open, real_os_open = builtins.open, os.open
+
+    def refuse(opener):
+        def guarded(path, *args, **kwargs):
+            if os.fspath(path) == shard:
+                raise PermissionError(13, "Permission denied", shard)
+            return opener(path, *args, **kwargs)
+        return guarded
+
+    with monkeypatch.context() as patched:  # as root chmod 000 would not stop a read: refuse the opens instead
+        patched.setattr(builtins, "open", refuse(real_open))
+        patched.setattr(os, "open", refuse(real_os_open))
+        _merge_fails(tmp_path, base, adapter, "model.safetensors", "cannot read", "permission denied")
+    garbage = tmp_path / "garbage"
+    shutil.copytree(base, garbage)
+    (garbage / "model.safetensors").write_bytes(os.urandom(4096))
+    _merge_fails(tmp_path, garbage, adapter, "model.safetensors", "not a valid safetensors file")
 
 
 def test_bad_index_files(tmp_path, setup):

@@ -193,9 +193,9 @@ def merge(
     sign = -1.0 if subtract else 1.0
     report = MergeReport(layers=len(plan), shards=len(ckpt.shards))
     out_dtype = OUT_DTYPES[dtype]
-    bar = progress_bar(progress, total=ckpt.total_bytes(), unit="B", unit_scale=True, desc="merge")
     merge_one = _LayerMerger(dev, kernel, precision, check_finite, out_dtype, report)
-    with atomic_directory(out_p, overwrite=overwrite) as tmp:
+    bar = progress_bar(progress, total=ckpt.total_bytes(), unit="B", unit_scale=True, desc="merge")
+    with bar, atomic_directory(out_p, overwrite=overwrite) as tmp:
         _copy_side_files(ckpt, tmp, out_dtype)
         for shard in ckpt.shards:
             def transform(key: str, tensor: torch.Tensor) -> torch.Tensor:
@@ -203,8 +203,8 @@ def merge(
                     return tensor
                 return merge_one(tensor, key, [(sources[i], sign * weights[i]) for i in plan[key]])
 
-            stream_rewrite(ckpt.shard_path(shard), ckpt.shards[shard], tmp / shard, transform, out_dtype, keys=plan)
-            bar.update(ckpt.shard_path(shard).stat().st_size)
+            stream_rewrite(ckpt.shard_path(shard), ckpt.shards[shard], tmp / shard, transform, out_dtype, keys=plan,
+                           progress=bar.update)
         if ckpt.index is not None:
             index = dict(ckpt.index)
             if out_dtype is not None:
@@ -212,7 +212,6 @@ def merge(
                                      "total_size": sum((tmp / s).stat().st_size for s in ckpt.shards)}
             (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
         report.bytes_out = sum(p.stat().st_size for p in tmp.iterdir() if p.is_file())
-    bar.close()
     return report
 
 

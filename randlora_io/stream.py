@@ -32,12 +32,14 @@ Transform = Callable[[str, torch.Tensor], torch.Tensor]
 
 
 def stream_rewrite(src: str | os.PathLike, header: SafetensorsHeader, dst: str | os.PathLike, transform: Transform,
-                   out_dtype: torch.dtype | None = None, keys: Collection[str] | None = None) -> None:
+                   out_dtype: torch.dtype | None = None, keys: Collection[str] | None = None,
+                   progress: Callable[[int], None] | None = None) -> None:
     """Write ``dst`` with the tensors of ``src`` (whose validated header is ``header``) in the same order.
 
     ``keys``: the tensors ``transform(key, tensor) -> tensor`` may change (same shape; ``None`` = all); the others
     are copied byte for byte. ``out_dtype`` casts floating tensors. ``dst`` should be a temp path: on error it is
-    left half written for the caller to remove.
+    left half written for the caller to remove. ``progress(n)`` is called as each part of ``src`` (its header, then
+    each tensor) has been handled, with that part's size in bytes: the calls add up to the size of ``src``.
 
     I/O overlaps compute: one background thread reads the next changed tensor ahead and writes results and copies
     behind, in file order, while ``transform`` runs. Contract for ``transform``: the tensor it receives lives in a
@@ -65,15 +67,18 @@ def stream_rewrite(src: str | os.PathLike, header: SafetensorsHeader, dst: str |
             dtype = TORCH_DTYPE_OF[info.dtype]
             return torch.frombuffer(view, dtype=dtype).reshape(info.shape) if size else torch.empty(info.shape, dtype=dtype)
 
+        advance = progress or (lambda nbytes: None)
         pending: list[Future] = [io.submit(out.write, raw)]
         reads = {0: io.submit(read, 0)} if changed else {}
         try:
+            advance(header.data_offset)
             j = 0
             for key in order:
+                info = header.tensors[key]
                 if j >= len(changed) or changed[j] != key:
-                    info = header.tensors[key]
                     pending.append(io.submit(out.copy_from, fd_in, header.data_offset + info.begin,
                                              info.end - info.begin, f"{src}: truncated while reading {key!r}"))
+                    advance(info.end - info.begin)
                     continue
                 tensor = reads.pop(j).result()
                 if j + 1 < len(changed):  # queued after the write that last used its buffer
@@ -86,6 +91,7 @@ def stream_rewrite(src: str | os.PathLike, header: SafetensorsHeader, dst: str |
                 pending.append(io.submit(write_tensor, out, result))
                 del tensor, result
                 pending = _raise_finished(pending)
+                advance(info.end - info.begin)
                 j += 1
             for f in pending:
                 f.result()

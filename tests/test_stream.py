@@ -116,8 +116,11 @@ def test_stream_rewrite_transforms_only_the_given_keys(tmp_path, monkeypatch, di
         return out
 
     keys = {"a.weight", "c.weight", "d.weight", "empty"}
-    stream_rewrite(path, read_header(path), tmp_path / "out.safetensors", transform, keys=keys)
+    progress = []
+    stream_rewrite(path, read_header(path), tmp_path / "out.safetensors", transform, keys=keys,
+                   progress=progress.append)
     assert path.read_bytes() == before
+    assert sum(progress) == len(before) and len(progress) == 1 + len(tensors)  # header, then tensor by tensor
     got = load_file(str(tmp_path / "out.safetensors"))
     assert list(got) == list(load_file(str(path)))
     for key, tensor in tensors.items():

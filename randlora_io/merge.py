@@ -12,7 +12,6 @@ adds in that dtype (two roundings for bf16); we add in float32 and round once, s
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 from collections.abc import Mapping
@@ -23,7 +22,8 @@ import torch
 
 from .adapter import RandloraAdapter
 from .checkpoint import INDEX_FILE, Checkpoint, open_checkpoint
-from .errors import BaseModelMismatchError, NonFiniteError, OutputExistsError, SourceFormatError
+from .errors import BaseModelMismatchError, OutputExistsError, SourceFormatError
+from .merge_layer import PRECISIONS, LayerMerger, add_delta_
 from .progress import progress_bar
 from .safetensors_io import atomic_directory
 from .sources import DeltaSource, RandloraSource, open_source
@@ -41,59 +41,6 @@ class MergeReport:
     shards: int = 0
     unchanged: list[str] = field(default_factory=list)
     bytes_out: int = 0
-
-
-PRECISIONS = ("fp32", "bf16")
-_BF16_ROWS = 1024  # rows of ΔW per bf16 GEMM: bounds the ΔW buffer and oneDNN's per-shape scratch memory
-
-
-def add_delta_(weight32: torch.Tensor, source: DeltaSource, key: str, alpha: float, kernel: str = "auto",
-               workspace: Workspace | None = None, precision: str = "fp32") -> None:
-    """``weight32 += alpha · ΔW[key]`` in place (float32, stored orientation); ``workspace`` holds S between calls.
-
-    RandLoRA sources take a fast path: on CUDA (``kernel`` auto or triton) the Triton kernel
-    (``randlora_io.kernels.merge_triton``) adds the tile-wise product into W in place; otherwise one ``addmm_`` of
-    the prebuilt shared bases B (M, r·n) with S = λ ⊗ A ⊗ γ (r·n, D), straight into the weight (or its transposed
-    view). No ΔW is materialised. Their oracle is :func:`randlora_io.delta.reference_delta`.
-
-    ``precision="bf16"`` (opt-in, any device, torch path): B and S rounded to bf16, one bf16 GEMM with fp32
-    accumulation, ΔW rounded to bf16 (as PEFT does for bf16 models), then added in float32. Error ≈ 2⁻⁸ of |ΔW|.
-    """
-    if isinstance(source, RandloraSource):
-        from .delta import scaled_A
-
-        adapter = source.adapter
-        layer = adapter.layers[key]
-        bases = adapter.bases(weight32.device)
-        scale = alpha * adapter.header.scaling
-        if precision == "fp32" and (kernel == "triton" or (kernel == "auto" and weight32.is_cuda)):
-            from .kernels.merge_triton import merge_layer_triton_
-
-            merge_layer_triton_(weight32, layer, adapter.lambdas[key], adapter.gammas[key], bases.A, bases.B, scale)
-            return
-        A, B = bases.for_layer(layer.min_dim, layer.max_dim, layer.num_bases)
-        lam, gam = adapter.lambdas[key].to(weight32.device), adapter.gammas[key].to(weight32.device)
-        workspace = workspace or Workspace()
-        S = scaled_A(lam, A, gam, out=workspace.take("S", (*lam.shape, A.shape[1]), torch.float32, A.device))
-        stored_is_md = (layer.in_features == layer.min_dim) != layer.fan_in_fan_out
-        target = weight32 if stored_is_md else weight32.T
-        if precision == "fp32":
-            target.addmm_(B, S, alpha=scale)
-            return
-        _addmm_bf16_(target, B, S, scale, workspace)
-    else:
-        weight32.add_(source.delta(key, weight32.device), alpha=alpha)
-
-
-def _addmm_bf16_(target: torch.Tensor, B: torch.Tensor, S: torch.Tensor, scale: float, workspace: Workspace) -> None:
-    """``target (M, D) fp32 += scale · bf16(bf16(B) @ bf16(S))``, in blocks of rows: one GEMM shape per layer
-    and small bf16 copies of B and ΔW (bounded memory, including oneDNN's per-shape scratch)."""
-    S16 = S.to(torch.bfloat16)
-    for start in range(0, B.shape[0], _BF16_ROWS):
-        rows = B[start: start + _BF16_ROWS]
-        rows16 = workspace.take("B16", rows.shape, torch.bfloat16, B.device).copy_(rows)
-        delta16 = workspace.take("delta16", (rows.shape[0], S.shape[1]), torch.bfloat16, B.device)
-        target[start: start + _BF16_ROWS].add_(torch.mm(rows16, S16, out=delta16), alpha=scale)
 
 
 def _open_sources(ckpt: Checkpoint, adapters: list[str | os.PathLike | DeltaSource]) -> list[DeltaSource]:
@@ -193,7 +140,7 @@ def merge(
     sign = -1.0 if subtract else 1.0
     report = MergeReport(layers=len(plan), shards=len(ckpt.shards))
     out_dtype = OUT_DTYPES[dtype]
-    merge_one = _LayerMerger(dev, kernel, precision, check_finite, out_dtype, report)
+    merge_one = LayerMerger(dev, kernel, precision, check_finite, out_dtype, unchanged=report.unchanged)
     bar = progress_bar(progress, total=ckpt.total_bytes(), unit="B", unit_scale=True, desc="merge")
     with bar, atomic_directory(out_p, overwrite=overwrite) as tmp:
         _copy_side_files(ckpt, tmp, out_dtype)
@@ -213,68 +160,6 @@ def merge(
             (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
         report.bytes_out = sum(p.stat().st_size for p in tmp.iterdir() if p.is_file())
     return report
-
-
-class Workspace:
-    """Buffers reused from one weight to the next, grown to the largest seen, so each layer's float32 copy, its
-    scaled bases and its rounded result live in memory that is already mapped instead of fresh allocations faulted
-    in per layer. A name taken with ``slots=2`` alternates between two buffers (results still being written)."""
-
-    def __init__(self) -> None:
-        self._buffers: dict[tuple, torch.Tensor] = {}
-        self._turn: dict[str, int] = {}
-
-    def take(self, name: str, shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, device: torch.device,
-             slots: int = 1) -> torch.Tensor:
-        """An uninitialised tensor of ``shape`` and ``dtype`` on ``device``, valid until ``take(name)`` is called
-        ``slots`` more times."""
-        turn = self._turn[name] = (self._turn.get(name, -1) + 1) % slots
-        slot = (name, turn, dtype, device)
-        numel = math.prod(shape)
-        buf = self._buffers.get(slot)
-        if buf is None or buf.numel() < numel:
-            self._buffers.pop(slot, None)
-            buf = self._buffers[slot] = torch.empty(numel, dtype=dtype, device=device)
-        return buf[:numel].view(shape)
-
-
-def all_finite(tensor: torch.Tensor) -> bool:
-    """True when no element is NaN or ±Inf. A sum reads the tensor once at memory speed and is non-finite whenever
-    an element is; only then (or on overflow of the sum itself) is the elementwise check run."""
-    return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
-
-
-@dataclass
-class _LayerMerger:
-    """How each targeted weight is merged (device, kernel, precision, checks, output dtype) and the buffers reused
-    from one weight to the next."""
-
-    device: torch.device
-    kernel: str
-    precision: str
-    check_finite: bool
-    out_dtype: torch.dtype | None
-    report: MergeReport
-    workspace: Workspace = field(default_factory=Workspace)
-
-    def __call__(self, tensor: torch.Tensor, key: str, terms: list[tuple[DeltaSource, float]]) -> torch.Tensor:
-        """W + Σ αᵢ·ΔWᵢ for one weight: float32 in the workspace, rounded once to ``out_dtype`` (default W's dtype).
-        The result is a view of the workspace, valid until the call after next (``stream_rewrite``'s contract)."""
-        w32 = self.workspace.take("w32", tensor.shape, torch.float32, self.device)
-        w32.copy_(tensor)
-        for source, alpha in terms:
-            add_delta_(w32, source, key, alpha, self.kernel, self.workspace, self.precision)
-        if self.check_finite and not all_finite(w32):
-            raise NonFiniteError(f"merged weight {key!r} contains NaN or Inf (from {terms[0][0].path}); "
-                                 "nothing was written")
-        merged = self.workspace.take("out", tensor.shape, self.out_dtype or tensor.dtype, torch.device("cpu"), slots=2)
-        merged.copy_(w32)
-        if self.check_finite and merged.dtype == torch.float16 and not all_finite(merged):
-            raise NonFiniteError(f"merged weight {key!r} overflows float16; merge to bfloat16 or float32 instead "
-                                 "(--dtype); nothing was written")
-        if torch.equal(merged, tensor if tensor.dtype == merged.dtype else tensor.to(merged.dtype)):
-            self.report.unchanged.append(key)
-        return merged
 
 
 def _copy_side_files(ckpt: Checkpoint, dst: Path, out_dtype: torch.dtype | None) -> None:

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from .errors import SourceFormatError, UnsafeCheckpointError
-from .safetensors_io import SafetensorsHeader, TensorInfo, read_header
+import torch
+
+from .errors import BaseModelMismatchError, SourceFormatError, UnsafeCheckpointError
+from .safetensors_io import SafetensorsHeader, TensorInfo, load_tensors, read_header
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -46,6 +49,36 @@ class Checkpoint:
 
     def total_bytes(self) -> int:
         return sum(self.shard_path(s).stat().st_size for s in self.shards)
+
+
+def absent_weight_hint(key: str) -> str:
+    """Why a base may lack the weight ``key``, for the error that says so."""
+    if key.endswith("lm_head.weight"):
+        return (" (a tied lm_head has no weight of its own: it shares the input embeddings, which a merge into it "
+                "would change too; untie the base, saving it with tie_word_embeddings=false, or leave lm_head out "
+                "of the adapter)")
+    return " (another architecture?)"
+
+
+def check_base_copies(ckpt: Checkpoint, source: str, copies: Mapping[str, torch.Tensor]) -> None:
+    """PEFT saves a targeted embedding layer's own weight with the adapter and loads it over the base's: merging
+    into BASE is only what PEFT would do when BASE holds that very weight (not when the vocabulary was resized).
+    ``copies``: base key → the adapter's copy; ``source`` names the adapter in errors."""
+    for key, saved in copies.items():
+        if key not in ckpt.weight_map:
+            raise BaseModelMismatchError(f"{source}: carries a copy of base weight {key!r}, which the base at "
+                                         f"{ckpt.root} does not have{absent_weight_hint(key)}")
+        info = ckpt.info(key)
+        if tuple(info.shape) != tuple(saved.shape):
+            raise BaseModelMismatchError(
+                f"{source}: its saved copy of {key!r} is {list(saved.shape)} but the base weight is "
+                f"{list(info.shape)} (vocabulary resized in fine-tuning?); merge into the resized model instead")
+        base = load_tensors(ckpt.shard_path(ckpt.weight_map[key]), [key])[key]
+        if not torch.equal(base, saved.to(base.dtype)):
+            raise BaseModelMismatchError(
+                f"{source}: its saved copy of {key!r} differs from the base's (PEFT would load the adapter's "
+                "copy over it): this adapter was trained on another base or changed that layer; merge into the "
+                "matching base")
 
 
 def open_checkpoint(path: str | os.PathLike) -> Checkpoint:

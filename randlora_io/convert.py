@@ -16,7 +16,7 @@ import torch
 
 from .adapter import RandloraAdapter, build_adapter, peft_shared_dims, write_adapter
 from .basis import generate_bases
-from .checkpoint import open_checkpoint
+from .checkpoint import check_base_copies, open_checkpoint
 from .converters.dense import write_dense
 from .converters.peft_lora import lora_factors, write_peft_lora
 from .converters.peft_randlora import adapter_to_peft_randlora
@@ -143,6 +143,8 @@ def convert(
         ckpt = open_checkpoint(base)
         base_shapes = {k: ckpt.shape(k) for k in ckpt.weight_map}
     source = open_source(src_p, base_shapes=base_shapes, keep_bases=keep_bases)
+    if base is not None:  # no output format carries PEFT's copies of base weights: they must equal BASE's
+        check_base_copies(ckpt, str(src_p), source.base_copies)
 
     report = ConvertReport()
     if to in ("randlora", "peft-randlora"):

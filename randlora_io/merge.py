@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from .adapter import RandloraAdapter
-from .checkpoint import INDEX_FILE, Checkpoint, open_checkpoint
+from .checkpoint import INDEX_FILE, Checkpoint, absent_weight_hint, check_base_copies, open_checkpoint
 from .errors import BaseModelMismatchError, OutputExistsError, SourceFormatError
 from .merge_layer import PRECISIONS, LayerMerger, add_delta_
 from .progress import progress_bar
@@ -72,7 +72,7 @@ def plan_merge(ckpt: Checkpoint, sources: list[DeltaSource]) -> dict[str, list[i
         for key in source.keys():
             if key not in ckpt.weight_map:
                 raise BaseModelMismatchError(f"{source.path}: targets {key!r}, which the base at {ckpt.root} does "
-                                             "not have (another architecture?)")
+                                             f"not have{absent_weight_hint(key)}")
             info = ckpt.info(key)
             if tuple(info.shape) != tuple(source.stored_shape(key)):
                 raise BaseModelMismatchError(
@@ -83,6 +83,7 @@ def plan_merge(ckpt: Checkpoint, sources: list[DeltaSource]) -> dict[str, list[i
                 raise BaseModelMismatchError(f"{ckpt.root}: weight {key!r} is {info.dtype}; only F32, BF16 and F16 "
                                              "weights can be merged (dequantize first)")
             plan.setdefault(key, []).append(i)
+        check_base_copies(ckpt, source.path, source.base_copies)
     return plan
 
 
@@ -198,7 +199,8 @@ def merge_into_state_dict(
     out = dict(state_dict)
     for key in source.keys():
         if key not in out:
-            raise BaseModelMismatchError(f"{source.path}: targets {key!r}, which the state dict does not have")
+            raise BaseModelMismatchError(f"{source.path}: targets {key!r}, which the state dict does not have"
+                                         f"{absent_weight_hint(key)}")
         tensor = out[key]
         if tuple(tensor.shape) != tuple(source.stored_shape(key)):
             raise BaseModelMismatchError(f"{source.path}: {key!r} has shape {list(source.stored_shape(key))}, "

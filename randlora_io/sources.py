@@ -9,12 +9,13 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from types import MappingProxyType
 
 import torch
 
 from .adapter import RandloraAdapter, is_randlora_file, read_adapter
 from .converters.dense import is_dense_file, read_dense
-from .converters.peft_dir import is_peft_dir, read_peft_config
+from .converters.peft_dir import is_peft_dir, read_base_copies, read_peft_config
 from .converters.peft_lora import LoraLayer, read_peft_lora
 from .converters.peft_randlora import peft_randlora_to_adapter
 from .errors import SourceFormatError, UnsafeCheckpointError
@@ -27,6 +28,9 @@ class DeltaSource:
 
     kind: str
     path: str
+    # base checkpoint key → a copy of that base weight saved with the adapter (PEFT dirs targeting an embedding
+    # layer); a merge is only right when BASE holds the same weight
+    base_copies: Mapping[str, torch.Tensor] = MappingProxyType({})
 
     def keys(self) -> list[str]:
         raise NotImplementedError
@@ -149,7 +153,9 @@ def open_source(
     if kind == "dense":
         return DenseSource(read_dense(path), str(path))
     if kind == "peft-lora":
-        return LoraSource(read_peft_lora(path), str(path))
+        source: DeltaSource = LoraSource(read_peft_lora(path), str(path))
+        source.base_copies = read_base_copies(path)
+        return source
     shapes = base_shapes if base_shapes is not None else base_shapes_from_config(path)
     if shapes is None:
         raise SourceFormatError(
@@ -158,4 +164,6 @@ def open_source(
     cast = {torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(base_dtype) if base_dtype is not None else None
     adapter = peft_randlora_to_adapter(path, shapes, keep_bases=keep_bases, cast_dtype=cast)
     adapter.source = str(path)
-    return RandloraSource(adapter, kind="peft-randlora")
+    source = RandloraSource(adapter, kind="peft-randlora")
+    source.base_copies = read_base_copies(path)
+    return source

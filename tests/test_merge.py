@@ -131,6 +131,55 @@ def test_merge_lora_equals_peft(tmp_path, use_rslora):
     _compare(_load_state(tmp_path / "out"), expected, torch.float32)
 
 
+@pytest.mark.parametrize("method", ["randlora", "lora"])
+def test_adapter_targeting_lm_head_equals_peft(tmp_path, method):
+    """PEFT saves a targeted lm_head's own weight beside the adapter (``.base_layer.weight``): it is checked against
+    BASE, not refused, and the merge (from the PEFT dir and, for RandLoRA, through our file) equals PEFT's."""
+    base = tmp_path / "base"
+    tiny_llama().save_pretrained(base)
+    targets = ["q_proj", "lm_head"]
+    pm = (peft_randlora(tiny_llama(), r=6, seed=2, targets=targets) if method == "randlora"
+          else peft_lora(tiny_llama(), r=4, targets=targets))
+    pm.save_pretrained(tmp_path / "peft")
+    assert any(".base_layer." in k for k in load_file(str(tmp_path / "peft" / "adapter_model.safetensors")))
+    expected = _peft_merged_state(pm)
+    run_cli("merge", base, tmp_path / "peft", "-o", tmp_path / "out")
+    merged = _load_state(tmp_path / "out")
+    assert not torch.equal(merged["lm_head.weight"], _load_state(base)["lm_head.weight"])
+    _compare(merged, expected, torch.float32)
+    if method == "randlora":
+        run_cli("convert", tmp_path / "peft", tmp_path / "a.safetensors", "--to", "randlora", "--base", base)
+        run_cli("merge", base, tmp_path / "a.safetensors", "-o", tmp_path / "out2")
+        _compare(_load_state(tmp_path / "out2"), expected, torch.float32)
+
+
+def test_lm_head_copy_unlike_the_base_and_tied_lm_head_are_refused(tmp_path):
+    from safetensors.torch import save_file
+    from transformers import LlamaForCausalLM
+
+    base = tmp_path / "base"
+    tiny_llama().save_pretrained(base)
+    peft_randlora(tiny_llama(), r=6, seed=2, targets=["q_proj", "lm_head"]).save_pretrained(tmp_path / "peft")
+    other = tmp_path / "other"  # same architecture and shapes, another lm_head
+    shutil.copytree(base, other)
+    state = _load_state(base)
+    state["lm_head.weight"] = state["lm_head.weight"] + 1e-3
+    save_file(state, str(other / "model.safetensors"), metadata={"format": "pt"})
+    _merge_fails(tmp_path, other, tmp_path / "peft", "lm_head.weight", "differs from the base")
+    result = run_cli("convert", tmp_path / "peft", tmp_path / "a.safetensors", "--to", "randlora", "--base", other,
+                     check=False)
+    assert_one_line_error(result, "differs from the base")
+    assert not (tmp_path / "a.safetensors").exists()
+
+    tied = tmp_path / "tied"
+    config = tiny_llama().config
+    config.tie_word_embeddings = True
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(tied)
+    assert "lm_head.weight" not in _load_state(tied)
+    _merge_fails(tmp_path, tied, tmp_path / "peft", "lm_head.weight", "tied lm_head")
+
+
 def test_two_adapters_weighted_and_unmerge(tmp_path):
     base = tmp_path / "base"
     tiny_llama().save_pretrained(base)

@@ -8,18 +8,19 @@ from __future__ import annotations
 import json
 import os
 import pickle
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from ..errors import SourceFormatError, UnsafeCheckpointError
-from ..safetensors_io import atomic_directory, load_tensors
+from ..safetensors_io import atomic_directory, load_tensors, read_header
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_WEIGHTS_FILE = "adapter_model.bin"
 PEFT_PREFIX = "base_model.model."
+BASE_LAYER = ".base_layer."  # PEFT saves a targeted embedding layer's own weights as <module>.base_layer.<param>
 
 
 @dataclass
@@ -29,6 +30,9 @@ class PeftDir:
     path: Path
     config: dict
     tensors: dict[str, torch.Tensor]
+    # base checkpoint key → PEFT's saved copy of that base weight (``save_embedding_layers``: when ``lm_head`` or
+    # ``embed_tokens`` is targeted PEFT stores the layer's own weight and loads it over the base's)
+    base_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def peft_type(self) -> str:
@@ -65,7 +69,27 @@ def read_peft_dir(path: str | os.PathLike, expected_type: str | None = None) -> 
         tensors = _load_weights_only(path / PICKLE_WEIGHTS_FILE)
     else:
         raise SourceFormatError(f"{path}: no {WEIGHTS_FILE} next to {CONFIG_FILE}")
-    return PeftDir(path=path, config=config, tensors=tensors)
+    base_tensors = {base_key_of(k): tensors.pop(k) for k in [k for k in tensors if _is_base_copy(k)]}
+    return PeftDir(path=path, config=config, tensors=tensors, base_tensors=base_tensors)
+
+
+def _is_base_copy(saved_key: str) -> bool:
+    return saved_key.startswith(PEFT_PREFIX) and BASE_LAYER in saved_key
+
+
+def base_key_of(saved_key: str) -> str:
+    """``base_model.model.<module>.base_layer.<param>`` → ``<module>.<param>`` (the base checkpoint's key)."""
+    return saved_key.removeprefix(PEFT_PREFIX).replace(BASE_LAYER, ".", 1)
+
+
+def read_base_copies(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Only the base-weight copies PEFT saved in the dir (see ``PeftDir.base_tensors``), keyed by base key; reads
+    nothing else from a safetensors file."""
+    weights = Path(path) / WEIGHTS_FILE
+    if not weights.is_file():
+        return read_peft_dir(path).base_tensors
+    names = [k for k in read_header(weights).tensors if _is_base_copy(k)]
+    return {base_key_of(k): t for k, t in load_tensors(weights, names).items()} if names else {}
 
 
 def _load_weights_only(path: Path) -> dict[str, torch.Tensor]:

@@ -14,6 +14,7 @@ import torch
 
 from ..adapter import RandloraAdapter, build_adapter, peft_shared_dims
 from ..basis import Bases, peft_bases_raw, peft_bases_to_spec, spec_bases_to_peft
+from ..checkpoint import absent_weight_hint
 from ..errors import AdapterShapeError, BaseModelMismatchError, BasisMismatchError, NonFiniteError, SourceFormatError
 from ..spec import GeneratorSpec, num_bases, normalisation
 from .peft_dir import PEFT_PREFIX, PeftDir, module_of, read_peft_dir, weight_key, write_peft_dir
@@ -94,7 +95,8 @@ def peft_randlora_to_adapter(
     layers: dict[str, tuple[tuple[int, int], bool]] = {}
     for key, (lam, gam) in scales.items():
         if key not in base_shapes:
-            raise BaseModelMismatchError(f"{src}: adapter targets {key!r}, which the base checkpoint does not have")
+            raise BaseModelMismatchError(f"{src}: adapter targets {key!r}, which the base checkpoint does not "
+                                         f"have{absent_weight_hint(key)}")
         shape = tuple(base_shapes[key])
         if len(shape) != 2:
             raise BaseModelMismatchError(f"{src}: base weight {key!r} has shape {list(shape)}, not a 2-D matrix")

@@ -32,7 +32,7 @@ class PeftDir:
     tensors: dict[str, torch.Tensor]
     # base checkpoint key → PEFT's saved copy of that base weight (``save_embedding_layers``: when ``lm_head`` or
     # ``embed_tokens`` is targeted PEFT stores the layer's own weight and loads it over the base's)
-    base_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    base_copies: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def peft_type(self) -> str:
@@ -69,8 +69,8 @@ def read_peft_dir(path: str | os.PathLike, expected_type: str | None = None) -> 
         tensors = _load_weights_only(path / PICKLE_WEIGHTS_FILE)
     else:
         raise SourceFormatError(f"{path}: no {WEIGHTS_FILE} next to {CONFIG_FILE}")
-    base_tensors = {base_key_of(k): tensors.pop(k) for k in [k for k in tensors if _is_base_copy(k)]}
-    return PeftDir(path=path, config=config, tensors=tensors, base_tensors=base_tensors)
+    base_copies = {base_key_of(k): tensors.pop(k) for k in [k for k in tensors if _is_base_copy(k)]}
+    return PeftDir(path=path, config=config, tensors=tensors, base_copies=base_copies)
 
 
 def _is_base_copy(saved_key: str) -> bool:
@@ -83,11 +83,11 @@ def base_key_of(saved_key: str) -> str:
 
 
 def read_base_copies(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Only the base-weight copies PEFT saved in the dir (see ``PeftDir.base_tensors``), keyed by base key; reads
+    """Only the base-weight copies PEFT saved in the dir (see ``PeftDir.base_copies``), keyed by base key; reads
     nothing else from a safetensors file."""
     weights = Path(path) / WEIGHTS_FILE
     if not weights.is_file():
-        return read_peft_dir(path).base_tensors
+        return read_peft_dir(path).base_copies
     names = [k for k in read_header(weights).tensors if _is_base_copy(k)]
     return {base_key_of(k): t for k, t in load_tensors(weights, names).items()} if names else {}
 

@@ -15,7 +15,7 @@ import torch
 
 from .adapter import RandloraAdapter, is_randlora_file, read_adapter
 from .converters.dense import is_dense_file, read_dense
-from .converters.peft_dir import is_peft_dir, read_base_copies, read_peft_config
+from .converters.peft_dir import is_peft_dir, read_peft_config, read_peft_dir
 from .converters.peft_lora import LoraLayer, read_peft_lora
 from .converters.peft_randlora import peft_randlora_to_adapter
 from .errors import SourceFormatError, UnsafeCheckpointError
@@ -152,9 +152,10 @@ def open_source(
         return RandloraSource(read_adapter(path))
     if kind == "dense":
         return DenseSource(read_dense(path), str(path))
+    peft = read_peft_dir(path)  # read once: the converter takes the scales, the merge checks the base copies
     if kind == "peft-lora":
-        source: DeltaSource = LoraSource(read_peft_lora(path), str(path))
-        source.base_copies = read_base_copies(path)
+        source: DeltaSource = LoraSource(read_peft_lora(peft), str(path))
+        source.base_copies = peft.base_copies
         return source
     shapes = base_shapes if base_shapes is not None else base_shapes_from_config(path)
     if shapes is None:
@@ -162,8 +163,8 @@ def open_source(
             f"{path}: converting a PEFT RandLoRA dir needs the base model's weight shapes; pass --base MODEL_DIR"
         )
     cast = {torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(base_dtype) if base_dtype is not None else None
-    adapter = peft_randlora_to_adapter(path, shapes, keep_bases=keep_bases, cast_dtype=cast)
+    adapter = peft_randlora_to_adapter(peft, shapes, keep_bases=keep_bases, cast_dtype=cast)
     adapter.source = str(path)
     source = RandloraSource(adapter, kind="peft-randlora")
-    source.base_copies = read_base_copies(path)
+    source.base_copies = peft.base_copies
     return source

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ..errors import SourceFormatError, UnsafeCheckpointError
-from ..safetensors_io import atomic_directory, load_tensors, read_header
+from ..safetensors_io import atomic_directory, load_tensors
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -57,8 +57,13 @@ def read_peft_config(path: str | os.PathLike) -> dict:
     return config
 
 
-def read_peft_dir(path: str | os.PathLike, expected_type: str | None = None) -> PeftDir:
-    """Read a PEFT dir. A pickle ``adapter_model.bin`` is only loaded with ``torch.load(weights_only=True)``."""
+def read_peft_dir(path: str | os.PathLike | PeftDir, expected_type: str | None = None) -> PeftDir:
+    """Read a PEFT dir (an already-read ``PeftDir`` is only type-checked, not read again). A pickle
+    ``adapter_model.bin`` is only loaded with ``torch.load(weights_only=True)``."""
+    if isinstance(path, PeftDir):
+        if expected_type is not None and path.peft_type != expected_type:
+            raise SourceFormatError(f"{path.path}: peft_type is {path.peft_type!r}, expected {expected_type!r}")
+        return path
     path = Path(path)
     config = read_peft_config(path)
     if expected_type is not None and config.get("peft_type") != expected_type:
@@ -80,16 +85,6 @@ def _is_base_copy(saved_key: str) -> bool:
 def base_key_of(saved_key: str) -> str:
     """``base_model.model.<module>.base_layer.<param>`` → ``<module>.<param>`` (the base checkpoint's key)."""
     return saved_key.removeprefix(PEFT_PREFIX).replace(BASE_LAYER, ".", 1)
-
-
-def read_base_copies(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Only the base-weight copies PEFT saved in the dir (see ``PeftDir.base_copies``), keyed by base key; reads
-    nothing else from a safetensors file."""
-    weights = Path(path) / WEIGHTS_FILE
-    if not weights.is_file():
-        return read_peft_dir(path).base_copies
-    names = [k for k in read_header(weights).tensors if _is_base_copy(k)]
-    return {base_key_of(k): t for k, t in load_tensors(weights, names).items()} if names else {}
 
 
 def _load_weights_only(path: Path) -> dict[str, torch.Tensor]:

@@ -16,7 +16,7 @@ import torch
 
 from ..errors import AdapterShapeError, NonFiniteError, SourceFormatError
 from ..lowrank import LowRank, truncated_svd
-from .peft_dir import PEFT_PREFIX, module_of, read_peft_dir, weight_key, write_peft_dir
+from .peft_dir import PEFT_PREFIX, PeftDir, module_of, read_peft_dir, weight_key, write_peft_dir
 
 PEFT_TYPE = "LORA"
 
@@ -49,9 +49,10 @@ def _pattern_value(patterns: dict, module: str, default):
     return default
 
 
-def read_peft_lora(src: str | os.PathLike) -> dict[str, LoraLayer]:
-    """``{weight key: LoraLayer}`` from a PEFT LoRA dir."""
+def read_peft_lora(src: str | os.PathLike | PeftDir) -> dict[str, LoraLayer]:
+    """``{weight key: LoraLayer}`` from a PEFT LoRA dir (a path, or one already read)."""
     peft = read_peft_dir(src, expected_type=PEFT_TYPE)
+    src = peft.path
     cfg = peft.config
     if cfg.get("use_dora"):
         raise SourceFormatError(f"{src}: DoRA adapters are not supported (their update is not additive)")

@@ -69,7 +69,7 @@ def _candidate_generators(kind: str, seed: int, saved_dtype: torch.dtype | None,
 
 
 def peft_randlora_to_adapter(
-    src: str | os.PathLike,
+    src: str | os.PathLike | PeftDir,
     base_shapes: Mapping[str, tuple[int, ...]],
     *,
     keep_bases: bool = False,
@@ -83,7 +83,7 @@ def peft_randlora_to_adapter(
     ``cast_dtype`` records the dtype PEFT cast the bases to (the base model's dtype) when none are saved.
     """
     peft = read_peft_dir(src, expected_type=PEFT_TYPE)
-    config = peft.config
+    src, config = peft.path, peft.config
     r, alpha, seed = config.get("r"), config.get("randlora_alpha"), config.get("projection_prng_key", 0)
     if not isinstance(r, int) or r <= 0:
         raise SourceFormatError(f"{src}: adapter_config.json has invalid r {r!r}")

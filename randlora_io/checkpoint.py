@@ -7,6 +7,7 @@ pointing at a missing shard, every shard's header consistent with the index.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 from collections.abc import Mapping
@@ -21,6 +22,16 @@ from .safetensors_io import SafetensorsHeader, TensorInfo, load_tensors, read_he
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt")
+# The files beside the weights that make a checkpoint loadable (config, generation config, tokenizer, processor,
+# chat template, remote code, card): the only ones a merge copies into OUT. Never directories, never other weights.
+SIDE_FILE_PATTERNS = (
+    "config.json", "generation_config.json", "*tokenizer*.json", "special_tokens_map.json", "added_tokens.json",
+    "vocab.json", "vocab.txt", "merges.txt", "*.model", "*.tiktoken", "tokenizer.*", "spiece.model",
+    "preprocessor_config.json", "processor_config.json", "feature_extractor_config.json", "image_processor*.json",
+    "video_preprocessor_config.json", "chat_template.json", "chat_template.jinja", "configuration_*.py",
+    "modeling_*.py", "tokenization_*.py", "processing_*.py", "image_processing_*.py", "README.md", "LICENSE*",
+    "NOTICE*", "USE_POLICY*",
+)
 
 
 @dataclass
@@ -49,6 +60,13 @@ class Checkpoint:
 
     def total_bytes(self) -> int:
         return sum(self.shard_path(s).stat().st_size for s in self.shards)
+
+    def side_files(self) -> list[Path]:
+        """BASE's non-weight files that belong to the checkpoint (:data:`SIDE_FILE_PATTERNS`), for OUT."""
+        skip = set(self.shards) | {INDEX_FILE}
+        return sorted(p for p in self.root.iterdir()
+                      if p.name not in skip and not p.name.startswith(".") and p.is_file()
+                      and any(fnmatch.fnmatchcase(p.name, pat) for pat in SIDE_FILE_PATTERNS))
 
 
 def absent_weight_hint(key: str) -> str:
@@ -94,7 +112,13 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
     if not root.is_dir():
         raise SourceFormatError(f"{root}: no such model directory")
     if (root / INDEX_FILE).is_file():
-        return _open_sharded(root)
+        ckpt = _open_sharded(root)
+        if (root / SINGLE_FILE).is_file() and SINGLE_FILE not in ckpt.shards:
+            raise SourceFormatError(
+                f"{root}: holds both {SINGLE_FILE} and {INDEX_FILE} with other shards; transformers loads "
+                f"{SINGLE_FILE} and ignores the shards, so which weights are the model is ambiguous: remove the "
+                "stale file(s) or point at a directory with one checkpoint")
+        return ckpt
     if (root / SINGLE_FILE).is_file():
         header = read_header(root / SINGLE_FILE)
         return Checkpoint(root=root, shards={SINGLE_FILE: header}, weight_map={k: SINGLE_FILE for k in header.tensors},
@@ -129,6 +153,8 @@ def _open_sharded(root: Path) -> Checkpoint:
         index = json.loads(index_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise SourceFormatError(f"{index_path}: not valid JSON ({exc})") from None
+    except RecursionError:
+        raise SourceFormatError(f"{index_path}: JSON nested too deeply") from None
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise SourceFormatError(f"{index_path}: missing or empty 'weight_map'")

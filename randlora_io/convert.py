@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from .adapter import RandloraAdapter, build_adapter, peft_shared_dims, write_adapter
+from .atomic import check_output_path
 from .basis import generate_bases
 from .checkpoint import check_base_copies, open_checkpoint
 from .converters.dense import write_dense
@@ -134,8 +135,7 @@ def convert(
 
     src = resolve_adapter_arg(src)
     src_p, dst_p = Path(src), Path(dst)
-    if dst_p.resolve() == src_p.resolve():
-        raise OutputExistsError(f"{dst}: output equals the input; choose another path")
+    check_output_path(dst_p, [src_p, base])
     if dst_p.exists() and not overwrite:
         raise OutputExistsError(f"{dst}: output exists; pass --overwrite to replace it")
     base_shapes = None

@@ -12,6 +12,7 @@ adds in that dtype (two roundings for bf16); we add in float32 and round once, s
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from collections.abc import Mapping
@@ -21,11 +22,12 @@ from pathlib import Path
 import torch
 
 from .adapter import RandloraAdapter
+from .atomic import atomic_directory, check_output_path
 from .checkpoint import INDEX_FILE, Checkpoint, absent_weight_hint, check_base_copies, open_checkpoint
+from .fingerprint import check_fingerprint
 from .errors import BaseModelMismatchError, OutputExistsError, SourceFormatError
 from .merge_layer import PRECISIONS, LayerMerger, add_delta_
 from .progress import progress_bar
-from .safetensors_io import atomic_directory
 from .sources import DeltaSource, RandloraSource, open_source
 from .stream import stream_rewrite
 
@@ -44,8 +46,7 @@ class MergeReport:
 
 
 def _open_sources(ckpt: Checkpoint, adapters: list[str | os.PathLike | DeltaSource]) -> list[DeltaSource]:
-    from .hub import resolve_adapter_arg
-
+    """Open each adapter (paths already resolved from ``hub:`` names) against BASE's shapes and dtype."""
     shapes = {k: ckpt.shape(k) for k in ckpt.weight_map}
     dtypes = [ckpt.info(k).dtype for k in ckpt.weight_map if ckpt.info(k).dtype in SUPPORTED_DTYPES]
     base_dtype = SUPPORTED_DTYPES[max(set(dtypes), key=dtypes.count)] if dtypes else None
@@ -55,7 +56,6 @@ def _open_sources(ckpt: Checkpoint, adapters: list[str | os.PathLike | DeltaSour
         if isinstance(item, DeltaSource):
             sources.append(item)
             continue
-        item = resolve_adapter_arg(item)
         resolved = str(Path(item).resolve())
         if resolved in seen:
             raise SourceFormatError(f"{item}: adapter listed twice (positions {seen[resolved] + 1} and {i + 1}); "
@@ -63,6 +63,19 @@ def _open_sources(ckpt: Checkpoint, adapters: list[str | os.PathLike | DeltaSour
         seen[resolved] = i
         sources.append(open_source(item, base_shapes=shapes, base_dtype=base_dtype))
     return sources
+
+
+def check_weights(weights: list[float] | None, count: int) -> list[float]:
+    """One finite weight per adapter (default 1.0), each within float32's range (the merge's arithmetic)."""
+    weights = [1.0] * count if not weights else list(weights)
+    if len(weights) != count:
+        raise SourceFormatError(f"got {len(weights)} --weight values for {count} adapters")
+    limit = torch.finfo(torch.float32).max
+    for i, w in enumerate(weights):
+        if not isinstance(w, (int, float)) or isinstance(w, bool) or not math.isfinite(w) or abs(w) > limit:
+            raise SourceFormatError(f"--weight {w!r} (adapter {i + 1}): a weight must be a finite number within "
+                                    "float32's range, e.g. 1, 0.5 or -1")
+    return [float(w) for w in weights]
 
 
 def plan_merge(ckpt: Checkpoint, sources: list[DeltaSource]) -> dict[str, list[int]]:
@@ -109,6 +122,7 @@ def merge(
     progress: bool = False,
     kernel: str = "auto",
     precision: str = "fp32",
+    check_base_fingerprint: bool = True,
 ) -> MergeReport:
     """Merge ``adapters`` (each scaled by its weight, default 1.0) into the checkpoint ``base``, writing ``out``.
 
@@ -118,15 +132,17 @@ def merge(
     ``precision``: ``fp32`` (default; the spec's numerics) or ``bf16`` (opt-in fast CPU path, see :func:`add_delta_`).
 
     ``subtract`` removes the same adapters (unmerge). BASE is only read; OUT appears only if everything succeeded.
+    OUT may not be, contain or lie inside BASE or an adapter. ``check_base_fingerprint``: an adapter that records the
+    fingerprint of the base it was trained on (``base_model.fingerprint``) is refused on any other base unless False.
     """
+    from .hub import resolve_adapter_arg
+
     base_p, out_p = Path(base), Path(out)
-    if out_p.resolve() == base_p.resolve() or (base_p.is_file() and out_p.resolve() == base_p.parent.resolve()):
-        raise OutputExistsError(f"{out}: output equals the base model; choose another directory")
-    if out_p.exists() and not overwrite:
+    adapters = [a if isinstance(a, DeltaSource) else resolve_adapter_arg(a) for a in adapters]
+    check_output_path(out_p, [base_p, *(a.path if isinstance(a, DeltaSource) else a for a in adapters)])
+    if (out_p.exists() or out_p.is_symlink()) and not overwrite:
         raise OutputExistsError(f"{out}: output exists; pass --overwrite to replace it")
-    weights = list(weights) if weights else [1.0] * len(adapters)
-    if len(weights) != len(adapters):
-        raise SourceFormatError(f"got {len(weights)} --weight values for {len(adapters)} adapters")
+    weights = check_weights(weights, len(adapters))
     if precision not in PRECISIONS:
         raise SourceFormatError(f"--precision must be one of {', '.join(PRECISIONS)}")
     if dtype not in OUT_DTYPES:
@@ -135,6 +151,9 @@ def merge(
     ckpt = open_checkpoint(base_p)
     sources = _open_sources(ckpt, adapters)
     plan = plan_merge(ckpt, sources)
+    if check_base_fingerprint:
+        for source in sources:
+            check_fingerprint(ckpt, source)
     for source in sources:  # generate (and checksum-verify) each adapter's shared bases once, before writing
         if isinstance(source, RandloraSource):
             source.adapter.bases(dev)
@@ -164,18 +183,19 @@ def merge(
 
 
 def _copy_side_files(ckpt: Checkpoint, dst: Path, out_dtype: torch.dtype | None) -> None:
-    """Copy BASE's non-weight files (config, generation config, tokenizer, …), updating config.json's dtype."""
-    skip = set(ckpt.shards) | {INDEX_FILE}
-    for item in ckpt.root.iterdir():
-        if item.name in skip or item.name.startswith("."):
-            continue
-        if item.is_file():
-            shutil.copy2(item, dst / item.name)
-        elif item.is_dir():
-            shutil.copytree(item, dst / item.name)
+    """Copy BASE's checkpoint files (config, generation config, tokenizer, …; ``Checkpoint.side_files``) into
+    ``dst``, updating config.json's dtype. Unrelated files and folders beside BASE are never copied."""
+    for item in ckpt.side_files():
+        shutil.copy2(item, dst / item.name)
     config = dst / "config.json"
     if out_dtype is not None and config.is_file():
-        data = json.loads(config.read_text(encoding="utf-8"))
+        try:
+            data = json.loads(config.read_text(encoding="utf-8"))
+        except (ValueError, RecursionError) as exc:
+            raise SourceFormatError(f"{ckpt.root / 'config.json'}: not valid JSON ({exc}); fix it or merge without "
+                                    "--dtype (which rewrites its dtype)") from None
+        if not isinstance(data, dict):
+            raise SourceFormatError(f"{ckpt.root / 'config.json'}: must be a JSON object")
         name = str(out_dtype).removeprefix("torch.")
         for key in ("torch_dtype", "dtype"):
             if key in data:

@@ -8,13 +8,9 @@ non-string metadata) are refused with one clear line instead of a crash or a sil
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
 import struct
-import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +18,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .errors import OutputExistsError, SafetensorsFormatError
+from .atomic import atomic_directory, atomic_file  # noqa: F401 - re-exported: writers import them from here
+from .errors import SafetensorsFormatError
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # same bound as the safetensors reference implementation
 MAX_METADATA_BYTES = 16 * 1024 * 1024
@@ -95,10 +92,12 @@ def _read_header(path: Path) -> SafetensorsHeader:
         raise SafetensorsFormatError("header is not UTF-8") from None
     except json.JSONDecodeError as exc:
         raise SafetensorsFormatError(f"header is not valid JSON ({exc.msg} at byte {exc.pos})") from None
+    except RecursionError:
+        raise SafetensorsFormatError("header JSON is nested too deeply") from None
     if not isinstance(header, dict):
         raise SafetensorsFormatError("header is not a JSON object")
 
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", {})
     if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
         raise SafetensorsFormatError("__metadata__ must map strings to strings")
     if sum(len(k) + len(v) for k, v in metadata.items()) > MAX_METADATA_BYTES:
@@ -127,7 +126,7 @@ def _tensor_info(name: str, entry: object) -> TensorInfo:
     if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
         raise SafetensorsFormatError(f"tensor {name!r} must have exactly dtype, shape and data_offsets")
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-    if dtype not in DTYPE_SIZES:
+    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
         raise SafetensorsFormatError(f"tensor {name!r} has unknown dtype {dtype!r}")
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
         raise SafetensorsFormatError(f"tensor {name!r} has an invalid shape {shape!r}")
@@ -167,68 +166,6 @@ def load_tensors(path: str | os.PathLike, names: list[str] | None = None) -> dic
     wanted = list(header.tensors) if names is None else names
     with safe_open(str(path), framework="pt") as f:
         return {n: f.get_tensor(n) for n in wanted}
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Atomic writes
-# --------------------------------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def atomic_file(dst: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``dst``; on clean exit ``os.replace`` it onto ``dst``, on error delete it."""
-    dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        os.replace(tmp_path, dst)
-    finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
-
-
-@contextlib.contextmanager
-def atomic_directory(dst: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a fresh temporary directory beside ``dst``; on clean exit it replaces ``dst``, on error it is removed.
-
-    An existing ``dst`` is refused unless ``overwrite``; then it is removed only after the new one is complete.
-    """
-    dst = Path(dst)
-    if dst.exists() and not overwrite:
-        raise OutputExistsError(f"{dst}: output exists; pass --overwrite to replace it")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent))
-    try:
-        yield tmp
-        _fsync_dir(tmp)  # the entries of the new dir are durable before it is renamed into place
-        if dst.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".old", dir=dst.parent))
-            os.replace(dst, old / "x")
-            os.replace(tmp, dst)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, dst)
-        _fsync_dir(dst.parent)  # and so is the rename
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _fsync_dir(path: Path) -> None:
-    """Flush a directory's entries to disk where the platform and file system allow it (best effort)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def save_safetensors(tensors: dict[str, torch.Tensor], dst: str | os.PathLike, metadata: dict[str, str]) -> None:

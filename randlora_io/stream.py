@@ -19,7 +19,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
-from .errors import SafetensorsFormatError
+from .errors import NonFiniteError, SafetensorsFormatError
 from .safetensors_io import DTYPE_SIZES, SafetensorsHeader, atomic_file
 from .shard_writer import SequentialWriter, read_exact
 
@@ -84,8 +84,14 @@ def stream_rewrite(src: str | os.PathLike, header: SafetensorsHeader, dst: str |
                 if j + 1 < len(changed):  # queued after the write that last used its buffer
                     reads[j + 1] = io.submit(read, j + 1)
                 result = transform(key, tensor)
-                if out_dtype is not None and result.is_floating_point():
-                    result = result.to(out_dtype)
+                if out_dtype is not None and result.is_floating_point() and result.dtype != out_dtype:
+                    cast = result.to(out_dtype)
+                    if _overflowed(result, cast):
+                        raise NonFiniteError(
+                            f"{src}: tensor {key!r} has values beyond {out_dtype} (max |x| "
+                            f"{float(result.abs().max()):.4g}) that would become Inf; choose another --dtype "
+                            "(bfloat16 or float32); nothing was written")
+                    result = cast
                 if list(result.shape) != entries[key]["shape"] or NAME_OF_DTYPE[result.dtype] != entries[key]["dtype"]:
                     raise SafetensorsFormatError(f"{dst}: internal error: {key!r} changed shape or dtype while merging")
                 pending.append(io.submit(write_tensor, out, result))
@@ -99,6 +105,13 @@ def stream_rewrite(src: str | os.PathLike, header: SafetensorsHeader, dst: str |
             for f in [*pending, *reads.values()]:
                 f.cancel()
             raise
+
+
+def _overflowed(before: torch.Tensor, after: torch.Tensor) -> bool:
+    """True when the cast ``before`` → ``after`` turned a finite value into ±Inf (a sum first: one pass when none)."""
+    if bool(torch.isfinite(after.float().sum())):
+        return False
+    return bool((torch.isinf(after) & torch.isfinite(before)).any())
 
 
 def _raise_finished(futures: list[Future]) -> list[Future]:

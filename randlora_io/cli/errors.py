@@ -4,12 +4,30 @@
 from __future__ import annotations
 
 import functools
+import signal
 
 import click
 
 from ..errors import RandloraError
 
 _STATE = {"debug": False}
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``timeout``, SLURM, Kubernetes) raised in the main thread like Ctrl-C, so every ``finally`` that
+    removes temp output runs; the CLI then exits 143."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+def install_signal_handlers() -> None:
+    """Make SIGTERM unwind like SIGINT (only possible from the main thread; elsewhere the default stays)."""
+    try:
+        signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:
+        pass
 
 
 def fail(message: str, code: int = 1) -> None:
@@ -32,8 +50,9 @@ def handle_errors(func):
             if _STATE["debug"]:
                 raise
             fail(str(exc) or type(exc).__name__)
-        except KeyboardInterrupt:
-            fail("interrupted; nothing was written", 130)
+        except KeyboardInterrupt as exc:
+            terminated = isinstance(exc, Terminated)
+            fail(f"{'terminated' if terminated else 'interrupted'}; nothing was written", 143 if terminated else 130)
         except Exception as exc:  # noqa: BLE001 - the contract: never a traceback without --debug
             if _STATE["debug"]:
                 raise

@@ -9,7 +9,7 @@ import sys
 
 import click
 
-from .errors import _STATE
+from .errors import _STATE, install_signal_handlers
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
@@ -32,6 +32,7 @@ _register()
 
 def main() -> None:
     """Console-script entry point."""
+    install_signal_handlers()
     cli.main(prog_name="randlora-io")
 
 

@@ -24,17 +24,18 @@ def _options(func):
         click.option("--precision", type=click.Choice(list(PRECISIONS)), default="fp32", show_default=True,
                      help="ΔW arithmetic: fp32 (exact to float32), or bf16 (a bf16 GEMM, about 2x faster on CPUs "
                           "with bf16 units; ΔW rounded to bf16 as PEFT does)."),
+        click.option("--ignore-base-fingerprint", is_flag=True,
+                     help="Merge even when the adapter records a base fingerprint that BASE does not match."),
     ]):
         func = option(func)
     return func
 
 
-def _run(base, adapters, out, weights, device, dtype, overwrite, kernel, precision, subtract):
-    from ..hub import resolve_adapter_arg
-
-    paths = [resolve_adapter_arg(a) for a in adapters]
-    report = merge(base, paths, out, weights=list(weights) or None, device=device, dtype=dtype, overwrite=overwrite,
-                   subtract=subtract, progress=True, kernel=kernel, precision=precision)
+def _run(base, adapters, out, weights, device, dtype, overwrite, kernel, precision, ignore_base_fingerprint,
+         subtract):
+    report = merge(base, list(adapters), out, weights=list(weights) or None, device=device, dtype=dtype,
+                   overwrite=overwrite, subtract=subtract, progress=True, kernel=kernel, precision=precision,
+                   check_base_fingerprint=not ignore_base_fingerprint)
     verb = "unmerged" if subtract else "merged"
     click.echo(f"{out}: {verb} {len(adapters)} adapter(s) into {report.layers} weights across {report.shards} shard(s)")
     if report.unchanged:
@@ -46,17 +47,18 @@ def _run(base, adapters, out, weights, device, dtype, overwrite, kernel, precisi
 @_options
 @click.option("--subtract", is_flag=True, help="Subtract the adapters instead (unmerge).")
 @handle_errors
-def merge_command(base, adapters, out, weights, device, dtype, overwrite, kernel, precision, subtract):
+def merge_command(base, adapters, out, weights, device, dtype, overwrite, kernel, precision, ignore_base_fingerprint,
+                  subtract):
     """Merge ADAPTERs (randlora files, PEFT RandLoRA/LoRA dirs, dense deltas, hub:REPO[@rev]) into BASE."""
-    _run(base, adapters, out, weights, device, dtype, overwrite, kernel, precision, subtract)
+    _run(base, adapters, out, weights, device, dtype, overwrite, kernel, precision, ignore_base_fingerprint, subtract)
 
 
 @click.command("unmerge")
 @_options
 @handle_errors
-def unmerge_command(base, adapters, out, weights, device, dtype, overwrite, kernel, precision):
+def unmerge_command(base, adapters, out, weights, device, dtype, overwrite, kernel, precision, ignore_base_fingerprint):
     """Subtract ADAPTERs from BASE (the inverse of merge)."""
-    _run(base, adapters, out, weights, device, dtype, overwrite, kernel, precision, True)
+    _run(base, adapters, out, weights, device, dtype, overwrite, kernel, precision, ignore_base_fingerprint, True)
 
 
 COMMANDS = [merge_command, unmerge_command]

@@ -37,14 +37,18 @@ def read_dense(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     try:
         meta = json.loads(header.metadata[METADATA_KEY])
         major = str(meta["format_version"]).split(".")[0]
-    except (json.JSONDecodeError, KeyError, TypeError):
+    except (json.JSONDecodeError, KeyError, TypeError, RecursionError):
         raise SourceFormatError(f"{path}: malformed '{METADATA_KEY}' metadata") from None
     if major != "1":
         raise SourceFormatError(f"{path}: dense-delta version {meta['format_version']} is not supported")
     tensors = load_tensors(path)
     for key, t in tensors.items():
-        if t.ndim != 2 or not t.is_floating_point():
-            raise SourceFormatError(f"{path}: delta {key!r} must be a 2-D floating tensor, got {t.dtype} {list(t.shape)}")
+        if t.ndim != 2 or t.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+            raise SourceFormatError(f"{path}: delta {key!r} must be a 2-D float32/bfloat16/float16/float64 tensor, got "
+                                    f"{t.dtype} {list(t.shape)}")
+        if t.numel() == 0:
+            raise SourceFormatError(f"{path}: delta {key!r} has an empty shape {list(t.shape)}; a layer has at least "
+                                    "one row and one column")
         if not torch.isfinite(t).all():
             raise NonFiniteError(f"{path}: delta {key!r} contains NaN or Inf")
     return tensors
@@ -67,6 +71,9 @@ def write_dense(deltas: Mapping[str, torch.Tensor] | DeltaSource, path: str | os
 
     def produce_one(key: str) -> torch.Tensor:
         delta = produce(key)
+        if not bool(torch.isfinite(delta).all()):  # finite but huge scales can overflow float32: never write Inf
+            raise NonFiniteError(f"{path}: ΔW of {key!r} overflows float32 (NaN or Inf from finite scales); nothing "
+                                 "was written")
         bar.update(1)
         return delta
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from ..archive_guard import check_archive_size
 from ..errors import SourceFormatError, UnsafeCheckpointError
 from ..safetensors_io import atomic_directory, load_tensors
 
@@ -88,6 +89,7 @@ def base_key_of(saved_key: str) -> str:
 
 
 def _load_weights_only(path: Path) -> dict[str, torch.Tensor]:
+    check_archive_size(path)  # weights_only stops code, not memory: refuse an archive that inflates past its size
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError) as exc:

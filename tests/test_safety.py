@@ -1,0 +1,296 @@
+"""Never lose a user's file, never merge silently wrong: outputs against inputs, concurrent and replaced outputs,
+what is copied into OUT, bad weights, base fingerprints, ambiguous bases, overflowing casts, archive bombs."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import zipfile
+
+import pytest
+import torch
+from conftest import assert_one_line_error, run_cli
+from safetensors.torch import load_file, save_file
+from tiny_models import peft_randlora, tiny_llama
+
+KEY = "model.layers.0.self_attn.q_proj.weight"
+
+
+def _digest(path):
+    h = hashlib.sha256()
+    items = sorted(path.rglob("*")) if path.is_dir() else [path]
+    for f in items:
+        if f.is_file():
+            h.update(str(f.relative_to(path.parent)).encode() + f.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.fixture
+def models(tmp_path):
+    """models/base (a tiny Llama), models/a.safetensors (a randlora adapter for it), models/peft (its PEFT dir)."""
+    root = tmp_path / "models"
+    tiny_llama().save_pretrained(root / "base")
+    peft_randlora(tiny_llama(), r=6, seed=3).save_pretrained(root / "peft")
+    run_cli("convert", root / "peft", root / "a.safetensors", "--to", "randlora", "--base", root / "base")
+    return root
+
+
+def _assert_refused(result, root, before, *fragments):
+    assert_one_line_error(result, *fragments)
+    assert _digest(root) == before
+
+
+# ------------------------------------------------------------------------------------ outputs never touch inputs
+
+
+def test_merge_out_that_contains_or_is_an_input_is_refused_even_with_overwrite(models):
+    before = _digest(models)
+    for out in (models, models / "a.safetensors", models / "base", models / "base" / "sub", models / "peft"):
+        adapters = [models / "a.safetensors"] if out != models / "peft" else [models / "peft"]
+        result = run_cli("merge", models / "base", *adapters, "-o", out, "--overwrite", check=False)
+        _assert_refused(result, models, before, "input")
+
+
+def test_merge_out_through_a_symlink_to_an_input_is_refused(models, tmp_path):
+    link = tmp_path / "link"
+    link.symlink_to(models / "base", target_is_directory=True)
+    before = _digest(models)
+    result = run_cli("merge", models / "base", models / "a.safetensors", "-o", link, "--overwrite", check=False)
+    _assert_refused(result, models, before, "input")
+    assert link.is_symlink()
+
+
+def test_convert_out_that_contains_src_or_base_is_refused(models, tmp_path):
+    (models / "unrelated.txt").write_text("keep me")
+    before = _digest(models)
+    result = run_cli("convert", models / "a.safetensors", models, "--to", "peft-randlora", "--overwrite", check=False)
+    _assert_refused(result, models, before, "input")
+    result = run_cli("convert", models / "peft", models / "base", "--to", "randlora", "--base", models / "base",
+                     "--overwrite", check=False)
+    _assert_refused(result, models, before, "input")
+    result = run_cli("convert", models / "a.safetensors", models / "a.safetensors", "--to", "dense", "--overwrite",
+                     check=False)
+    _assert_refused(result, models, before, "input")
+
+
+def test_out_that_appears_during_the_merge_is_never_replaced(models, tmp_path, monkeypatch):
+    """Two merges into one OUT without --overwrite: the second to finish fails and the first's OUT stays."""
+    import sys
+
+    merge_mod = sys.modules["randlora_io.merge"]  # the package exports the function under the module's name
+    out = tmp_path / "out"
+    real = merge_mod.stream_rewrite
+
+    def racing(*args, **kwargs):
+        real(*args, **kwargs)
+        if not out.exists():  # another process finishes its OUT while we are still writing
+            out.mkdir()
+            (out / "theirs").write_text("first")
+
+    monkeypatch.setattr(merge_mod, "stream_rewrite", racing)
+    result = run_cli("merge", models / "base", models / "a.safetensors", "-o", out, check=False)
+    assert_one_line_error(result, "appeared")
+    assert sorted(p.name for p in out.iterdir()) == ["theirs"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_overwrite_swaps_in_one_step(models, tmp_path, monkeypatch):
+    """With --overwrite there is no moment without OUT: the old one is never moved away before the new one is in."""
+    import randlora_io.atomic as atomic
+
+    out = tmp_path / "out"
+    run_cli("merge", models / "base", models / "a.safetensors", "-o", out)
+    (out / "old-marker").write_text("old")
+    moves = []
+    real_replace, real_rename = os.replace, os.rename
+
+    def watch(fn):
+        def moved(src, dst, *a, **k):
+            moves.append((str(src), str(dst)))
+            assert os.path.exists(out), "OUT was absent during the swap"
+            return fn(src, dst, *a, **k)
+        return moved
+
+    monkeypatch.setattr(atomic.os, "replace", watch(real_replace))
+    monkeypatch.setattr(atomic.os, "rename", watch(real_rename))
+    run_cli("merge", models / "base", models / "a.safetensors", "-o", out, "--overwrite")
+    assert not (out / "old-marker").exists() and (out / "config.json").is_file()
+    assert all(dst != str(out) and src != str(out) for src, dst in moves), moves  # no remove-then-rename of OUT
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_out_inside_base_is_refused_and_single_file_base_copies_only_checkpoint_files(models, tmp_path):
+    before = _digest(models)
+    result = run_cli("merge", models / "base", models / "a.safetensors", "-o", models / "base" / "merged", check=False)
+    _assert_refused(result, models, before, "input")
+
+    folder = tmp_path / "x"
+    shutil.copytree(models / "base", folder)
+    (folder / "my.safetensors").write_bytes((folder / "model.safetensors").read_bytes())
+    (folder / "model.safetensors").unlink()
+    (folder / "datasets").mkdir()
+    (folder / "datasets" / "big.jsonl").write_text("{}\n")
+    (folder / "other-model.safetensors").write_bytes(b"not ours")
+    (folder / "pytorch_model.bin").write_bytes(b"stale")
+    (folder / "tokenizer_config.json").write_text("{}")
+    run_cli("merge", folder / "my.safetensors", models / "a.safetensors", "-o", tmp_path / "out")
+    names = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert names == sorted(["config.json", "generation_config.json", "my.safetensors", "tokenizer_config.json"]), names
+
+
+def test_stale_temp_folders_of_dead_processes_are_removed(models, tmp_path):
+    import subprocess
+    import sys
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f".out.randlora-io-{dead.pid}-abc.tmp"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"x" * 1000)
+    live = tmp_path / f".out.randlora-io-{os.getppid()}-abc.tmp"  # a live process's temp dir is left alone
+    live.mkdir()
+    foreign = tmp_path / ".out.something-else.tmp"  # and so is anything this tool did not name
+    foreign.mkdir()
+    run_cli("merge", models / "base", models / "a.safetensors", "-o", tmp_path / "out")
+    assert not stale.exists() and live.exists() and foreign.exists()
+
+
+# ------------------------------------------------------------------------------------- silently wrong results
+
+
+@pytest.mark.parametrize("weight", ["nan", "inf", "-inf", "1e39"])
+def test_non_finite_or_out_of_range_weight_is_refused(models, tmp_path, weight):
+    result = run_cli("merge", models / "base", models / "a.safetensors", "-o", tmp_path / "out", "--weight", weight,
+                     check=False)
+    assert_one_line_error(result, "--weight")
+    assert not (tmp_path / "out").exists()
+
+
+def _trained_adapter(tmp_path, model):
+    from randlora_io.train import RandloraConfig, attach
+
+    handle = attach(model, RandloraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for p in handle.parameters():
+            p.add_(0.05)
+    path = tmp_path / "trained.safetensors"
+    handle.save(path)
+    handle.detach()
+    return path
+
+
+def test_base_fingerprint_is_checked_on_merge(tmp_path):
+    right, other = tmp_path / "right", tmp_path / "other"
+    tiny_llama(seed=0).save_pretrained(right)
+    tiny_llama(seed=1).save_pretrained(other)  # same shapes, other weights
+    adapter = _trained_adapter(tmp_path, tiny_llama(seed=0))
+    result = run_cli("merge", other, adapter, "-o", tmp_path / "out", check=False)
+    assert_one_line_error(result, "fingerprint", "--ignore-base-fingerprint")
+    assert not (tmp_path / "out").exists()
+    run_cli("merge", other, adapter, "-o", tmp_path / "forced", "--ignore-base-fingerprint")
+    run_cli("merge", right, adapter, "-o", tmp_path / "ok")
+    (tmp_path / "bf").mkdir()  # trained on the bf16-loaded model, merged into its fp32 checkpoint: accepted
+    run_cli("merge", right, _trained_adapter(tmp_path / "bf", tiny_llama(seed=0, dtype=torch.bfloat16)), "-o",
+            tmp_path / "ok-bf16")
+
+
+def test_stale_single_file_beside_shards_is_refused(tmp_path, models):
+    from randlora_io.checkpoint import open_checkpoint
+
+    sharded = tmp_path / "sharded"
+    tiny_llama().save_pretrained(sharded, max_shard_size="100KB")
+    assert (sharded / "model.safetensors.index.json").is_file()
+    shutil.copy(models / "base" / "model.safetensors", sharded / "model.safetensors")
+    before = _digest(sharded)
+    result = run_cli("merge", sharded, models / "a.safetensors", "-o", tmp_path / "out", check=False)
+    _assert_refused(result, sharded, before, "ambiguous")
+    with pytest.raises(ValueError):
+        open_checkpoint(sharded)
+
+
+def test_dtype_float16_never_turns_an_untouched_tensor_into_inf(models, tmp_path):
+    base = tmp_path / "base"
+    shutil.copytree(models / "base", base)
+    state = load_file(base / "model.safetensors")
+    state["model.embed_tokens.weight"][0, 0] = 1e5  # finite in float32, beyond float16's 65504
+    save_file(state, str(base / "model.safetensors"), metadata={"format": "pt"})
+    result = run_cli("merge", base, models / "a.safetensors", "-o", tmp_path / "out", "--dtype", "float16",
+                     check=False)
+    assert_one_line_error(result, "model.embed_tokens.weight", "float16")
+    assert not (tmp_path / "out").exists()
+
+
+def test_convert_to_dense_never_writes_inf(tmp_path):
+    from randlora_io.adapter import read_adapter, write_adapter
+    from randlora_io.converters.dense import write_dense  # noqa: F401 - the writer under test
+
+    path = tmp_path / "a.safetensors"
+    peft_randlora(tiny_llama(), r=6, seed=3).save_pretrained(tmp_path / "peft")
+    tiny_llama().save_pretrained(tmp_path / "base")
+    run_cli("convert", tmp_path / "peft", path, "--to", "randlora", "--base", tmp_path / "base")
+    adapter = read_adapter(path)
+    for key in adapter.lambdas:
+        adapter.lambdas[key].fill_(3e38)  # finite scales whose product overflows float32
+    huge = tmp_path / "huge.safetensors"
+    write_adapter(adapter, huge)
+    result = run_cli("convert", huge, tmp_path / "d.safetensors", "--to", "dense", check=False)
+    assert_one_line_error(result, "inf")
+    assert not (tmp_path / "d.safetensors").exists()
+
+
+def test_zero_size_dense_delta_is_refused(tmp_path):
+    from randlora_io.converters.dense import METADATA_KEY
+
+    path = tmp_path / "z.safetensors"
+    save_file({KEY: torch.zeros(0, 45000)}, str(path), metadata={METADATA_KEY: json.dumps({"format_version": "1.0"})})
+    result = run_cli("convert", path, tmp_path / "out.safetensors", "--to", "randlora", "--rank", "1", check=False)
+    assert_one_line_error(result, "empty")
+
+
+def test_zip_bomb_adapter_bin_is_refused_before_inflating(tmp_path):
+    peft = tmp_path / "peft"
+    peft.mkdir()
+    (peft / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8,
+                                                          "target_modules": ["q_proj"]}))
+    buf = io.BytesIO()  # a real torch archive whose 64 MiB tensor is deflated to ~64 KB: torch.load inflates it
+    torch.save({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(4096, 4096)}, buf)
+    plain = zipfile.ZipFile(io.BytesIO(buf.getvalue()))
+    with zipfile.ZipFile(peft / "adapter_model.bin", "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for info in plain.infolist():
+            archive.writestr(info.filename, plain.read(info.filename))
+    assert (peft / "adapter_model.bin").stat().st_size < 1024 * 1024
+    result = run_cli("inspect", peft, check=False)
+    assert_one_line_error(result, "adapter_model.bin", "bomb")
+
+
+# --------------------------------------------------------------------------------- one clean line per refusal
+
+
+def _raw_safetensors(header: dict | bytes) -> bytes:
+    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
+    return len(raw).to_bytes(8, "little") + raw
+
+
+@pytest.mark.parametrize("name, header, fragment", [
+    ("nested", b"[" * 100000 + b"]" * 100000, "nested"),
+    ("dtype-list", {"w": {"dtype": ["F32"], "shape": [1], "data_offsets": [0, 4]}}, "dtype"),
+    ("metadata-zero", {"__metadata__": 0}, "__metadata__"),
+])
+def test_hostile_headers_give_one_line_naming_the_file(tmp_path, name, header, fragment):
+    path = tmp_path / f"{name}.safetensors"
+    path.write_bytes(_raw_safetensors(header) + b"\0" * 4)
+    result = run_cli("inspect", path, check=False)
+    assert_one_line_error(result, path.name, fragment)
+
+
+def test_config_json_syntax_error_names_the_file(models, tmp_path):
+    base = tmp_path / "base"
+    shutil.copytree(models / "base", base)
+    (base / "config.json").write_text("{not json")
+    result = run_cli("merge", base, models / "a.safetensors", "-o", tmp_path / "out", "--dtype", "bfloat16",
+                     check=False)
+    assert_one_line_error(result, "config.json")
+    assert not (tmp_path / "out").exists()

@@ -54,3 +54,7 @@ class OutputExistsError(FileExistsError, RandloraError):
 
 class HubError(OSError, RandloraError):
     """A Hub operation failed (missing repo, rejected token, corrupted download)."""
+
+
+class AdapterStateError(RuntimeError, RandloraError):
+    """An operation that the attached adapter's state does not allow (merge after detach, save while merged, ...)."""

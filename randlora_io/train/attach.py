@@ -2,22 +2,36 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ..adapter import RandloraAdapter, build_adapter, peft_shared_dims, read_adapter, write_adapter
+from ..adapter import peft_shared_dims, read_adapter
 from ..basis import Bases
 from ..errors import AdapterShapeError, BaseModelMismatchError, HeaderError
+from ..fingerprint import base_fingerprint, recorded_fingerprint
 from ..spec import GeneratorSpec, normalisation
 from .config import ALL_LINEAR, RandloraConfig
+from .handle import AttachHandle, set_module
 from .layer import RandloraLayer, SharedBases, is_conv1d
 
-FINGERPRINT_PREFIX = "sha256-weights:"
+__all__ = ["AttachHandle", "attach", "base_fingerprint", "load_into"]
+
+
+def _refuse_tied(model: nn.Module, targets: dict[str, nn.Module]) -> None:
+    """A targeted weight that is also registered elsewhere (a tied ``lm_head`` shares the input embeddings): merging
+    ΔW into it would change the other module too, so it is refused by name."""
+    names: dict[int, list[str]] = {}
+    for pname, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(pname)
+    for name, module in targets.items():
+        others = [n for n in names.get(id(module.weight), []) if n != f"{name}.weight"]
+        if others:
+            raise HeaderError(f"{name}: its weight is tied to {others[0]} (e.g. tie_word_embeddings), so training "
+                              f"RandLoRA on it would change {others[0].rsplit('.', 1)[0]} too when merged; leave "
+                              f"{name} out of target_modules, or untie the weights first")
 
 
 def _targets(model: nn.Module, config: RandloraConfig) -> dict[str, nn.Module]:
@@ -36,80 +50,8 @@ def _targets(model: nn.Module, config: RandloraConfig) -> dict[str, nn.Module]:
     if not found:
         raise HeaderError(f"target_modules {config.target_modules!r} matched no Linear or Conv1D module of "
                           f"{type(model).__name__}; check the module names (model.named_modules())")
+    _refuse_tied(model, found)
     return found
-
-
-def base_fingerprint(weights: dict[str, torch.Tensor]) -> str:
-    """``sha256-weights:<hex>`` over the targeted base weights: each key (sorted), shape, dtype and raw bytes."""
-    digest = hashlib.sha256()
-    for key in sorted(weights):
-        w = weights[key].detach().contiguous().cpu()
-        digest.update(f"{key}|{list(w.shape)}|{w.dtype}\n".encode())
-        digest.update(w.view(torch.uint8).numpy().tobytes() if w.numel() else b"")
-    return FINGERPRINT_PREFIX + digest.hexdigest()
-
-
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
-
-
-@dataclass
-class AttachHandle:
-    """What :func:`attach` did to ``model``: the wrapped layers (by base weight key) and the shared bases."""
-
-    model: nn.Module
-    config: RandloraConfig
-    generator: GeneratorSpec
-    shared: SharedBases
-    layers: dict[str, RandloraLayer]          # base weight key ("<module path>.weight") → layer
-    module_names: dict[str, str]              # base weight key → module path
-    base_model_id: str | None = None
-    attached: bool = True
-
-    def parameters(self) -> list[nn.Parameter]:
-        """The trainable λ and γ, in layer order."""
-        return [p for layer in self.layers.values() for p in (layer.randlora_lambda, layer.randlora_gamma)]
-
-    def trainable_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
-
-    def to_adapter(self) -> RandloraAdapter:
-        """The trained state as an in-memory randlora adapter (float32 scales, a base fingerprint)."""
-        lambdas = {k: l.randlora_lambda.detach().float().cpu().clone() for k, l in self.layers.items()}
-        gammas = {k: l.randlora_gamma.detach().float().cpu().clone() for k, l in self.layers.items()}
-        shapes = {k: (l.spec.shape, l.spec.fan_in_fan_out) for k, l in self.layers.items()}
-        fingerprint = base_fingerprint({k: l.base_layer.weight for k, l in self.layers.items()})
-        adapter = build_adapter(generator=self.generator, rank=self.shared.rank, alpha=float(self.config.alpha),
-                                layers=shapes, lambdas=lambdas, gammas=gammas, min_dim=self.shared.min_dim,
-                                max_dim=self.shared.max_dim, checksum=False,
-                                base_model={"id": self.base_model_id, "revision": None, "fingerprint": fingerprint})
-        # the bases the layers trained with are the ones the header describes: checksum them, do not redraw them
-        device = next(iter(self.layers.values())).randlora_lambda.device
-        adapter.header.bases_sha256 = self.shared.on(device).sha256()
-        return adapter
-
-    def save(self, path: str | os.PathLike) -> RandloraAdapter:
-        """Write the randlora file (atomically) and return the adapter written."""
-        adapter = self.to_adapter()
-        write_adapter(adapter, path)
-        return adapter
-
-    @torch.no_grad()
-    def merge(self) -> nn.Module:
-        """Add every ΔW into its base weight (float32 add, one rounding to the weight's dtype) and detach."""
-        for layer in self.layers.values():
-            w = layer.base_layer.weight
-            w.copy_((w.float() + layer.delta()).to(w.dtype))
-        return self.detach()
-
-    def detach(self) -> nn.Module:
-        """Put the original modules back (unmerged) and return the model."""
-        if self.attached:
-            for key, layer in self.layers.items():
-                _set_module(self.model, self.module_names[key], layer.base_layer)
-            self.attached = False
-        return self.model
 
 
 def attach(model: nn.Module, config: RandloraConfig | None = None, *, min_dim: int | None = None,
@@ -135,7 +77,7 @@ def attach(model: nn.Module, config: RandloraConfig | None = None, *, min_dim: i
     for name, module in targets.items():
         key = f"{name}.weight"
         layer = RandloraLayer(module, key, shared, scaling, config.dropout)
-        _set_module(model, name, layer)
+        set_module(model, name, layer)
         layers[key], names[key] = layer, name
     model_id = getattr(getattr(model, "config", None), "_name_or_path", None) or None
     model_id = model_id if isinstance(model_id, str) and not os.path.isabs(model_id) else None
@@ -165,8 +107,8 @@ def load_into(model: nn.Module, path: str | os.PathLike, *, check_fingerprint: b
         for key, layer in handle.layers.items():
             layer.randlora_lambda.copy_(adapter.lambdas[key].float())
             layer.randlora_gamma.copy_(adapter.gammas[key].float())
-    fingerprint = (h.base_model or {}).get("fingerprint")
-    if check_fingerprint and isinstance(fingerprint, str) and fingerprint.startswith(FINGERPRINT_PREFIX):
+    fingerprint = recorded_fingerprint(h.base_model)
+    if check_fingerprint and fingerprint is not None:
         actual = base_fingerprint({k: l.base_layer.weight for k, l in handle.layers.items()})
         if actual != fingerprint:
             handle.detach()

@@ -115,14 +115,35 @@ def _use_merged(mode: str, x, xd, weight, dt, tokens: int, K: int) -> bool:
     return out_f * in_f < tokens * (out_f + in_f)
 
 
+def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype ``torch.autocast`` would run a linear layer on ``x`` in, or None outside autocast."""
+    device = x.device.type
+    if not x.is_floating_point() or not torch.is_autocast_enabled(device):
+        return None
+    return torch.get_autocast_dtype(device)
+
+
 def randlora_linear(x: torch.Tensor, xd: torch.Tensor, weight_outin: torch.Tensor, bias: torch.Tensor | None,
                     lam: torch.Tensor, gam: torch.Tensor, A: torch.Tensor, U_B: torch.Tensor,
                     scaling: float, mode: str = "auto") -> torch.Tensor:
     """The memory-efficient RandLoRA linear: (..., in) → (..., out). See the module docstring for shapes.
 
     ``mode``: ``factored`` never forms ΔW; ``merged`` forms W + s·ΔW transiently (only without dropout and when the
-    weight is in the compute dtype); ``auto`` picks the one with fewer FLOPs for this many tokens."""
-    return RandloraLinearFunction.apply(x, xd, weight_outin, bias, lam, gam, A, U_B, scaling, mode)
+    weight is in the compute dtype); ``auto`` picks the one with fewer FLOPs for this many tokens.
+
+    Under ``torch.autocast`` (dtype d): the base product runs in d, as autocast runs ``nn.Linear``; the adapter
+    path stays float32 (λ, γ are float32 parameters); the output is d. The casts are done here, before the autograd
+    Function, which runs with autocast off, so its backward sees the dtypes its forward saw."""
+    amp = autocast_dtype(x)
+    if amp is None:
+        return RandloraLinearFunction.apply(x, xd, weight_outin, bias, lam, gam, A, U_B, scaling, mode)
+    same = xd is x
+    x = x.to(amp)
+    xd = x if same else xd.to(amp)
+    weight_outin = weight_outin.to(amp)
+    bias = None if bias is None else bias.to(amp)
+    with torch.autocast(x.device.type, enabled=False):
+        return RandloraLinearFunction.apply(x, xd, weight_outin, bias, lam, gam, A, U_B, scaling, mode)
 
 
 def randlora_linear_reference(x: torch.Tensor, xd: torch.Tensor, weight_outin: torch.Tensor,

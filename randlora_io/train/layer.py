@@ -31,6 +31,10 @@ class SharedBases:
             self._by_device[key] = bases
         return self._by_device[key]
 
+    def any(self) -> Bases:
+        """The bases on a device that already holds them (CPU when none does yet)."""
+        return next(iter(self._by_device.values())) if self._by_device else self.on("cpu")
+
 
 def is_conv1d(module: nn.Module) -> bool:
     """transformers' GPT-2 ``Conv1D``: a linear layer whose weight is stored (in, out)."""
@@ -39,7 +43,12 @@ def is_conv1d(module: nn.Module) -> bool:
 
 class RandloraLayer(nn.Module):
     """A frozen ``base_layer`` (nn.Linear or Conv1D) plus trainable ``randlora_lambda`` (r, n) and
-    ``randlora_gamma`` (n, D), float32, initialised as PEFT does: λ = 0 (so ΔW = 0), γ = 1 / max(n, D)."""
+    ``randlora_gamma`` (n, D), float32, initialised as PEFT does: λ = 0 (so ΔW = 0), γ = 1 / max(n, D).
+
+    It exposes what the wrapped layer exposes (``weight``, ``bias``, ``in_features``, ``out_features``, and any other
+    attribute of ``base_layer``), as PEFT's wrappers do: model code such as T5's ``DenseActDense`` reads
+    ``self.wo.weight``. ``merged``: ΔW is in the base weight (the forward is the base layer's); ``disabled``: the
+    adapter is off (the forward is the base layer's). The handle sets both."""
 
     def __init__(self, base_layer: nn.Module, key: str, shared: SharedBases, scaling: float, dropout: float = 0.0):
         super().__init__()
@@ -56,8 +65,35 @@ class RandloraLayer(nn.Module):
         self.randlora_lambda = nn.Parameter(torch.zeros(r, n, device=device))
         self.randlora_gamma = nn.Parameter(torch.full((n, D), 1.0 / max(n, D), device=device))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+        self.disabled = False
         for p in base_layer.parameters():
             p.requires_grad_(False)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_layer":
+                raise
+            return getattr(self.base_layer, name)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's weight (stored orientation; merged weights once the handle merged)."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.base_layer, "bias", None)
+
+    @property
+    def in_features(self) -> int:
+        return self.spec.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.spec.out_features
 
     def weight_outin(self) -> torch.Tensor:
         w = self.base_layer.weight
@@ -68,6 +104,8 @@ class RandloraLayer(nn.Module):
         return self.shared.on(device).for_layer(self.spec.min_dim, self.spec.max_dim, self.spec.num_bases)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged or self.disabled:
+            return self.base_layer(x)
         A, U_B = self.layer_bases(x.device)
         bias = getattr(self.base_layer, "bias", None)
         return randlora_linear(x, self.dropout(x), self.weight_outin(), bias, self.randlora_lambda,
@@ -76,5 +114,9 @@ class RandloraLayer(nn.Module):
     @torch.no_grad()
     def delta(self) -> torch.Tensor:
         """ΔW in the base weight's stored orientation, float32 (the format's reference delta)."""
-        bases = self.shared.on(self.randlora_lambda.device)
-        return reference_delta(self.spec, self.randlora_lambda, self.randlora_gamma, bases.A, bases.B, self.scaling)
+        return self.spec_delta(self.randlora_lambda, self.randlora_gamma, self.shared.on(self.randlora_lambda.device))
+
+    @torch.no_grad()
+    def spec_delta(self, lam: torch.Tensor, gam: torch.Tensor, bases: Bases) -> torch.Tensor:
+        """ΔW of scales ``lam`` (r, n), ``gam`` (n, D) with this layer's shape and scaling, stored orientation, fp32."""
+        return reference_delta(self.spec, lam, gam, bases.A, bases.B, self.scaling)

@@ -28,6 +28,7 @@ from .sources import DeltaSource, RandloraSource, open_source
 from .spec import SPARSE_THRESHOLD, GeneratorSpec, normalisation, num_bases
 
 TARGETS = ("randlora", "peft-randlora", "peft-lora", "dense")
+PEFT_TARGETS = ()  # targets that keep an adapter's modules_to_save / trained biases (none yet)
 
 
 class ConversionError(ValueError, RandloraError):
@@ -113,6 +114,22 @@ def measure_errors(reference: DeltaSource, approx: DeltaSource) -> ConvertReport
     return report
 
 
+def check_extras_fit(source: DeltaSource, to: str) -> None:
+    """Refuse a target that cannot hold what the adapter changes besides ΔW: the tensors PEFT loads over the base
+    (modules_to_save, trained biases; only the PEFT formats keep them) and DoRA layers (not additive)."""
+    if source.replacements and to not in PEFT_TARGETS:
+        key = next(iter(source.replacements))
+        raise ConversionError(
+            f"{source.path}: carries trained tensors that replace the base's ({key!r}…: PEFT modules_to_save or "
+            f"trained biases), which a {to} file cannot hold; merge the adapter, or convert --to peft-lora / "
+            "--to peft-randlora, which keep them")
+    dora = [k for k in source.keys() if source.dora_magnitude(k) is not None]
+    if dora:
+        raise ConversionError(
+            f"{source.path}: {dora[0]!r} is a DoRA layer (use_dora): its update W' = m·(W + ΔW)/‖W + ΔW‖ depends on "
+            f"the base weight and is not a ΔW, so it cannot be converted to {to}; merge it into its base instead")
+
+
 def convert(
     src: str | os.PathLike,
     dst: str | os.PathLike,
@@ -145,6 +162,7 @@ def convert(
     source = open_source(src_p, base_shapes=base_shapes, keep_bases=keep_bases)
     if base is not None:  # no output format carries PEFT's copies of base weights: they must equal BASE's
         check_base_copies(ckpt, str(src_p), source.base_copies)
+    check_extras_fit(source, to)
 
     report = ConvertReport()
     if to in ("randlora", "peft-randlora"):

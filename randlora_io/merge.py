@@ -26,7 +26,9 @@ from .atomic import atomic_directory, check_output_path
 from .checkpoint import INDEX_FILE, Checkpoint, absent_weight_hint, check_base_copies, open_checkpoint
 from .fingerprint import check_fingerprint
 from .errors import BaseModelMismatchError, OutputExistsError, SourceFormatError
+from .keymap import for_checkpoint
 from .merge_layer import PRECISIONS, LayerMerger, add_delta_
+from .merge_terms import apply_term_
 from .progress import progress_bar
 from .sources import DeltaSource, RandloraSource, open_source
 from .stream import stream_rewrite
@@ -62,7 +64,7 @@ def _open_sources(ckpt: Checkpoint, adapters: list[str | os.PathLike | DeltaSour
                                     "give it once with --weight instead")
         seen[resolved] = i
         sources.append(open_source(item, base_shapes=shapes, base_dtype=base_dtype))
-    return sources
+    return [for_checkpoint(source, ckpt.weight_map, ckpt.root) for source in sources]  # keymap.py
 
 
 def check_weights(weights: list[float] | None, count: int) -> list[float]:
@@ -216,6 +218,7 @@ def merge_into_state_dict(
         source = adapter
     else:
         source = open_source(adapter, base_shapes={k: tuple(v.shape) for k, v in state_dict.items()})
+    source = for_checkpoint(source, state_dict.keys())  # plans the tensors it replaces (modules_to_save, biases)
     out = dict(state_dict)
     for key in source.keys():
         if key not in out:
@@ -226,6 +229,6 @@ def merge_into_state_dict(
             raise BaseModelMismatchError(f"{source.path}: {key!r} has shape {list(source.stored_shape(key))}, "
                                          f"the state dict has {list(tensor.shape)}")
         w32 = tensor.detach().to(torch.float32, copy=True)
-        add_delta_(w32, source, key, weight)
+        apply_term_(w32, source, key, weight, lambda inner, inner_key: add_delta_(w32, inner, inner_key, weight))
         out[key] = w32.to(tensor.dtype)
     return out

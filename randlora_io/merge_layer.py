@@ -115,8 +115,11 @@ class LayerMerger:
         The result is a view of the workspace, valid until the call after next (``stream_rewrite``'s contract)."""
         w32 = self.workspace.take("w32", tensor.shape, torch.float32, self.device)
         w32.copy_(tensor)
-        for source, alpha in terms:
-            add_delta_(w32, source, key, alpha, self.kernel, self.workspace, self.precision)
+        from .merge_terms import apply_term_  # here: LayerMerger.__call__ is this file's only DoRA / extras hook
+
+        for source, alpha in terms:  # replace / DoRA-rescale / add ΔW (merge_terms.py); the add keeps its fast paths
+            apply_term_(w32, source, key, alpha, lambda inner, inner_key: add_delta_(
+                w32, inner, inner_key, alpha, self.kernel, self.workspace, self.precision))
         if self.check_finite and not all_finite(w32):
             raise NonFiniteError(f"merged weight {key!r} contains NaN or Inf (from {terms[0][0].path}); "
                                  "nothing was written")

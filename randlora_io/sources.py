@@ -31,6 +31,9 @@ class DeltaSource:
     # base checkpoint key → a copy of that base weight saved with the adapter (PEFT dirs targeting an embedding
     # layer); a merge is only right when BASE holds the same weight
     base_copies: Mapping[str, torch.Tensor] = MappingProxyType({})
+    # base checkpoint key → a trained tensor that replaces the base's (PEFT's modules_to_save and trained biases);
+    # not in ``keys()``: it has no ΔW
+    replacements: Mapping[str, torch.Tensor] = MappingProxyType({})
 
     def keys(self) -> list[str]:
         raise NotImplementedError
@@ -42,6 +45,14 @@ class DeltaSource:
         raise NotImplementedError
 
     def delta(self, key: str, device: str | torch.device = "cpu") -> torch.Tensor:
+        raise NotImplementedError
+
+    def dora_magnitude(self, key: str) -> torch.Tensor | None:
+        """DoRA's magnitude vector m (out,) when ``key`` is a DoRA layer (its ΔW is then not additive), else None."""
+        return None
+
+    def dora_delta(self, key: str, device: str | torch.device = "cpu") -> torch.Tensor:
+        """A DoRA layer's B·A·scaling (float32, stored orientation): the ΔW inside ``m·(W + ΔW)/‖W + ΔW‖``."""
         raise NotImplementedError
 
 
@@ -78,6 +89,15 @@ class LoraSource(DeltaSource):
         return self.layers[key].fan_in_fan_out
 
     def delta(self, key: str, device: str | torch.device = "cpu") -> torch.Tensor:
+        if self.layers[key].magnitude is not None:
+            raise SourceFormatError(f"{self.path}: {key!r} is a DoRA layer: its update W' = m·(W + ΔW)/‖W + ΔW‖ "
+                                    "depends on the base weight and is not additive; merge it into its base instead")
+        return self.layers[key].delta(device)
+
+    def dora_magnitude(self, key: str) -> torch.Tensor | None:
+        return self.layers[key].magnitude
+
+    def dora_delta(self, key: str, device: str | torch.device = "cpu") -> torch.Tensor:
         return self.layers[key].delta(device)
 
 
@@ -155,7 +175,7 @@ def open_source(
     peft = read_peft_dir(path)  # read once: the converter takes the scales, the merge checks the base copies
     if kind == "peft-lora":
         source: DeltaSource = LoraSource(read_peft_lora(peft), str(path))
-        source.base_copies = peft.base_copies
+        source.base_copies, source.replacements = peft.base_copies, peft.replacements
         return source
     shapes = base_shapes if base_shapes is not None else base_shapes_from_config(path)
     if shapes is None:
@@ -166,5 +186,5 @@ def open_source(
     adapter = peft_randlora_to_adapter(peft, shapes, keep_bases=keep_bases, cast_dtype=cast)
     adapter.source = str(path)
     source = RandloraSource(adapter, kind="peft-randlora")
-    source.base_copies = peft.base_copies
+    source.base_copies, source.replacements = peft.base_copies, peft.replacements
     return source

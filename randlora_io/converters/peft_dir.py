@@ -34,6 +34,11 @@ class PeftDir:
     # base checkpoint key → PEFT's saved copy of that base weight (``save_embedding_layers``: when ``lm_head`` or
     # ``embed_tokens`` is targeted PEFT stores the layer's own weight and loads it over the base's)
     base_copies: dict[str, torch.Tensor] = field(default_factory=dict)
+    # base checkpoint key → a trained tensor PEFT loads over the base's and keeps at merge: the modules_to_save
+    # copies (e.g. a classification head) and trained biases (``bias="lora_only"`` / ``"all"``)
+    replacements: dict[str, torch.Tensor] = field(default_factory=dict)
+    # those tensors (and PEFT's frozen ``original_module`` copies) under their saved keys, for writing a PEFT dir again
+    extra_saved: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def peft_type(self) -> str:
@@ -75,8 +80,61 @@ def read_peft_dir(path: str | os.PathLike | PeftDir, expected_type: str | None =
         tensors = _load_weights_only(path / PICKLE_WEIGHTS_FILE)
     else:
         raise SourceFormatError(f"{path}: no {WEIGHTS_FILE} next to {CONFIG_FILE}")
-    base_copies = {base_key_of(k): tensors.pop(k) for k in [k for k in tensors if _is_base_copy(k)]}
-    return PeftDir(path=path, config=config, tensors=tensors, base_copies=base_copies)
+    copies = [k for k in tensors if _is_base_copy(k) and not (_trains_bias(config) and k.endswith(BASE_LAYER + "bias"))]
+    base_copies = {base_key_of(k): tensors.pop(k) for k in copies}
+    replacements, extra_saved = _split_extras(path, config, tensors)
+    return PeftDir(path=path, config=config, tensors=tensors, base_copies=base_copies, replacements=replacements,
+                   extra_saved=extra_saved)
+
+
+def _split_extras(path: Path, config: dict, tensors: dict[str, torch.Tensor]):
+    """Move the tensors PEFT loads over the base model out of ``tensors`` (which keeps only adapter tensors).
+
+    PEFT 0.21.2 saves a ``modules_to_save`` module ``m`` as ``m.<param>`` (its trained copy; with ``bias="all"`` also
+    ``m.modules_to_save.<param>``, the same tensor, and ``m.original_module.<param>``, the frozen original that
+    ``merge_and_unload`` discards), a trained bias of a targeted layer as ``<layer>.base_layer.bias`` and any other
+    trained bias as ``<module>.bias``. Returns ``({base key: tensor}, {saved key: tensor})``."""
+    saved_modules = config.get("modules_to_save") or []
+    if isinstance(saved_modules, str):
+        saved_modules = [saved_modules]
+    trains_bias = _trains_bias(config)
+    replacements: dict[str, torch.Tensor] = {}
+    extra_saved: dict[str, torch.Tensor] = {}
+    for key in list(tensors):
+        if not key.startswith(PEFT_PREFIX) or _is_adapter_tensor(key):
+            continue
+        name = key.removeprefix(PEFT_PREFIX)
+        module, _, param = name.rpartition(".")
+        in_saved = [m for m in saved_modules if isinstance(m, str) and m and _under(module, m)]
+        if ".original_module." in f".{module}." and (in_saved or trains_bias):
+            extra_saved[key] = tensors.pop(key)  # PEFT's frozen copy: discarded by merge_and_unload
+            continue
+        base_key = name.replace(".modules_to_save.", ".", 1).replace(BASE_LAYER, ".", 1)
+        if not (in_saved or (trains_bias and param == "bias")):
+            continue  # left for the converter, which refuses what it does not know
+        tensor = tensors.pop(key)
+        extra_saved[key] = tensor
+        if base_key in replacements and not torch.equal(replacements[base_key], tensor):
+            raise SourceFormatError(f"{path}: holds two different trained copies of {base_key!r}")
+        replacements[base_key] = tensor
+    return replacements, extra_saved
+
+
+def _trains_bias(config: dict) -> bool:
+    """PEFT's ``bias`` option other than "none": trained biases are saved with the adapter."""
+    return config.get("bias", "none") not in (None, "none")
+
+
+def _is_adapter_tensor(saved_key: str) -> bool:
+    """A tensor of the adapter method itself (``lora_A``, ``lora_magnitude_vector``, ``randlora_gamma``, …)."""
+    return any(part.startswith(("lora_", "randlora_")) for part in saved_key.split("."))
+
+
+def _under(module: str, saved_module: str) -> bool:
+    """Whether ``module`` is (inside) a module PEFT's ``modules_to_save`` entry ``saved_module`` names: PEFT wraps
+    every module whose name ends with the entry (``key.endswith(target_key)``)."""
+    parts = module.split(".")
+    return any(".".join(parts[:i]).endswith(saved_module) for i in range(1, len(parts) + 1))
 
 
 def _is_base_copy(saved_key: str) -> bool:

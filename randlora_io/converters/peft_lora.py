@@ -29,6 +29,7 @@ class LoraLayer:
     up: torch.Tensor
     scaling: float
     fan_in_fan_out: bool
+    magnitude: torch.Tensor | None = None  # DoRA's m (out,) when use_dora: the merge rescales W + ΔW (dora.py)
 
     def delta(self, device: str | torch.device = "cpu") -> torch.Tensor:
         """ΔW in the weight's stored orientation, float32."""
@@ -54,15 +55,17 @@ def read_peft_lora(src: str | os.PathLike | PeftDir) -> dict[str, LoraLayer]:
     peft = read_peft_dir(src, expected_type=PEFT_TYPE)
     src = peft.path
     cfg = peft.config
-    if cfg.get("use_dora"):
-        raise SourceFormatError(f"{src}: DoRA adapters are not supported (their update is not additive)")
     r_default, alpha_default = cfg.get("r"), cfg.get("lora_alpha")
     if not isinstance(r_default, int) or r_default <= 0 or not isinstance(alpha_default, (int, float)):
         raise SourceFormatError(f"{src}: adapter_config.json has invalid r or lora_alpha")
     rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
     fan = bool(cfg.get("fan_in_fan_out", False))
     parts: dict[str, dict[str, torch.Tensor]] = {}
+    magnitudes: dict[str, torch.Tensor] = {}
     for key, tensor in peft.tensors.items():
+        if cfg.get("use_dora") and key.endswith(".lora_magnitude_vector") and key.startswith(PEFT_PREFIX):
+            magnitudes[module_of(key, "lora_magnitude_vector")] = tensor
+            continue
         for suffix in ("lora_A.weight", "lora_B.weight"):
             if key.endswith("." + suffix) and key.startswith(PEFT_PREFIX):
                 parts.setdefault(module_of(key, suffix), {})[suffix[5]] = tensor
@@ -82,10 +85,29 @@ def read_peft_lora(src: str | os.PathLike | PeftDir) -> dict[str, LoraLayer]:
         if not (torch.isfinite(down).all() and torch.isfinite(up).all()):
             raise NonFiniteError(f"{src}: {module!r} LoRA factors contain NaN or Inf")
         scaling = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
-        layers[weight_key(module)] = LoraLayer(down=down, up=up, scaling=float(scaling), fan_in_fan_out=fan)
+        layers[weight_key(module)] = LoraLayer(down=down, up=up, scaling=float(scaling), fan_in_fan_out=fan,
+                                               magnitude=_dora_magnitude(src, module, magnitudes, up.shape[0], cfg))
+    for module in set(magnitudes) - set(parts):
+        raise SourceFormatError(f"{src}: {module!r} has a lora_magnitude_vector but no lora_A / lora_B")
     if not layers:
         raise SourceFormatError(f"{src}: the adapter holds no lora_A / lora_B tensors")
     return layers
+
+
+def _dora_magnitude(src, module: str, magnitudes: dict[str, torch.Tensor], out_features: int,
+                    cfg: dict) -> torch.Tensor | None:
+    """The DoRA magnitude m (out,) of ``module``, checked; None for a plain LoRA adapter."""
+    if not cfg.get("use_dora"):
+        return None
+    m = magnitudes.get(module)
+    if m is None:
+        raise SourceFormatError(f"{src}: use_dora is set but {module!r} has no lora_magnitude_vector")
+    if m.ndim != 1 or m.shape[0] != out_features:
+        raise AdapterShapeError(f"{src}: {module!r} lora_magnitude_vector is {list(m.shape)}, expected "
+                                f"[{out_features}] (one per output feature; DoRA on Linear / Conv1D only)")
+    if not torch.isfinite(m).all():
+        raise NonFiniteError(f"{src}: {module!r} lora_magnitude_vector contains NaN or Inf")
+    return m
 
 
 def lora_factors(deltas: dict[str, tuple[torch.Tensor, bool]], rank: int, on_layer=None) -> dict[str, LowRank]:

@@ -1,0 +1,161 @@
+"""Adapter keys → the base checkpoint's keys, the way transformers loads that checkpoint.
+
+PEFT adapters (and ``handle.save``) name weights by the in-memory module path (``vit.layers.0.attention.q_proj``);
+with transformers ≥ 5 some architectures load checkpoints through a conversion mapping, so the keys on disk differ
+(``vit.encoder.layer.0.attention.attention.query.weight``). :func:`for_checkpoint` wraps a :class:`DeltaSource` in a
+:class:`CheckpointView` whose keys are the checkpoint's: each adapter key not in the checkpoint is mapped by running
+transformers' own loading renames (``conversion_mapping.get_model_conversion_mapping`` and
+``core_model_loading.rename_source_key``, on a model built from BASE's ``config.json`` on the meta device) over the
+checkpoint's keys and inverting the result. transformers is needed for that path only: without it, or when every key
+is already in the checkpoint, the names are kept as they are.
+
+Checkpoint tensors that transformers fuses on load (MoE experts stored one tensor per expert, loaded as one 3-D
+parameter) are refused, naming the layer: PEFT's ``target_parameters`` adapters on them are not merged yet.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Collection, Mapping
+from pathlib import Path
+
+import torch
+
+from .errors import BaseModelMismatchError, SourceFormatError
+from .sources import DeltaSource
+
+
+class CheckpointView(DeltaSource):
+    """``inner`` seen in the base checkpoint's key names. Its ``keys()`` are the weights with a ΔW plus the tensors
+    the adapter replaces (``replacements``: PEFT's modules_to_save and trained biases), so a merge plans both; a
+    replaced key has no ΔW (:func:`randlora_io.merge_terms.apply_term_` writes it)."""
+
+    def __init__(self, inner: DeltaSource, rename: Mapping[str, str]):
+        """``rename``: inner key → checkpoint key, for the keys whose names differ (others are kept)."""
+        self.inner, self.kind, self.path = inner, inner.kind, inner.path
+        self._rename = dict(rename)
+        self._to_inner = {ck: ik for ik, ck in self._rename.items()}
+        self.replacements = {self._name(k): v for k, v in inner.replacements.items()}
+        self.base_copies = {self._name(k): v for k, v in inner.base_copies.items()}
+        self._delta_keys = [self._name(k) for k in inner.keys()]
+
+    @property
+    def adapter(self):
+        """The wrapped randlora adapter, if any (its fingerprint and bases are checked before a merge)."""
+        return getattr(self.inner, "adapter", None)
+
+    def _name(self, inner_key: str) -> str:
+        return self._rename.get(inner_key, inner_key)
+
+    def inner_key(self, key: str) -> str:
+        """The wrapped source's name for checkpoint key ``key``."""
+        return self._to_inner.get(key, key)
+
+    def keys(self) -> list[str]:
+        return self._delta_keys + [k for k in self.replacements if k not in set(self._delta_keys)]
+
+    def stored_shape(self, key: str) -> tuple[int, ...]:
+        if key in self.replacements:
+            return tuple(self.replacements[key].shape)
+        return self.inner.stored_shape(self.inner_key(key))
+
+    def fan_in_fan_out(self, key: str) -> bool:
+        return self.inner.fan_in_fan_out(self.inner_key(key))
+
+    def delta(self, key: str, device: str | torch.device = "cpu") -> torch.Tensor:
+        return self.inner.delta(self.inner_key(key), device)
+
+    def dora_magnitude(self, key: str) -> torch.Tensor | None:
+        return self.inner.dora_magnitude(self.inner_key(key))
+
+    def dora_delta(self, key: str, device: str | torch.device = "cpu") -> torch.Tensor:
+        return self.inner.dora_delta(self.inner_key(key), device)
+
+
+def for_checkpoint(source: DeltaSource, base_keys: Collection[str], root: str | Path | None = None) -> DeltaSource:
+    """``source`` in the key names of a base whose tensor keys are ``base_keys`` (``root``: its directory, whose
+    ``config.json`` tells transformers' conversion mapping). Returns ``source`` itself when nothing needs renaming
+    and it replaces no tensor, else a :class:`CheckpointView`. Raises when the adapter replaces a tensor the base lacks,
+    or targets a tensor transformers fuses on load."""
+    base_keys = set(base_keys)
+    wanted = [k for k in [*source.keys(), *source.replacements, *source.base_copies] if k not in base_keys]
+    rename: dict[str, str] = {}
+    if wanted and root is not None:
+        loaded = loaded_names(Path(root), base_keys)
+        for key in wanted:
+            on_disk = loaded.get(key)
+            if on_disk is None:
+                continue
+            if len(on_disk) > 1:
+                raise BaseModelMismatchError(
+                    f"{source.path}: targets {key!r}, a tensor transformers fuses on load from {len(on_disk)} "
+                    f"checkpoint tensors ({on_disk[0]!r}, …) of the base at {root}; merging an adapter on a fused "
+                    "parameter (PEFT target_parameters, e.g. MoE experts) back onto per-expert tensors is not "
+                    "supported: target the per-expert modules or merge with PEFT")
+            rename[key] = on_disk[0]
+    if not rename and not source.replacements:
+        return source
+    view = CheckpointView(source, rename)
+    for key, tensor in view.replacements.items():
+        if key not in base_keys:
+            raise BaseModelMismatchError(
+                f"{source.path}: carries a trained {key!r} (PEFT modules_to_save or a trained bias) that replaces the "
+                f"base's, but the base{f' at {root}' if root else ''} has no such tensor: merge into a checkpoint "
+                "saved from the model class the adapter was trained on (e.g. with its classification head: "
+                "AutoModelForSequenceClassification.from_pretrained(BASE).save_pretrained(DIR))")
+    return view
+
+
+def loaded_names(root: Path, checkpoint_keys: Collection[str]) -> dict[str, list[str]]:
+    """In-memory parameter name → the checkpoint keys transformers loads it from, for the model of ``root``'s
+    ``config.json`` (``architectures[0]``); ``{}`` when transformers, the config or the class is unavailable or the
+    architecture loads checkpoint keys unchanged."""
+    model = _meta_model(root)
+    if model is None:
+        return {}
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+    except ImportError:
+        return {}
+    mapping = get_model_conversion_mapping(model)
+    renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
+    converters = [m for m in mapping if isinstance(m, WeightConverter)]
+    meta_state = model.state_dict()
+    prefix = getattr(model, "base_model_prefix", None) or None
+    out: dict[str, list[str]] = {}
+    for key in sorted(checkpoint_keys):
+        name, _ = rename_source_key(key, renamings, converters, prefix, meta_state)
+        if name not in meta_state and key in meta_state:
+            name = key
+        if name != key or name in out:
+            out.setdefault(name, []).append(key)
+    return {name: keys for name, keys in out.items() if name not in checkpoint_keys or len(keys) > 1}
+
+
+def _meta_model(root: Path):
+    """The ``architectures[0]`` model of ``root/config.json``, built on the meta device (no memory, no weights)."""
+    config_path = root / "config.json"
+    if not config_path.is_file():
+        return None
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        raise SourceFormatError(f"{config_path}: not valid JSON") from None
+    arch = (config.get("architectures") or [None])[0] if isinstance(config, dict) else None
+    if not isinstance(arch, str):
+        return None
+    try:
+        import transformers
+        from transformers import AutoConfig
+    except ImportError:
+        return None
+    cls = getattr(transformers, arch, None)
+    if cls is None:
+        return None
+    try:
+        hf_config = AutoConfig.from_pretrained(str(root), local_files_only=True)
+        with torch.device("meta"):
+            return cls(hf_config)
+    except Exception:  # noqa: BLE001 - an unbuildable config only means no renaming is known
+        return None

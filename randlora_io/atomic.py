@@ -21,12 +21,13 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from .errors import OutputExistsError
+from .errors import OutputExistsError, OutputWriteError, RandloraError
 
 TEMP_MARK = "randlora-io"
 _AT_FDCWD = -100
 _RENAME_NOREPLACE = 1
 _RENAME_EXCHANGE = 2
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EIO}
 
 
 def _resolved(path: str | os.PathLike) -> Path:
@@ -151,6 +152,27 @@ def _swap_in(tmp: Path, dst: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def _naming_write_errors(dst: Path) -> Iterator[None]:
+    """Re-raise an I/O failure while building ``dst`` (OSError, or safetensors' own error for one) as one
+    :class:`OutputWriteError` that names ``dst``: "[Errno 28] No space left on device" alone says nothing of where."""
+    try:
+        yield
+    except RandloraError:
+        raise
+    except OSError as exc:
+        if exc.errno not in _WRITE_ERRNOS:
+            raise  # e.g. an input that cannot be read: its own message names it
+        raise OutputWriteError(f"{dst}: cannot write the output: {exc.strerror or exc}; nothing was written "
+                               "(free space or choose another path)") from None
+    except Exception as exc:
+        if type(exc).__name__ != "SafetensorError":
+            raise
+        reason = str(exc).split("I/O error:")[-1].strip()
+        raise OutputWriteError(f"{dst}: cannot write the output: {reason}; nothing was written (free space or "
+                               "choose another path)") from None
+
+
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
@@ -170,7 +192,8 @@ def atomic_file(dst: str | os.PathLike, overwrite: bool = True) -> Iterator[Path
     os.close(fd)
     tmp_path = Path(tmp)
     try:
-        yield tmp_path
+        with _naming_write_errors(dst):
+            yield tmp_path
         if overwrite:
             _swap_in(tmp_path, dst)
         else:
@@ -193,7 +216,8 @@ def atomic_directory(dst: str | os.PathLike, overwrite: bool = False) -> Iterato
     remove_stale_temps(dst)
     tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(dst), suffix=".tmp", dir=dst.parent))
     try:
-        yield tmp
+        with _naming_write_errors(dst):
+            yield tmp
         _fsync_dir(tmp)  # the entries of the new dir are durable before it is renamed into place
         if overwrite:
             _swap_in(tmp, dst)

@@ -58,3 +58,19 @@ class HubError(OSError, RandloraError):
 
 class AdapterStateError(RuntimeError, RandloraError):
     """An operation that the attached adapter's state does not allow (merge after detach, save while merged, ...)."""
+
+
+class LayerTypeError(ValueError, RandloraError):
+    """A layer's type (Linear or GPT-2 ``Conv1D``, hence its orientation) or dtype cannot be told from the base."""
+
+
+class BasesTooLargeError(ValueError, RandloraError):
+    """Regenerating an adapter's shared bases would exceed the memory budget (SPEC §4.6); nothing was allocated."""
+
+
+class OutputWriteError(OSError, RandloraError):
+    """Writing an output failed (full disk, file size limit, permissions): the message names the output."""
+
+
+class UnsupportedPrecisionError(ValueError, RandloraError):
+    """A merge precision that this adapter or device cannot use (``int8`` needs ternary bases and the CPU)."""

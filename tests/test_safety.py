@@ -294,3 +294,24 @@ def test_config_json_syntax_error_names_the_file(models, tmp_path):
                      check=False)
     assert_one_line_error(result, "config.json")
     assert not (tmp_path / "out").exists()
+
+
+def test_full_disk_during_convert_names_the_output(models, tmp_path):
+    """A file-size limit (EFBIG, like ENOSPC) while safetensors writes: one line naming the output, nothing left."""
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
+
+    for to in ("dense", "peft-randlora"):
+        dst = tmp_path / f"out-{to}"
+        proc = subprocess.run([sys.executable, "-m", "randlora_io", "convert", str(models / "a.safetensors"), str(dst),
+                               "--to", to], preexec_fn=limit, capture_output=True, text=True)
+        assert proc.returncode == 1, proc.stderr
+        err = proc.stderr.strip()
+        assert len(err.splitlines()) == 1 and str(dst) in err and "internal error" not in err, err
+        assert not dst.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(f".{dst.name}")]

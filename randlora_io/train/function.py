@@ -37,6 +37,7 @@ def _scale_grads(dS: torch.Tensor, lam: torch.Tensor, A: torch.Tensor, gam: torc
 
 class RandloraLinearFunction(torch.autograd.Function):
     """``apply(x, xd, weight_outin, bias, lam, gam, A, U_B, scaling, mode)``; x and xd (..., in), returns (..., out).
+    ``xd`` None means xd is x (no dropout): one tensor is never passed twice, which torch.compile cannot trace.
 
     ``weight_outin`` is the frozen base weight viewed as (out, in); A (r, D) and U_B (M, K) are the layer's slices of
     the shared bases (no gradient). The base weight and bias get no gradient (they are frozen)."""
@@ -45,11 +46,13 @@ class RandloraLinearFunction(torch.autograd.Function):
     def forward(ctx, x, xd, weight, bias, lam, gam, A, U_B, scaling: float, mode: str = "auto"):
         out_f, in_f = weight.shape
         dt = _compute_dtype(lam)
+        same = xd is None
+        xd = x if same else xd
         S = scaled_A(lam, A, gam, dt)
         U = U_B.to(dt)
         xf = xd.reshape(-1, in_f).to(dt)
-        merged = _use_merged(mode, x, xd, weight, dt, xf.shape[0], U.shape[1])
-        ctx.merged, ctx.scaling = merged, scaling
+        merged = _use_merged(mode, same, weight, dt, xf.shape[0], U.shape[1])
+        ctx.merged, ctx.scaling, ctx.same = merged, scaling, same
         ctx.save_for_backward(xd, weight, lam, gam, A, U_B)
         if merged:  # W + s·ΔW formed transiently: one GEMM over the tokens instead of three
             return F.linear(x, weight + _delta_outin(U, S, scaling, in_f <= out_f), bias)
@@ -76,7 +79,7 @@ class RandloraLinearFunction(torch.autograd.Function):
         grad_x = grad_xd = None
         if ctx.merged:
             # x and xd are the same tensor here: one gradient through W + s·ΔW
-            if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            if ctx.needs_input_grad[0]:
                 grad_x = grad_out @ (weight + _delta_outin(U, S, s, in_is_min))
             G = gf.T @ xf if in_is_min else xf.T @ gf    # (M, D)
             dS = (U.T @ G).mul_(s)
@@ -94,7 +97,12 @@ class RandloraLinearFunction(torch.autograd.Function):
                     dS = ((xf @ U).T @ gf).mul_(s)
                 else:
                     dS = (U.T @ (xf.T @ gf)).mul_(s)
-            grad_xd = grad_xd.reshape(xd.shape).to(xd.dtype) if ctx.needs_input_grad[1] else None
+            grad_xd = grad_xd.reshape(xd.shape).to(xd.dtype)
+            if ctx.same:  # one input: both paths' gradients go to x
+                grad_x = grad_x + grad_xd if grad_x is not None else None
+                grad_xd = None
+            elif not ctx.needs_input_grad[1]:
+                grad_xd = None
         d_lam, d_gam = _scale_grads(dS, lam.to(dt), A.to(dt), gam.to(dt))
         return grad_x, grad_xd, None, None, d_lam.to(lam.dtype), d_gam.to(gam.dtype), None, None, None, None
 
@@ -104,10 +112,10 @@ def _delta_outin(U: torch.Tensor, S: torch.Tensor, scaling: float, in_is_min: bo
     return delta if in_is_min else delta.T
 
 
-def _use_merged(mode: str, x, xd, weight, dt, tokens: int, K: int) -> bool:
+def _use_merged(mode: str, same: bool, weight, dt, tokens: int, K: int) -> bool:
     """Form W + s·ΔW when there is no dropout (xd is x), the weight is already in the compute dtype (so the base
     product is unchanged), and forming ΔW (M·K·D) costs less than the factored path over the tokens (T·K·(M + D))."""
-    if mode == "factored" or xd is not x or weight.dtype != dt:
+    if mode == "factored" or not same or weight.dtype != dt:
         return False
     if mode == "merged":
         return True
@@ -135,11 +143,12 @@ def randlora_linear(x: torch.Tensor, xd: torch.Tensor, weight_outin: torch.Tenso
     path stays float32 (λ, γ are float32 parameters); the output is d. The casts are done here, before the autograd
     Function, which runs with autocast off, so its backward sees the dtypes its forward saw."""
     amp = autocast_dtype(x)
-    if amp is None:
-        return RandloraLinearFunction.apply(x, xd, weight_outin, bias, lam, gam, A, U_B, scaling, mode)
     same = xd is x
+    if amp is None:
+        return RandloraLinearFunction.apply(x, None if same else xd, weight_outin, bias, lam, gam, A, U_B, scaling,
+                                            mode)
     x = x.to(amp)
-    xd = x if same else xd.to(amp)
+    xd = None if same else xd.to(amp)
     weight_outin = weight_outin.to(amp)
     bias = None if bias is None else bias.to(amp)
     with torch.autocast(x.device.type, enabled=False):

@@ -315,3 +315,25 @@ def test_full_disk_during_convert_names_the_output(models, tmp_path):
         err = proc.stderr.strip()
         assert len(err.splitlines()) == 1 and str(dst) in err and "internal error" not in err, err
         assert not dst.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(f".{dst.name}")]
+
+
+def test_library_warnings_do_not_add_lines_to_a_refusal(models, tmp_path, monkeypatch):
+    """A warning raised by torch or transformers on the way to a refusal stays off stderr (shown with --debug)."""
+    import sys
+    import warnings
+
+    from randlora_io.errors import SourceFormatError
+
+    merge_mod = sys.modules["randlora_io.merge"]
+
+    def noisy(path, *args, **kwargs):
+        warnings.warn("The given buffer is not writable", UserWarning)
+        raise SourceFormatError(f"{path}: refused for the test")
+
+    monkeypatch.setattr(merge_mod, "open_checkpoint", noisy)
+    monkeypatch.setattr(warnings, "showwarning", lambda message, category, filename, lineno, file=None, line=None:
+                        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno)))  # as outside pytest
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        result = run_cli("merge", models / "base", models / "a.safetensors", "-o", tmp_path / "out", check=False)
+    assert_one_line_error(result, "refused for the test")

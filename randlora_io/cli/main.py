@@ -6,6 +6,7 @@ Errors: one line on stderr naming the file and what is wrong, exit 1 (2 for usag
 from __future__ import annotations
 
 import sys
+import warnings
 
 import click
 
@@ -17,6 +18,8 @@ from .errors import _STATE, install_signal_handlers
 def cli(debug: bool) -> None:
     """Read, write, convert, merge, train and share RandLoRA adapters."""
     _STATE["debug"] = debug
+    if not debug:  # library warnings (torch, transformers) would be extra stderr lines around our one-line contract
+        warnings.simplefilter("ignore")
 
 
 def _register() -> None:

@@ -12,11 +12,12 @@ from pathlib import Path
 
 import torch
 
-from .basis import Bases, bases_for_header
+from .basis import Bases, bases_for_header, check_bases_budget
 from .delta import reference_delta
 from .errors import AdapterShapeError, BasisMismatchError, HeaderError, NonFiniteError
 from .safetensors_io import has_metadata_key, load_tensors, read_header, save_safetensors
-from .spec import METADATA_KEY, AdapterHeader, GeneratorSpec, LayerSpec, header_from_json, num_bases, parse_header
+from .spec import (METADATA_KEY, AdapterHeader, GeneratorSpec, LayerSpec, header_from_json, num_bases, parse_header,
+                   shared_dims)
 
 LAMBDA_SUFFIX = ".lambda"
 GAMMA_SUFFIX = ".gamma"
@@ -34,13 +35,18 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 @dataclass
 class RandloraAdapter:
-    """Header plus scales: ``lambdas[key]`` (r, n) and ``gammas[key]`` (n, D), keyed by base weight key."""
+    """Header plus scales: ``lambdas[key]`` (r, n) and ``gammas[key]`` (n, D), keyed by base weight key.
+
+    ``metadata``: the file's other ``__metadata__`` entries, written back unchanged (SPEC §2). ``max_bases_bytes``:
+    the bases budget (SPEC §4.6) for this adapter; None means ``$RANDLORA_IO_MAX_BASES_BYTES`` or 4 GiB."""
 
     header: AdapterHeader
     lambdas: dict[str, torch.Tensor]
     gammas: dict[str, torch.Tensor]
     stored: Bases | None = None
     source: str = "<memory>"
+    metadata: dict[str, str] = field(default_factory=dict)
+    max_bases_bytes: int | None = None
     _bases: dict[str, Bases] = field(default_factory=dict, repr=False)
 
     @property
@@ -50,22 +56,42 @@ class RandloraAdapter:
     def bases(self, device: str | torch.device = "cpu", verify: bool = True) -> Bases:
         """The shared bases (stored ones if present, else regenerated), cached per device.
 
-        When the header has a checksum, regenerated bases are verified against it, so a change in torch's RNG or a
-        buggy reimplementation can never silently yield other bases.
+        When the header has a checksum, the bases are verified against it (SPEC §4.4), so a change in torch's RNG,
+        a corrupt file or a buggy writer can never silently yield other bases. Regeneration is refused over the
+        bases budget (SPEC §4.6) before anything is allocated.
         """
         key = str(torch.device(device))
         if key not in self._bases:
-            bases = self.stored if self.stored is not None else bases_for_header(self.header)
+            cached = self._bases.get("cpu")
+            if cached is not None:  # verified already: move, do not regenerate
+                self._bases[key] = Bases(A=cached.A.to(device), B=cached.B.to(device))
+                return self._bases[key]
+            if self.stored is not None:
+                bases = self.stored
+            else:
+                check_bases_budget(self.header.rank, self.header.min_dim, self.header.max_dim, self.max_bases_bytes,
+                                   source=self.source)
+                bases = bases_for_header(self.header, max_bytes=self.max_bases_bytes)
             if verify and self.header.bases_sha256 is not None:
-                actual = bases.sha256()
-                if actual != self.header.bases_sha256:
-                    raise BasisMismatchError(
-                        f"{self.source}: regenerated bases do not match the header checksum "
-                        f"({actual[:12]}… != {self.header.bases_sha256[:12]}…); this torch/numpy build draws "
-                        "different random numbers; convert with --keep-bases on the machine that made the adapter"
-                    )
+                self._verify(bases)
             self._bases[key] = Bases(A=bases.A.to(device), B=bases.B.to(device))
         return self._bases[key]
+
+    def _verify(self, bases: Bases) -> None:
+        actual, expected = bases.sha256(), self.header.bases_sha256
+        if actual == expected:
+            return
+        found = f"({actual[:12]}… != {expected[:12]}…)"
+        if self.stored is not None:
+            why = "the stored bases do not match the header checksum; the file is corrupt"
+        elif self.header.generator.name == "philox":
+            why = ("the regenerated philox bases do not match the header checksum; philox is exact on every "
+                   "machine, so the header or the checksum is corrupt, or the writer does not follow SPEC.md")
+        else:
+            why = ("the regenerated peft bases do not match the header checksum: this torch build draws different "
+                   "random numbers than the writer's (or the file is corrupt); convert the PEFT dir with "
+                   "--keep-bases on the machine that made the adapter")
+        raise BasisMismatchError(f"{self.source}: {why} {found}")
 
     def delta(self, key: str, device: str | torch.device = "cpu") -> torch.Tensor:
         """The reference ΔW of weight ``key`` in its stored shape, float32."""
@@ -108,8 +134,13 @@ def validate_tensors(adapter: RandloraAdapter) -> None:
                                     f"{list(adapter.stored.B.shape)}; expected {list(expected_A)}, {list(expected_B)}")
 
 
-def read_adapter(path: str | os.PathLike) -> RandloraAdapter:
-    """Read and validate a randlora file. Raises a :class:`~randlora_io.errors.RandloraError` naming the file."""
+def read_adapter(path: str | os.PathLike, *, verify_bases: bool = True,
+                 max_bases_bytes: int | None = None) -> RandloraAdapter:
+    """Read and validate a randlora file. Raises a :class:`~randlora_io.errors.RandloraError` naming the file.
+
+    Every check of SPEC §8 happens here, before the adapter is returned: header, tensors, the bases budget (§4.6,
+    ``max_bases_bytes`` overrides ``$RANDLORA_IO_MAX_BASES_BYTES``) and, with ``verify_bases`` (the default), the
+    checksum of the bases (§4.4; the verified CPU bases are then cached on the adapter)."""
     path = Path(path)
     st = read_header(path)
     text = st.metadata.get(METADATA_KEY)
@@ -123,6 +154,12 @@ def read_adapter(path: str | os.PathLike) -> RandloraAdapter:
     unknown = [n for n in names if not (n.endswith(LAMBDA_SUFFIX) or n.endswith(GAMMA_SUFFIX) or n in (STORED_A, STORED_B))]
     if unknown:
         raise AdapterShapeError(f"{path}: unexpected tensor {unknown[0]!r} (expected '<key>.lambda' / '<key>.gamma')")
+    for name in (STORED_A, STORED_B):
+        if name in st.tensors and st.tensors[name].dtype != "F32":
+            raise AdapterShapeError(f"{path}: stored basis {name!r} is {st.tensors[name].dtype}; SPEC §4.5 stores "
+                                    "the bases as F32 (float32)")
+    if not header.stored_bases:
+        check_bases_budget(header.rank, header.min_dim, header.max_dim, max_bases_bytes, source=str(path))
     tensors = load_tensors(path)
     lambdas = {n[: -len(LAMBDA_SUFFIX)]: t for n, t in tensors.items() if n.endswith(LAMBDA_SUFFIX)}
     gammas = {n[: -len(GAMMA_SUFFIX)]: t for n, t in tensors.items() if n.endswith(GAMMA_SUFFIX)}
@@ -131,8 +168,12 @@ def read_adapter(path: str | os.PathLike) -> RandloraAdapter:
         if not header.stored_bases or STORED_A not in tensors or STORED_B not in tensors:
             raise HeaderError(f"{path}: stored bases present but 'bases.stored' is not set (or one is missing)")
         stored = Bases(A=tensors[STORED_A].float(), B=tensors[STORED_B].float())
-    adapter = RandloraAdapter(header=header, lambdas=lambdas, gammas=gammas, stored=stored, source=str(path))
+    metadata = {k: v for k, v in st.metadata.items() if k != METADATA_KEY}
+    adapter = RandloraAdapter(header=header, lambdas=lambdas, gammas=gammas, stored=stored, source=str(path),
+                              metadata=metadata, max_bases_bytes=max_bases_bytes)
     validate_tensors(adapter)
+    if verify_bases and header.bases_sha256 is not None:
+        adapter.bases("cpu")
     return adapter
 
 
@@ -146,7 +187,7 @@ def write_adapter(adapter: RandloraAdapter, path: str | os.PathLike) -> None:
     if adapter.header.stored_bases and adapter.stored is not None:
         tensors[STORED_A] = adapter.stored.A.detach().cpu().float()
         tensors[STORED_B] = adapter.stored.B.detach().cpu().float()
-    save_safetensors(tensors, path, metadata={METADATA_KEY: adapter.header.dumps()})
+    save_safetensors(tensors, path, metadata={**adapter.metadata, METADATA_KEY: adapter.header.dumps()})
 
 
 def is_randlora_file(path: str | os.PathLike) -> bool:
@@ -196,10 +237,7 @@ def peft_shared_dims(layers) -> tuple[int, int]:
     """PEFT's ``_find_dim``: the elementwise max of (out, in) over all layers, then its (min, max).
 
     ``layers`` iterates (stored shape, fan_in_fan_out). Note this is not max of the per-layer minima: with
-    (96, 64) and (64, 96) layers the shared ``min_dim`` is 96.
+    (96, 64) and (64, 96) layers the shared ``min_dim`` is 96. Zero-size layers raise :class:`AdapterShapeError`
+    (:func:`randlora_io.spec.shared_dims`, the rule a header's ``bases`` must follow).
     """
-    max_out = max_in = 0
-    for shape, fan in layers:
-        out_f, in_f = (shape[1], shape[0]) if fan else (shape[0], shape[1])
-        max_out, max_in = max(max_out, out_f), max(max_in, in_f)
-    return min(max_out, max_in), max(max_out, max_in)
+    return shared_dims(layers)

@@ -10,13 +10,18 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from .errors import BasesTooLargeError, HeaderError
 from .philox import MATRIX_A, MATRIX_B, basis_bits_numpy, basis_bits_torch
 from .spec import AdapterHeader, GeneratorSpec, num_bases
+
+BASES_BUDGET_ENV = "RANDLORA_IO_MAX_BASES_BYTES"
+DEFAULT_MAX_BASES_BYTES = 4 * 2**30  # SPEC §4.6: 4 GiB of float32 bases (a 70B model without lm_head needs ~1 GB)
 
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _ROW_CHUNK = 512  # rows of B generated at a time by the torch philox path, to bound int64 temporaries
@@ -40,6 +45,49 @@ class Bases:
         """Views ``A[:, :min_dim]`` (r, D) and ``B[:max_dim, :n·r]`` (M, n·r) for one layer."""
         r = self.A.shape[0]
         return self.A[:, :min_dim], self.B[:max_dim, : n * r]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# size and budget (SPEC §4.6)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def bases_nbytes(rank: int, min_dim: int, max_dim: int) -> int:
+    """Bytes of the float32 bases A (r, min_dim) and B (max_dim, ceil(min_dim / r)·r)."""
+    return 4 * (rank * min_dim + max_dim * num_bases(min_dim, rank) * rank)
+
+
+def bases_budget(max_bytes: int | None = None) -> int:
+    """The budget in bytes: ``max_bytes`` when given, else ``$RANDLORA_IO_MAX_BASES_BYTES``, else 4 GiB."""
+    if max_bytes is not None:
+        return int(max_bytes)
+    text = os.environ.get(BASES_BUDGET_ENV)
+    if text is None or not text.strip():
+        return DEFAULT_MAX_BASES_BYTES
+    try:
+        value = int(text.strip())
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise HeaderError(f"{BASES_BUDGET_ENV}={text!r} must be a number of bytes (a non-negative integer)")
+    return value
+
+
+def check_bases_budget(rank: int, min_dim: int, max_dim: int, max_bytes: int | None = None,
+                       source: str = "bases") -> None:
+    """Refuse, before anything is allocated, bases that are ill-sized or larger than the budget (SPEC §4.6).
+
+    Raises :class:`HeaderError` unless 1 ≤ rank ≤ min_dim ≤ max_dim, :class:`BasesTooLargeError` over budget."""
+    if not (1 <= rank <= min_dim <= max_dim):
+        raise HeaderError(f"{source}: bases need 1 <= rank <= min_dim <= max_dim, got rank {rank}, "
+                          f"min_dim {min_dim}, max_dim {max_dim}")
+    need, budget = bases_nbytes(rank, min_dim, max_dim), bases_budget(max_bytes)
+    if need > budget:
+        raise BasesTooLargeError(
+            f"{source}: the shared bases (rank {rank}, min_dim {min_dim}, max_dim {max_dim}) need "
+            f"{need / 2**30:.2f} GiB, above the {budget / 2**30:.2f} GiB budget; if the adapter is genuine, raise it "
+            f"with {BASES_BUDGET_ENV}=<bytes> (or max_bases_bytes=)"
+        )
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -145,14 +193,17 @@ def spec_bases_to_peft(bases: Bases, rank: int, dtype: torch.dtype = torch.float
 
 
 def generate_bases(generator: GeneratorSpec, rank: int, min_dim: int, max_dim: int,
-                   device: str | torch.device = "cpu") -> Bases:
-    """The shared bases for ``generator`` sized (r, min_dim) and (max_dim, ceil(min_dim/r)·r), float32."""
+                   device: str | torch.device = "cpu", max_bytes: int | None = None) -> Bases:
+    """The shared bases for ``generator`` sized (r, min_dim) and (max_dim, ceil(min_dim/r)·r), float32.
+
+    Refuses sizes over the budget before allocating (:func:`check_bases_budget`; ``max_bytes`` overrides it)."""
+    check_bases_budget(rank, min_dim, max_dim, max_bytes)
     if generator.name == "philox":
         return _philox_bases(generator, rank, min_dim, max_dim, device)
     bases = peft_bases_to_spec(*peft_bases_raw(generator, rank, min_dim, max_dim))
     return Bases(A=bases.A.to(device), B=bases.B.to(device))
 
 
-def bases_for_header(header: AdapterHeader, device: str | torch.device = "cpu") -> Bases:
+def bases_for_header(header: AdapterHeader, device: str | torch.device = "cpu", max_bytes: int | None = None) -> Bases:
     """Generate the bases a header describes (no checksum verification; see ``RandloraAdapter.bases``)."""
-    return generate_bases(header.generator, header.rank, header.min_dim, header.max_dim, device)
+    return generate_bases(header.generator, header.rank, header.min_dim, header.max_dim, device, max_bytes)

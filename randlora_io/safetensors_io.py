@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from .atomic import atomic_directory, atomic_file  # noqa: F401 - re-exported: writers import them from here
 from .errors import SafetensorsFormatError
 
-MAX_HEADER_BYTES = 100 * 1024 * 1024  # same bound as the safetensors reference implementation
+MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit (SPEC §1): safe_open refuses one byte more
 MAX_METADATA_BYTES = 16 * 1024 * 1024
 
 DTYPE_SIZES: dict[str, int] = {

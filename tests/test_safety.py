@@ -337,3 +337,38 @@ def test_library_warnings_do_not_add_lines_to_a_refusal(models, tmp_path, monkey
         warnings.simplefilter("always")
         result = run_cli("merge", models / "base", models / "a.safetensors", "-o", tmp_path / "out", check=False)
     assert_one_line_error(result, "refused for the test")
+
+
+@pytest.mark.parametrize("key, value, fragment", [
+    ("alpha_pattern", 1, "alpha_pattern"),
+    ("alpha_pattern", {"q_proj": "8"}, "alpha_pattern"),
+    ("rank_pattern", {"q_proj[": 4}, "regular expression"),
+    ("rank_pattern", {"q_proj": 0}, "rank_pattern"),
+    ("r", True, "'r'"),
+    ("lora_alpha", "16", "lora_alpha"),
+    ("target_modules", [1, 2], "target_modules"),
+    ("fan_in_fan_out", "yes", "fan_in_fan_out"),
+])
+def test_bad_peft_config_values_give_one_line(tmp_path, key, value, fragment):
+    from tiny_models import peft_lora
+
+    folder = tmp_path / "lora"
+    peft_lora(tiny_llama(), r=2, targets=["q_proj"]).save_pretrained(folder)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config[key] = value
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    before = _digest(folder)
+    for args in (("inspect", folder), ("convert", folder, tmp_path / "d.safetensors", "--to", "dense")):
+        result = run_cli(*args, check=False)
+        assert_one_line_error(result, "adapter_config.json", fragment)
+    assert _digest(folder) == before
+
+
+def test_projection_prng_key_true_is_refused(tmp_path, models):
+    folder = tmp_path / "peft"
+    shutil.copytree(models / "peft", folder)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config["projection_prng_key"] = True
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    result = run_cli("merge", models / "base", folder, "-o", tmp_path / "out", check=False)
+    assert_one_line_error(result, "projection_prng_key")

@@ -15,6 +15,7 @@ import torch
 
 from ..archive_guard import check_archive_size
 from ..errors import SourceFormatError, UnsafeCheckpointError
+from .peft_config import check_peft_config
 from ..safetensors_io import atomic_directory, load_tensors
 
 CONFIG_FILE = "adapter_config.json"
@@ -56,10 +57,11 @@ def read_peft_config(path: str | os.PathLike) -> dict:
         config = json.loads(cfg_path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise SourceFormatError(f"{path}: no {CONFIG_FILE}; not a PEFT adapter directory") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise SourceFormatError(f"{cfg_path}: not valid JSON ({exc})") from None
     if not isinstance(config, dict):
         raise SourceFormatError(f"{cfg_path}: must be a JSON object")
+    check_peft_config(config, cfg_path)
     return config
 
 

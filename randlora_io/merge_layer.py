@@ -12,15 +12,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .errors import NonFiniteError
+from .errors import NonFiniteError, UnsupportedPrecisionError
 from .sources import DeltaSource, RandloraSource
 
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "int8", "bf16")
 _BF16_ROWS = 1024  # rows of ΔW per bf16 GEMM: bounds the ΔW buffer and oneDNN's per-shape scratch memory
 
 
 def add_delta_(weight32: torch.Tensor, source: DeltaSource, key: str, alpha: float, kernel: str = "auto",
-               workspace: Workspace | None = None, precision: str = "fp32") -> None:
+               workspace: Workspace | None = None, precision: str = "auto") -> None:
     """``weight32 += alpha · ΔW[key]`` in place (float32, stored orientation); ``workspace`` holds S between calls.
 
     RandLoRA sources take a fast path: on CUDA (``kernel`` auto or triton) the Triton kernel
@@ -28,8 +28,16 @@ def add_delta_(weight32: torch.Tensor, source: DeltaSource, key: str, alpha: flo
     the prebuilt shared bases B (M, r·n) with S = λ ⊗ A ⊗ γ (r·n, D), straight into the weight (or its transposed
     view). No ΔW is materialised. Their oracle is :func:`randlora_io.delta.reference_delta`.
 
-    ``precision="bf16"`` (opt-in, any device, torch path): B and S rounded to bf16, one bf16 GEMM with fp32
-    accumulation, ΔW rounded to bf16 (as PEFT does for bf16 models), then added in float32. Error ≈ 2⁻⁸ of |ΔW|.
+    ``precision``:
+
+    - ``"fp32"``: exactly the above (float32 ``addmm_``); the reference every other path is tested against.
+    - ``"auto"`` (default): on the CPU, ternary bases (sparse / very_sparse kinds, ``B = c·b``) take the fastest path
+      of float32 class (:mod:`randlora_io.ternary_merge`): a CSR product for very sparse bases (density ≤ 1/16), the
+      exact int8-limb GEMMs on CPUs with AMX int8, else the float32 ``addmm_``; dense bases and CUDA as ``"fp32"``.
+    - ``"int8"``: the int8-limb GEMMs (ternary bases only; CPU only): ΔW within
+      ``|s·c|·nnz·2^e·0.51/254² + 5·2⁻²⁴·|ΔW|`` of the exact product (see ``ternary_merge``), any CPU.
+    - ``"bf16"`` (opt-in, any device, torch path): B and S rounded to bf16, one bf16 GEMM with fp32
+      accumulation, ΔW rounded to bf16 (as PEFT does for bf16 models), then added in float32. Error ≈ 2⁻⁸ of |ΔW|.
     """
     if isinstance(source, RandloraSource):
         from .delta import scaled_A
@@ -38,7 +46,7 @@ def add_delta_(weight32: torch.Tensor, source: DeltaSource, key: str, alpha: flo
         layer = adapter.layers[key]
         bases = adapter.bases(weight32.device)
         scale = alpha * adapter.header.scaling
-        if precision == "fp32" and (kernel == "triton" or (kernel == "auto" and weight32.is_cuda)):
+        if precision in ("fp32", "auto") and (kernel == "triton" or (kernel == "auto" and weight32.is_cuda)):
             from .kernels.merge_triton import merge_layer_triton_
 
             merge_layer_triton_(weight32, layer, adapter.lambdas[key], adapter.gammas[key], bases.A, bases.B, scale)
@@ -49,12 +57,41 @@ def add_delta_(weight32: torch.Tensor, source: DeltaSource, key: str, alpha: flo
         S = scaled_A(lam, A, gam, out=workspace.take("S", (*lam.shape, A.shape[1]), torch.float32, A.device))
         stored_is_md = (layer.in_features == layer.min_dim) != layer.fan_in_fan_out
         target = weight32 if stored_is_md else weight32.T
-        if precision == "fp32":
+        if precision == "bf16":
+            _addmm_bf16_(target, B, S, scale, workspace)
+        elif precision == "fp32" or not _add_ternary_(target, bases.B, S, scale, workspace, precision, source.path):
             target.addmm_(B, S, alpha=scale)
-            return
-        _addmm_bf16_(target, B, S, scale, workspace)
     else:
         weight32.add_(source.delta(key, weight32.device), alpha=alpha)
+
+
+def _add_ternary_(target: torch.Tensor, B_full: torch.Tensor, S: torch.Tensor, scale: float, workspace: Workspace,
+                  precision: str, path: object) -> bool:
+    """The ``auto`` / ``int8`` choice for one layer (target (M, D) fp32, S (K, D) fp32, B_full the model-wide bases):
+    adds ΔW and returns True when a ternary fast path ran; False leaves the float32 ``addmm_`` to the caller
+    (dense bases under ``auto``, and a non-finite S, which the float path carries to the merge's finite check)."""
+    from .ternary_merge import CSR_MAX_DENSITY, add_ternary_csr_, add_ternary_int8_, has_fast_int8, ternary_basis
+
+    if target.is_cuda:
+        if precision == "int8":
+            raise UnsupportedPrecisionError("--precision int8 is a CPU path; on CUDA the Triton kernel merges in "
+                                            "float32: use --precision auto or fp32, or --device cpu")
+        return False
+    basis = ternary_basis(B_full)
+    if basis is None:
+        if precision == "int8":
+            raise UnsupportedPrecisionError(f"{path}: --precision int8 needs ternary bases (a sparse or very_sparse "
+                                            "adapter); these are dense: use --precision auto, fp32 or bf16")
+        return False
+    if not all_finite(S):
+        return False
+    if precision == "auto" and basis.density <= CSR_MAX_DENSITY:
+        add_ternary_csr_(target, basis, S, scale)
+    elif precision == "int8" or has_fast_int8():
+        add_ternary_int8_(target, basis, S, scale, workspace)
+    else:
+        return False
+    return True
 
 
 def _addmm_bf16_(target: torch.Tensor, B: torch.Tensor, S: torch.Tensor, scale: float, workspace: Workspace) -> None:

@@ -23,6 +23,7 @@ from .converters.peft_lora import lora_factors, write_peft_lora
 from .converters.peft_randlora import adapter_to_peft_randlora
 from .errors import OutputExistsError, RandloraError
 from .fit import fit_scales
+from .keymap import open_loaded
 from .progress import progress_bar
 from .sources import DeltaSource, RandloraSource, open_source
 from .spec import SPARSE_THRESHOLD, GeneratorSpec, normalisation, num_bases
@@ -159,7 +160,8 @@ def convert(
     if base is not None:
         ckpt = open_checkpoint(base)
         base_shapes = {k: ckpt.shape(k) for k in ckpt.weight_map}
-    source = open_source(src_p, base_shapes=base_shapes, keep_bases=keep_bases)
+    source = open_loaded(lambda base_: open_source(src_p, base_shapes=base_, keep_bases=keep_bases), base_shapes,
+                         base)  # keymap.py
     if base is not None:  # no output format carries PEFT's copies of base weights: they must equal BASE's
         check_base_copies(ckpt, str(src_p), source.base_copies)
     check_extras_fit(source, to)

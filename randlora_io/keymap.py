@@ -15,14 +15,19 @@ parameter) are refused, naming the layer: PEFT's ``target_parameters`` adapters 
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
 from .errors import BaseModelMismatchError, SourceFormatError
 from .sources import DeltaSource
+
+B = TypeVar("B")
 
 
 class CheckpointView(DeltaSource):
@@ -106,11 +111,45 @@ def for_checkpoint(source: DeltaSource, base_keys: Collection[str], root: str | 
     return view
 
 
+def open_loaded(open_fn: Callable[[B], DeltaSource], base: B, root: str | Path | None) -> DeltaSource:
+    """``open_fn(base)``; if the adapter names a weight the base lacks (:class:`BaseModelMismatchError`), again with
+    ``base`` also holding the names transformers loads its tensors under (:func:`with_loaded_names`), so an adapter
+    in in-memory module names opens against a checkpoint that stores them under other keys. transformers is only
+    imported in that second case. ``base``: the base's shapes (a dict) or a ``BaseModelInfo``."""
+    try:
+        return open_fn(base)
+    except BaseModelMismatchError:
+        aliased = with_loaded_names(base, root)
+        if aliased is base:
+            raise
+    return open_fn(aliased)
+
+
+def with_loaded_names(base: B, root: str | Path | None) -> B:
+    """``base`` (shapes dict, or a ``BaseModelInfo`` with ``shapes`` and ``dtypes``) plus an alias for each tensor
+    transformers loads under another name (1:1 renames only; fused tensors get none). ``base`` itself when none."""
+    shapes = base.shapes if hasattr(base, "shapes") else base
+    names = loaded_names(Path(root), tuple(shapes)) if root is not None else {}
+    alias = {name: keys[0] for name, keys in names.items() if len(keys) == 1 and name not in shapes}
+    if not alias:
+        return base
+    new_shapes = {**shapes, **{name: shapes[key] for name, key in alias.items()}}
+    if not hasattr(base, "shapes"):
+        return new_shapes
+    dtypes = {**base.dtypes, **{name: base.dtypes[key] for name, key in alias.items() if key in base.dtypes}}
+    return dataclasses.replace(base, shapes=new_shapes, dtypes=dtypes)
+
+
 def loaded_names(root: Path, checkpoint_keys: Collection[str]) -> dict[str, list[str]]:
     """In-memory parameter name → the checkpoint keys transformers loads it from, for the model of ``root``'s
     ``config.json`` (``architectures[0]``); ``{}`` when transformers, the config or the class is unavailable or the
     architecture loads checkpoint keys unchanged."""
-    model = _meta_model(root)
+    return _loaded_names(str(root), tuple(sorted(checkpoint_keys)))
+
+
+@functools.lru_cache(maxsize=4)
+def _loaded_names(root: str, checkpoint_keys: tuple[str, ...]) -> dict[str, list[str]]:
+    model = _meta_model(Path(root))
     if model is None:
         return {}
     try:
@@ -124,7 +163,7 @@ def loaded_names(root: Path, checkpoint_keys: Collection[str]) -> dict[str, list
     meta_state = model.state_dict()
     prefix = getattr(model, "base_model_prefix", None) or None
     out: dict[str, list[str]] = {}
-    for key in sorted(checkpoint_keys):
+    for key in checkpoint_keys:
         name, _ = rename_source_key(key, renamings, converters, prefix, meta_state)
         if name not in meta_state and key in meta_state:
             name = key

@@ -26,7 +26,7 @@ from .atomic import atomic_directory, check_output_path
 from .checkpoint import INDEX_FILE, Checkpoint, absent_weight_hint, check_base_copies, open_checkpoint
 from .fingerprint import check_fingerprint
 from .errors import BaseModelMismatchError, OutputExistsError, SourceFormatError
-from .keymap import for_checkpoint
+from .keymap import for_checkpoint, open_loaded
 from .merge_layer import PRECISIONS, LayerMerger, add_delta_
 from .merge_terms import apply_term_
 from .progress import progress_bar
@@ -63,7 +63,8 @@ def _open_sources(ckpt: Checkpoint, adapters: list[str | os.PathLike | DeltaSour
             raise SourceFormatError(f"{item}: adapter listed twice (positions {seen[resolved] + 1} and {i + 1}); "
                                     "give it once with --weight instead")
         seen[resolved] = i
-        sources.append(open_source(item, base_shapes=shapes, base_dtype=base_dtype))
+        sources.append(open_loaded(lambda base: open_source(item, base_shapes=base, base_dtype=base_dtype), shapes,
+                                   ckpt.root))  # keymap.py
     return [for_checkpoint(source, ckpt.weight_map, ckpt.root) for source in sources]  # keymap.py
 
 

@@ -82,11 +82,30 @@ def read_peft_dir(path: str | os.PathLike | PeftDir, expected_type: str | None =
         tensors = _load_weights_only(path / PICKLE_WEIGHTS_FILE)
     else:
         raise SourceFormatError(f"{path}: no {WEIGHTS_FILE} next to {CONFIG_FILE}")
+    _refuse_target_parameters(path, config, tensors)
     copies = [k for k in tensors if _is_base_copy(k) and not (_trains_bias(config) and k.endswith(BASE_LAYER + "bias"))]
     base_copies = {base_key_of(k): tensors.pop(k) for k in copies}
     replacements, extra_saved = _split_extras(path, config, tensors)
     return PeftDir(path=path, config=config, tensors=tensors, base_copies=base_copies, replacements=replacements,
                    extra_saved=extra_saved)
+
+
+def _refuse_target_parameters(path: Path, config: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """PEFT's ``target_parameters`` adapt raw parameters (``ParamWrapper``), e.g. the fused 3-D MoE expert tensors
+    transformers ≥ 5 builds in memory from per-expert checkpoint tensors: refused, naming the layer, because
+    splitting that ΔW back onto the per-expert tensors is not implemented (merging the rest alone would be wrong)."""
+    params = config.get("target_parameters")
+    if not params:
+        return
+    params = [params] if isinstance(params, str) else [p for p in params if isinstance(p, str)]
+    layer = next((key.removeprefix(PEFT_PREFIX).rsplit(".lora_", 1)[0] for key in tensors
+                  if any(key.removeprefix(PEFT_PREFIX).startswith(p.rsplit(".", 1)[0])
+                         or f".{p.rsplit('.', 1)[0]}." in key for p in params)), None)
+    where = f"layer {layer!r}, " if layer else ""
+    raise SourceFormatError(
+        f"{path}: adapts raw parameters ({where}target_parameters {params}: PEFT ParamWrapper, e.g. fused MoE "
+        "experts), which is not supported: transformers stores those tensors per expert on disk and splitting the "
+        "update onto them is not implemented; merge this adapter with PEFT's merge_and_unload")
 
 
 def _split_extras(path: Path, config: dict, tensors: dict[str, torch.Tensor]):

@@ -117,48 +117,6 @@ def tiny_vit_classifier(seed: int = 0, dtype: torch.dtype = torch.float32, label
     return ViTForImageClassification(config).to(dtype).eval()
 
 
-def tiny_bert_classifier(seed: int = 0, dtype: torch.dtype = torch.float32, labels: int = 3):
-    """A BertForSequenceClassification (every Linear has a bias; ``classifier`` is the head PEFT's SEQ_CLS saves)."""
-    from transformers import BertConfig, BertForSequenceClassification
-
-    torch.manual_seed(seed)
-    config = BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=48,
-                        vocab_size=64, max_position_embeddings=32, num_labels=labels)
-    return BertForSequenceClassification(config).to(dtype).eval()
-
-
-def tiny_llama_classifier(seed: int = 0, dtype: torch.dtype = torch.float32, labels: int = 3):
-    """A LlamaForSequenceClassification (its ``score`` head has no bias)."""
-    from transformers import LlamaConfig, LlamaForSequenceClassification
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=64, max_position_embeddings=32, num_labels=labels,
-                         pad_token_id=0)
-    return LlamaForSequenceClassification(config).to(dtype).eval()
-
-
-def randomize_trainable(peft_model, seed: int = 3):
-    """Give every trainable parameter (adapter, modules_to_save copy, trained bias) N(0, 0.1²) values, as if trained."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in peft_model.named_parameters():
-            if p.requires_grad:
-                p.copy_((torch.randn(p.shape, generator=gen) * 0.1).to(p.dtype))
-    return peft_model
-
-
-def tiny_vit_classifier(seed: int = 0, dtype: torch.dtype = torch.float32, labels: int = 3):
-    """A ViTForImageClassification: in memory ``vit.layers.N.attention.q_proj``, on disk (transformers ≥ 5)
-    ``vit.encoder.layer.N.attention.attention.query``."""
-    from transformers import ViTConfig, ViTForImageClassification
-
-    torch.manual_seed(seed)
-    config = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
-                       image_size=16, patch_size=8, num_labels=labels)
-    return ViTForImageClassification(config).to(dtype).eval()
-
-
 def tiny_mixtral(seed: int = 0, dtype: torch.dtype = torch.float32):
     """A MixtralForCausalLM: experts fused in memory (``mlp.experts.gate_up_proj`` (E, 2I, h)), stored per expert on
     disk (``block_sparse_moe.experts.N.w1.weight``) by transformers ≥ 5."""

@@ -244,6 +244,9 @@ def valid_cases() -> list[tuple[str, str, FileCase]]:
     for layer in c.header["layers"].values():
         del layer["fan_in_fan_out"], layer["dtype"]  # the defaults: false, float32
     cases.append(("v1.0 minimal, defaults", "§2 defaults; a 1.0 file stays valid", c))
+    c = FileCase(layers={"m.a.weight": ([6, 4], False), "m.b.weight": ([2, 8], False)})  # _find_dim (6, 8)
+    del c.header["layers"]["m.b.weight"]["fan_in_fan_out"]  # read as true, the layers would imply (4, 8)
+    cases.append(("fan_in_fan_out absent beside an explicit false", "§6 fan_in_fan_out defaults to false", c))
     cases.append(("v1.1 philox dense with checksum", "§2, §4.4", FileCase(base_model={"id": "org/m", "revision": None})))
     c = FileCase(version="1.7", base_model={"id": "org/m", "x_base": [1, 2]})
     c.header["x_top"] = {"note": "kept"}

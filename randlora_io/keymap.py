@@ -84,6 +84,7 @@ def for_checkpoint(source: DeltaSource, base_keys: Collection[str], root: str | 
     or targets a tensor transformers fuses on load."""
     base_keys = set(base_keys)
     wanted = [k for k in [*source.keys(), *source.replacements, *source.base_copies] if k not in base_keys]
+    _refuse_multihead_attention(source, wanted, base_keys)
     rename: dict[str, str] = {}
     if wanted and root is not None:
         loaded = loaded_names(Path(root), base_keys)
@@ -109,6 +110,19 @@ def for_checkpoint(source: DeltaSource, base_keys: Collection[str], root: str | 
                 "saved from the model class the adapter was trained on (e.g. with its classification head: "
                 "AutoModelForSequenceClassification.from_pretrained(BASE).save_pretrained(DIR))")
     return view
+
+
+def _refuse_multihead_attention(source: DeltaSource, missing: list[str], base_keys: set[str]) -> None:
+    """PEFT's LoRA on an ``nn.MultiheadAttention`` adapts its fused ``in_proj_weight`` and, nested under
+    ``base_layer.out_proj``, its ``out_proj``: not supported here; refuse naming the layer instead of a guess."""
+    for key in missing:
+        module = key.removesuffix(".weight")
+        layer = module.split(".base_layer.", 1)[0] if ".base_layer.out_proj" in module else module
+        if f"{layer}.in_proj_weight" in base_keys:
+            raise BaseModelMismatchError(
+                f"{source.path}: adapts {layer!r}, an nn.MultiheadAttention (its weights are in_proj_weight and "
+                "out_proj.weight): PEFT's LoRA on a whole MultiheadAttention layer is not supported; merge this "
+                "adapter with PEFT's merge_and_unload, or target other layers")
 
 
 def open_loaded(open_fn: Callable[[B], DeltaSource], base: B, root: str | Path | None) -> DeltaSource:

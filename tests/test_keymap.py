@@ -89,3 +89,29 @@ def test_moe_target_parameters_adapter_is_refused_naming_the_layer(tmp_path):
     assert_one_line_error(result, "model.layers.0.mlp.experts", "target_parameters", "per expert")
     assert "another architecture" not in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_lora_on_multihead_attention_is_refused_naming_the_layer(tmp_path):
+    """PEFT LoRA on an nn.MultiheadAttention (fused in_proj_weight, nested out_proj): refused with the reason,
+    not "another architecture?"."""
+    from tiny_models import tiny_siglip_vision
+
+    tiny_siglip_vision().save_pretrained(tmp_path / "base")
+    peft_lora(tiny_siglip_vision(), targets=["attention"]).save_pretrained(tmp_path / "adapter")
+    result = run_cli("merge", tmp_path / "base", tmp_path / "adapter", "-o", tmp_path / "out", check=False)
+    assert_one_line_error(result, "head.attention", "MultiheadAttention")
+    assert "another architecture" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_vit_randlora_converted_with_base_merges_like_peft(tmp_path):
+    """convert --to randlora --base keeps the in-memory names; merging that file maps them onto the checkpoint."""
+    tiny_vit_classifier().save_pretrained(tmp_path / "base")
+    peft_model = peft_randlora(tiny_vit_classifier(), targets=VIT_TARGETS)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    expected = _merged_by_peft(peft_model, tmp_path / "peft_merged")
+    run_cli("convert", tmp_path / "adapter", tmp_path / "a.randlora", "--to", "randlora", "--base", tmp_path / "base")
+    run_cli("merge", tmp_path / "base", tmp_path / "a.randlora", "-o", tmp_path / "out")
+    merged = load_file(str(tmp_path / "out" / "model.safetensors"))
+    for key, tensor in merged.items():
+        torch.testing.assert_close(tensor, expected[key], rtol=1e-5, atol=1e-6, msg=key)

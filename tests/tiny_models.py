@@ -127,3 +127,13 @@ def tiny_mixtral(seed: int = 0, dtype: torch.dtype = torch.float32):
                            num_key_value_heads=2, vocab_size=64, num_local_experts=4, num_experts_per_tok=2,
                            max_position_embeddings=32, tie_word_embeddings=False)
     return MixtralForCausalLM(config).to(dtype).eval()
+
+
+def tiny_siglip_vision(seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A SiglipVisionModel: its pooling head ``head.attention`` is an ``nn.MultiheadAttention``."""
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    torch.manual_seed(seed)
+    config = SiglipVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+                                image_size=16, patch_size=8)
+    return SiglipVisionModel(config).to(dtype).eval()

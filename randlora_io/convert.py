@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,14 +17,15 @@ import torch
 
 from .adapter import RandloraAdapter, build_adapter, peft_shared_dims, write_adapter
 from .atomic import check_output_path
+from .base_model import base_info_from_checkpoint
 from .basis import generate_bases
 from .checkpoint import check_base_copies, open_checkpoint
 from .converters.dense import write_dense
 from .converters.peft_lora import lora_factors, write_peft_lora
 from .converters.peft_randlora import adapter_to_peft_randlora
+from .disk import path_bytes
 from .errors import OutputExistsError, RandloraError
 from .fit import fit_scales
-from .keymap import open_loaded
 from .progress import progress_bar
 from .sources import DeltaSource, RandloraSource, open_source
 from .spec import SPARSE_THRESHOLD, GeneratorSpec, normalisation, num_bases
@@ -59,13 +61,6 @@ class ConvertReport:
         if self.kept_energy:
             text += f", min kept energy {min(self.kept_energy.values()):.4f}"
         return text
-
-
-def path_bytes(path: str | os.PathLike) -> int:
-    path = Path(path)
-    if path.is_dir():
-        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-    return path.stat().st_size if path.exists() else 0
 
 
 def md_orientation(stored: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
@@ -145,8 +140,16 @@ def convert(
     base: str | os.PathLike | None = None,
     overwrite: bool = False,
     progress: bool = False,
+    peft_draw_dtype: str | None = None,
+    shared_projection_only: bool = False,
+    on_note: Callable[[str], None] | None = None,
 ) -> ConvertReport:
-    """Convert ``src`` (any supported adapter) to ``dst`` in format ``to``. Nothing is written on error."""
+    """Convert ``src`` (any supported adapter) to ``dst`` in format ``to``. Nothing is written on error.
+
+    ``base``: the base model dir; PEFT dirs are read as PEFT loads them onto it (layer types and orientation from
+    its config.json, the targeted weights' dtype for PEFT's cast of RandLoRA bases). ``peft_draw_dtype``: the dtype
+    PEFT drew dense RandLoRA bases in (None: decided from saved bases, else bfloat16 with a note to ``on_note``).
+    ``shared_projection_only``: with ``--to peft-randlora`` and saved bases, write only PEFT's shared pair."""
     if to not in TARGETS:
         raise ConversionError(f"unknown target {to!r}; choose one of {', '.join(TARGETS)}")
     from .hub import resolve_adapter_arg
@@ -156,12 +159,12 @@ def convert(
     check_output_path(dst_p, [src_p, base])
     if dst_p.exists() and not overwrite:
         raise OutputExistsError(f"{dst}: output exists; pass --overwrite to replace it")
-    base_shapes = None
+    base_info = None
     if base is not None:
         ckpt = open_checkpoint(base)
-        base_shapes = {k: ckpt.shape(k) for k in ckpt.weight_map}
-    source = open_loaded(lambda base_: open_source(src_p, base_shapes=base_, keep_bases=keep_bases), base_shapes,
-                         base)  # keymap.py
+        base_info = base_info_from_checkpoint(ckpt)
+    source = open_source(src_p, keep_bases=keep_bases, base=base_info, peft_draw_dtype=peft_draw_dtype,
+                         on_note=on_note)
     if base is not None:  # no output format carries PEFT's copies of base weights: they must equal BASE's
         check_base_copies(ckpt, str(src_p), source.base_copies)
     check_extras_fit(source, to)
@@ -181,7 +184,8 @@ def convert(
         if to == "randlora":
             write_adapter(adapter, dst_p)
         else:
-            adapter_to_peft_randlora(adapter, dst_p, save_projection=save_projection, overwrite=overwrite)
+            adapter_to_peft_randlora(adapter, dst_p, save_projection=save_projection,
+                                     shared_projection_only=shared_projection_only, overwrite=overwrite)
         report.params_out = adapter.trainable_parameters()
     elif to == "dense":
         write_dense(source, dst_p, progress=progress)
@@ -191,9 +195,6 @@ def convert(
         if rank is None:
             raise ConversionError("--to peft-lora needs --rank K")
         deltas = {k: (source.delta(k), source.fan_in_fan_out(k)) for k in source.keys()}
-        fans = {fan for _, fan in deltas.values()}
-        if len(fans) != 1:
-            raise ConversionError(f"{src}: PEFT needs one fan_in_fan_out for all layers; this adapter mixes them")
         bar = progress_bar(progress, total=len(deltas), desc="svd", unit="layer")
         lows = lora_factors(deltas, rank, on_layer=bar.update)
         bar.close()
@@ -205,7 +206,8 @@ def convert(
         if max_error is not None and report.max_error > max_error:
             raise ConversionError(f"{src}: SVD error {report.max_error:.4g} exceeds --max-error {max_error}; "
                                   "raise --rank or the bound")
-        write_peft_lora(lows, fans.pop(), dst_p, rank, overwrite=overwrite)
+        # PEFT sets fan_in_fan_out per layer type on load and saves the last layer's: write that one
+        write_peft_lora(lows, list(deltas.values())[-1][1], dst_p, rank, overwrite=overwrite)
         report.params_out = sum(v.up.numel() + v.down.numel() for v in lows.values())
     report.layers = len(source.keys())
     report.bytes_in = path_bytes(src_p)

@@ -13,7 +13,7 @@ from .converters.dense import read_dense
 from .converters.peft_dir import read_peft_dir
 from .converters.peft_lora import read_peft_lora
 from .converters.peft_randlora import PEFT_TYPE, peft_kind, peft_scale_tensors
-from .convert import path_bytes
+from .disk import path_bytes
 from .errors import NonFiniteError
 from .sources import base_shapes_from_config, detect_kind, open_source
 

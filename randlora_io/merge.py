@@ -15,7 +15,7 @@ import json
 import math
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,10 +23,11 @@ import torch
 
 from .adapter import RandloraAdapter
 from .atomic import atomic_directory, check_output_path
+from .base_model import base_info_from_checkpoint
 from .checkpoint import INDEX_FILE, Checkpoint, absent_weight_hint, check_base_copies, open_checkpoint
 from .fingerprint import check_fingerprint
 from .errors import BaseModelMismatchError, OutputExistsError, SourceFormatError
-from .keymap import for_checkpoint, open_loaded
+from .keymap import for_checkpoint
 from .merge_layer import PRECISIONS, LayerMerger, add_delta_
 from .merge_terms import apply_term_
 from .progress import progress_bar
@@ -47,11 +48,11 @@ class MergeReport:
     bytes_out: int = 0
 
 
-def _open_sources(ckpt: Checkpoint, adapters: list[str | os.PathLike | DeltaSource]) -> list[DeltaSource]:
-    """Open each adapter (paths already resolved from ``hub:`` names) against BASE's shapes and dtype."""
-    shapes = {k: ckpt.shape(k) for k in ckpt.weight_map}
-    dtypes = [ckpt.info(k).dtype for k in ckpt.weight_map if ckpt.info(k).dtype in SUPPORTED_DTYPES]
-    base_dtype = SUPPORTED_DTYPES[max(set(dtypes), key=dtypes.count)] if dtypes else None
+def _open_sources(ckpt: Checkpoint, adapters: list[str | os.PathLike | DeltaSource], peft_draw_dtype: str | None = None,
+                  on_note: Callable[[str], None] | None = None) -> list[DeltaSource]:
+    """Open each adapter (paths already resolved from ``hub:`` names) as PEFT loads it onto BASE (layer types from
+    its config.json, shapes, dtypes: base_model.py)."""
+    base_info = base_info_from_checkpoint(ckpt)
     seen: dict[str, int] = {}
     sources = []
     for i, item in enumerate(adapters):
@@ -63,8 +64,7 @@ def _open_sources(ckpt: Checkpoint, adapters: list[str | os.PathLike | DeltaSour
             raise SourceFormatError(f"{item}: adapter listed twice (positions {seen[resolved] + 1} and {i + 1}); "
                                     "give it once with --weight instead")
         seen[resolved] = i
-        sources.append(open_loaded(lambda base: open_source(item, base_shapes=base, base_dtype=base_dtype), shapes,
-                                   ckpt.root))  # keymap.py
+        sources.append(open_source(item, base=base_info, peft_draw_dtype=peft_draw_dtype, on_note=on_note))
     return [for_checkpoint(source, ckpt.weight_map, ckpt.root) for source in sources]  # keymap.py
 
 
@@ -126,6 +126,8 @@ def merge(
     kernel: str = "auto",
     precision: str = "fp32",
     check_base_fingerprint: bool = True,
+    peft_draw_dtype: str | None = None,
+    on_note: Callable[[str], None] | None = None,
 ) -> MergeReport:
     """Merge ``adapters`` (each scaled by its weight, default 1.0) into the checkpoint ``base``, writing ``out``.
 
@@ -152,7 +154,7 @@ def merge(
         raise SourceFormatError(f"--dtype must be one of {', '.join(OUT_DTYPES)}")
     dev = resolve_device(device)
     ckpt = open_checkpoint(base_p)
-    sources = _open_sources(ckpt, adapters)
+    sources = _open_sources(ckpt, adapters, peft_draw_dtype, on_note)
     plan = plan_merge(ckpt, sources)
     if check_base_fingerprint:
         for source in sources:

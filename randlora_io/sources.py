@@ -7,18 +7,19 @@ Merge and convert only talk to :class:`DeltaSource`.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import MappingProxyType
 
 import torch
 
 from .adapter import RandloraAdapter, is_randlora_file, read_adapter
+from .base_model import BaseModelInfo, base_info_from_checkpoint, layer_orientations
 from .converters.dense import is_dense_file, read_dense
 from .converters.peft_dir import is_peft_dir, read_peft_config, read_peft_dir
 from .converters.peft_lora import LoraLayer, read_peft_lora
 from .converters.peft_randlora import peft_randlora_to_adapter
-from .errors import SourceFormatError, UnsafeCheckpointError
+from .errors import LayerTypeError, SourceFormatError, UnsafeCheckpointError
 
 KINDS = ("randlora", "peft-randlora", "peft-lora", "dense")
 
@@ -149,13 +150,33 @@ def detect_kind(path: str | os.PathLike) -> str:
 
 def base_shapes_from_config(path: Path) -> dict[str, tuple[int, ...]] | None:
     """Weight shapes of the PEFT dir's ``base_model_name_or_path`` when it names a local checkpoint dir."""
+    info = base_info_from_config(path)
+    return dict(info.shapes) if info is not None else None
+
+
+def base_info_from_config(path: Path) -> BaseModelInfo | None:
+    """The base model of the PEFT dir's ``base_model_name_or_path`` when it names a local checkpoint dir."""
     from .checkpoint import open_checkpoint
 
     name = read_peft_config(path).get("base_model_name_or_path")
     if isinstance(name, str) and name and Path(name).is_dir():
-        ckpt = open_checkpoint(name)
-        return {k: ckpt.shape(k) for k in ckpt.weight_map}
+        return base_info_from_checkpoint(open_checkpoint(name))
     return None
+
+
+def _check_orientations(source: RandloraSource, base: BaseModelInfo) -> None:
+    """A randlora file records each layer's orientation; where the base's config.json tells the layer type, the two
+    must agree (files converted before orientation came from the base may hold a wrong one)."""
+    if not base.knows_layer_types():
+        return
+    keys = [k for k in source.keys() if k in base.shapes]
+    for key, fan in layer_orientations(keys, base, False, source.path).items():
+        if source.fan_in_fan_out(key) != fan:
+            kind = "a GPT-2 style Conv1D (weight stored (in, out))" if fan else "a Linear layer (weight (out, in))"
+            raise LayerTypeError(
+                f"{source.path}: records fan_in_fan_out={str(not fan).lower()} for {key!r}, but in the base "
+                f"({base.model_type}) it is {kind}: the file was converted with a wrong orientation; convert it again "
+                "from the PEFT dir with --base")
 
 
 def open_source(
@@ -163,27 +184,43 @@ def open_source(
     base_shapes: Mapping[str, tuple[int, ...]] | None = None,
     base_dtype: torch.dtype | None = None,
     keep_bases: bool = False,
+    *,
+    base: BaseModelInfo | None = None,
+    peft_draw_dtype: str | None = None,
+    on_note: Callable[[str], None] | None = None,
 ) -> DeltaSource:
-    """Open any supported adapter. PEFT RandLoRA dirs need the base's weight shapes (``base_shapes``, or a local
-    ``base_model_name_or_path``); ``base_dtype`` reproduces PEFT's cast of the bases to a half-precision base."""
+    """Open any supported adapter, as PEFT 0.21.2 would load it onto ``base``.
+
+    ``base`` (:class:`BaseModelInfo`: shapes, dtypes, config.json) tells each layer's orientation and PEFT's cast of
+    RandLoRA bases; ``base_shapes`` / ``base_dtype`` are the older, shapes-only form. PEFT RandLoRA dirs need the
+    base (or a local ``base_model_name_or_path``). ``peft_draw_dtype``: the dtype PEFT drew dense RandLoRA bases in
+    (None: decided from saved bases, else bfloat16 with a note). ``on_note`` receives one-line notes (assumptions
+    made, layers PEFT would ignore)."""
     path = Path(path)
     kind = detect_kind(path)
+    if base is None and base_shapes is not None:
+        base = BaseModelInfo(shapes=dict(base_shapes))
     if kind == "randlora":
-        return RandloraSource(read_adapter(path))
+        source = RandloraSource(read_adapter(path))
+        if base is not None:
+            _check_orientations(source, base)
+        return source
     if kind == "dense":
         return DenseSource(read_dense(path), str(path))
     peft = read_peft_dir(path)  # read once: the converter takes the scales, the merge checks the base copies
     if kind == "peft-lora":
-        source: DeltaSource = LoraSource(read_peft_lora(peft), str(path))
+        lora_base = base if base is not None else base_info_from_config(path)
+        source: DeltaSource = LoraSource(read_peft_lora(peft, lora_base, on_note), str(path))
         source.base_copies, source.replacements = peft.base_copies, peft.replacements
         return source
-    shapes = base_shapes if base_shapes is not None else base_shapes_from_config(path)
-    if shapes is None:
+    base = base if base is not None else base_info_from_config(path)
+    if base is None:
         raise SourceFormatError(
             f"{path}: converting a PEFT RandLoRA dir needs the base model's weight shapes; pass --base MODEL_DIR"
         )
     cast = {torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(base_dtype) if base_dtype is not None else None
-    adapter = peft_randlora_to_adapter(peft, shapes, keep_bases=keep_bases, cast_dtype=cast)
+    adapter = peft_randlora_to_adapter(peft, base, keep_bases=keep_bases, cast_dtype=cast, draw_dtype=peft_draw_dtype,
+                                       on_note=on_note)
     adapter.source = str(path)
     source = RandloraSource(adapter, kind="peft-randlora")
     source.base_copies, source.replacements = peft.base_copies, peft.replacements

@@ -10,6 +10,24 @@ from ..convert import TARGETS, convert
 from .errors import handle_errors
 
 
+def peft_draw_dtype_option(func):
+    """``--peft-draw-dtype``, shared by convert and merge."""
+    return click.option(
+        "--peft-draw-dtype", type=click.Choice(["auto", "bfloat16", "float16"]), default="auto", show_default=True,
+        help="The dtype PEFT drew dense RandLoRA bases in: bfloat16 on CPUs, Ampere+ GPUs and TPUs, float16 on "
+             "V100, T4 and older Apple GPUs. auto: read it from saved bases, else assume bfloat16 and say so.")(func)
+
+
+def draw_dtype_arg(value: str) -> str | None:
+    return None if value == "auto" else value
+
+
+def print_notes(notes: list[str]) -> None:
+    """Notes from a successful run (assumptions made), one line each on stderr."""
+    for note in dict.fromkeys(notes):
+        click.echo(f"randlora-io: note: {' '.join(note.split())}", err=True)
+
+
 @click.command("convert")
 @click.argument("src", type=click.Path(path_type=Path))
 @click.argument("dst", type=click.Path(path_type=Path))
@@ -20,15 +38,24 @@ from .errors import handle_errors
 @click.option("--max-error", type=click.FloatRange(min=0), help="Fail if the relative error exceeds this.")
 @click.option("--keep-bases", is_flag=True, help="Store PEFT's saved bases if they cannot be regenerated.")
 @click.option("--save-projection", is_flag=True, help="With --to peft-randlora: save the bases in the PEFT dir.")
-@click.option("--base", type=click.Path(path_type=Path), help="Base model dir (needed for PEFT RandLoRA sources).")
+@click.option("--shared-projection-only", is_flag=True,
+              help="With saved bases in a PEFT dir: write only base_model.randlora_A/B, without PEFT 0.21.2's copy "
+                   "per layer (the layout of later PEFT versions; PEFT 0.21.2 loads it too).")
+@click.option("--base", type=click.Path(path_type=Path),
+              help="Base model dir (needed for PEFT RandLoRA sources; tells each layer's type and dtype).")
+@peft_draw_dtype_option
 @click.option("--overwrite", is_flag=True, help="Replace an existing DST.")
 @handle_errors
-def convert_command(src, dst, to, rank, seed, generator, max_error, keep_bases, save_projection, base, overwrite):
+def convert_command(src, dst, to, rank, seed, generator, max_error, keep_bases, save_projection,
+                    shared_projection_only, base, peft_draw_dtype, overwrite):
     """Convert SRC (randlora file, PEFT RandLoRA/LoRA dir, dense delta) to DST in another format."""
+    notes: list[str] = []
     report = convert(src, dst, to, rank=rank, seed=seed, generator=generator, max_error=max_error,
                      keep_bases=keep_bases, save_projection=save_projection, base=base, overwrite=overwrite,
-                     progress=True)
+                     progress=True, peft_draw_dtype=draw_dtype_arg(peft_draw_dtype),
+                     shared_projection_only=shared_projection_only, on_note=notes.append)
     click.echo(f"{dst}: {report.summary()}")
+    print_notes(notes)
 
 
 COMMANDS = [convert_command]

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from ..merge import OUT_DTYPES, PRECISIONS, merge
+from .convert_cmd import draw_dtype_arg, peft_draw_dtype_option, print_notes
 from .errors import handle_errors
 
 
@@ -26,21 +27,25 @@ def _options(func):
                           "with bf16 units; ΔW rounded to bf16 as PEFT does)."),
         click.option("--ignore-base-fingerprint", is_flag=True,
                      help="Merge even when the adapter records a base fingerprint that BASE does not match."),
+        peft_draw_dtype_option,
     ]):
         func = option(func)
     return func
 
 
 def _run(base, adapters, out, weights, device, dtype, overwrite, kernel, precision, ignore_base_fingerprint,
-         subtract):
+         peft_draw_dtype, subtract):
+    notes: list[str] = []
     report = merge(base, list(adapters), out, weights=list(weights) or None, device=device, dtype=dtype,
                    overwrite=overwrite, subtract=subtract, progress=True, kernel=kernel, precision=precision,
-                   check_base_fingerprint=not ignore_base_fingerprint)
+                   check_base_fingerprint=not ignore_base_fingerprint, peft_draw_dtype=draw_dtype_arg(peft_draw_dtype),
+                   on_note=notes.append)
     verb = "unmerged" if subtract else "merged"
     click.echo(f"{out}: {verb} {len(adapters)} adapter(s) into {report.layers} weights across {report.shards} shard(s)")
     if report.unchanged:
         click.echo(f"warning: {len(report.unchanged)} targeted weight(s) did not change (e.g. {report.unchanged[0]}): "
                    "the update is below the weight dtype's precision or zero", err=True)
+    print_notes(notes)
 
 
 @click.command("merge")
@@ -48,17 +53,20 @@ def _run(base, adapters, out, weights, device, dtype, overwrite, kernel, precisi
 @click.option("--subtract", is_flag=True, help="Subtract the adapters instead (unmerge).")
 @handle_errors
 def merge_command(base, adapters, out, weights, device, dtype, overwrite, kernel, precision, ignore_base_fingerprint,
-                  subtract):
+                  peft_draw_dtype, subtract):
     """Merge ADAPTERs (randlora files, PEFT RandLoRA/LoRA dirs, dense deltas, hub:REPO[@rev]) into BASE."""
-    _run(base, adapters, out, weights, device, dtype, overwrite, kernel, precision, ignore_base_fingerprint, subtract)
+    _run(base, adapters, out, weights, device, dtype, overwrite, kernel, precision, ignore_base_fingerprint,
+         peft_draw_dtype, subtract)
 
 
 @click.command("unmerge")
 @_options
 @handle_errors
-def unmerge_command(base, adapters, out, weights, device, dtype, overwrite, kernel, precision, ignore_base_fingerprint):
+def unmerge_command(base, adapters, out, weights, device, dtype, overwrite, kernel, precision, ignore_base_fingerprint,
+                    peft_draw_dtype):
     """Subtract ADAPTERs from BASE (the inverse of merge)."""
-    _run(base, adapters, out, weights, device, dtype, overwrite, kernel, precision, ignore_base_fingerprint, True)
+    _run(base, adapters, out, weights, device, dtype, overwrite, kernel, precision, ignore_base_fingerprint,
+         peft_draw_dtype, True)
 
 
 COMMANDS = [merge_command, unmerge_command]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -18,11 +18,20 @@ from ..progress import progress_bar
 from ..safetensors_io import has_metadata_key, load_tensors, read_header
 from ..stream import stream_write
 
-if TYPE_CHECKING:
-    from ..sources import DeltaSource
-
 METADATA_KEY = "randlora_dense_delta"
 FORMAT_VERSION = "1.0"
+
+
+@runtime_checkable
+class DeltaProvider(Protocol):
+    """What :func:`write_dense` needs of an adapter (``sources.DeltaSource`` is one): its keys, each weight's stored
+    shape, and ΔW on demand. A protocol, so this module does not import ``sources`` (which imports it)."""
+
+    def keys(self) -> list[str]: ...
+
+    def stored_shape(self, key: str) -> tuple[int, int]: ...
+
+    def delta(self, key: str, device: str | torch.device = "cpu") -> torch.Tensor: ...
 
 
 def is_dense_file(path: str | os.PathLike) -> bool:
@@ -54,16 +63,14 @@ def read_dense(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def write_dense(deltas: Mapping[str, torch.Tensor] | DeltaSource, path: str | os.PathLike,
+def write_dense(deltas: Mapping[str, torch.Tensor] | DeltaProvider, path: str | os.PathLike,
                 base_model: dict | None = None, progress: bool = False) -> None:
     """Write ``{weight key: ΔW}`` (float32, stored orientation) atomically. Given a ``DeltaSource``, each ΔW is
     computed when it is written, so memory holds about two layers' deltas rather than the whole file."""
-    from ..sources import DeltaSource
-
     meta = {"format_version": FORMAT_VERSION}
     if base_model:
         meta["base_model"] = base_model
-    if isinstance(deltas, DeltaSource):
+    if not isinstance(deltas, Mapping) and isinstance(deltas, DeltaProvider):
         keys, shapes, produce = deltas.keys(), {k: deltas.stored_shape(k) for k in deltas.keys()}, deltas.delta
     else:
         keys, shapes, produce = list(deltas), {k: tuple(v.shape) for k, v in deltas.items()}, deltas.__getitem__

@@ -10,13 +10,16 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from ..base_model import BaseModelInfo, layer_orientations
 from ..errors import AdapterShapeError, NonFiniteError, SourceFormatError
 from ..lowrank import LowRank, truncated_svd
 from .peft_dir import PEFT_PREFIX, PeftDir, module_of, read_peft_dir, weight_key, write_peft_dir
+from .peft_targets import targeted_layers
 
 PEFT_TYPE = "LORA"
 
@@ -50,8 +53,11 @@ def _pattern_value(patterns: dict, module: str, default):
     return default
 
 
-def read_peft_lora(src: str | os.PathLike | PeftDir) -> dict[str, LoraLayer]:
-    """``{weight key: LoraLayer}`` from a PEFT LoRA dir (a path, or one already read)."""
+def read_peft_lora(src: str | os.PathLike | PeftDir, base: BaseModelInfo | None = None,
+                   on_note: Callable[[str], None] | None = None) -> dict[str, LoraLayer]:
+    """``{weight key: LoraLayer}`` from a PEFT LoRA dir (a path, or one already read), as PEFT loads it: only the
+    layers the config targets (peft_targets), each oriented by its module type in ``base`` (base_model), not by the
+    config's single ``fan_in_fan_out``."""
     peft = read_peft_dir(src, expected_type=PEFT_TYPE)
     src = peft.path
     cfg = peft.config
@@ -59,7 +65,6 @@ def read_peft_lora(src: str | os.PathLike | PeftDir) -> dict[str, LoraLayer]:
     if not isinstance(r_default, int) or r_default <= 0 or not isinstance(alpha_default, (int, float)):
         raise SourceFormatError(f"{src}: adapter_config.json has invalid r or lora_alpha")
     rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
-    fan = bool(cfg.get("fan_in_fan_out", False))
     parts: dict[str, dict[str, torch.Tensor]] = {}
     magnitudes: dict[str, torch.Tensor] = {}
     for key, tensor in peft.tensors.items():
@@ -72,8 +77,11 @@ def read_peft_lora(src: str | os.PathLike | PeftDir) -> dict[str, LoraLayer]:
                 break
         else:
             raise SourceFormatError(f"{src}: unsupported tensor {key!r} (only lora_A / lora_B weights of Linear layers)")
+    fans = _targeted_orientations(src, cfg, list(parts), base, on_note) if parts else {}
     layers = {}
     for module, ab in parts.items():
+        if weight_key(module) not in fans:
+            continue  # saved but not targeted: PEFT does not load it
         if set(ab) != {"A", "B"}:
             raise SourceFormatError(f"{src}: module {module!r} lacks lora_A or lora_B")
         down, up = ab["A"], ab["B"]
@@ -85,13 +93,27 @@ def read_peft_lora(src: str | os.PathLike | PeftDir) -> dict[str, LoraLayer]:
         if not (torch.isfinite(down).all() and torch.isfinite(up).all()):
             raise NonFiniteError(f"{src}: {module!r} LoRA factors contain NaN or Inf")
         scaling = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
-        layers[weight_key(module)] = LoraLayer(down=down, up=up, scaling=float(scaling), fan_in_fan_out=fan,
+        layers[weight_key(module)] = LoraLayer(down=down, up=up, scaling=float(scaling),
+                                               fan_in_fan_out=fans[weight_key(module)],
                                                magnitude=_dora_magnitude(src, module, magnitudes, up.shape[0], cfg))
     for module in set(magnitudes) - set(parts):
         raise SourceFormatError(f"{src}: {module!r} has a lora_magnitude_vector but no lora_A / lora_B")
     if not layers:
         raise SourceFormatError(f"{src}: the adapter holds no lora_A / lora_B tensors")
     return layers
+
+
+def _targeted_orientations(src, cfg: dict, modules: list[str], base: BaseModelInfo | None,
+                           on_note: Callable[[str], None] | None) -> dict[str, bool]:
+    """``{weight key: fan_in_fan_out}`` of the saved modules PEFT loads. Targeted base layers without saved weights
+    get PEFT's init, a zero ΔW only with ``init_lora_weights`` true or "gaussian": otherwise refuse."""
+    keys, unsaved = targeted_layers(cfg, [weight_key(m) for m in modules], base, str(src), on_note)
+    if unsaved and cfg.get("init_lora_weights", True) not in (True, "gaussian"):
+        raise SourceFormatError(
+            f"{src}: adapter_config.json targets {unsaved[0].removesuffix('.weight')!r} ({len(unsaved)} layer(s) in "
+            "all), but the adapter's weights have none for it and init_lora_weights is not a zero init: config and "
+            "weights disagree; fix target_modules / layers_to_transform")
+    return layer_orientations(keys, base, bool(cfg.get("fan_in_fan_out", False)), str(src))
 
 
 def _dora_magnitude(src, module: str, magnitudes: dict[str, torch.Tensor], out_features: int,

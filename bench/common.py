@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import resource
 import shutil
 import subprocess
@@ -68,15 +69,54 @@ def machine_line() -> str:
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def bench_args(**int_options: int) -> argparse.Namespace:
+def bench_args(choices: dict[str, tuple[str, ...]] | None = None, lists: dict[str, tuple[str, ...]] | None = None,
+               **int_options: int) -> argparse.Namespace:
     """``--worker`` / ``--workdir`` (every bench script runs its sides as workers) plus ``--name value`` integer
-    options with the given defaults (underscores become dashes)."""
+    options with the given defaults (underscores become dashes); ``choices``: ``--name`` taking one of the given
+    strings (the first is the default); ``lists``: ``--name a,b`` taking a comma-separated subset (default: all)."""
     p = argparse.ArgumentParser()
     p.add_argument("--worker")
     p.add_argument("--workdir")
     for name, default in int_options.items():
         p.add_argument(f"--{name.replace('_', '-')}", type=int, default=default)
+    for name, allowed in (choices or {}).items():
+        p.add_argument(f"--{name.replace('_', '-')}", choices=allowed, default=allowed[0])
+    for name, allowed in (lists or {}).items():
+        def subset(text: str, allowed: tuple[str, ...] = allowed) -> list[str]:
+            items = [item for item in text.split(",") if item]
+            unknown = sorted(set(items) - set(allowed))
+            if unknown or not items:
+                raise argparse.ArgumentTypeError(f"choose from {','.join(allowed)} (got {text!r})")
+            return items
+        p.add_argument(f"--{name.replace('_', '-')}", type=subset, default=list(allowed))
     return p.parse_args()
+
+
+def dir_bytes(path: Path, pattern: str) -> int:
+    """Total size of the files in ``path`` matching ``pattern`` (0 when ``path`` does not exist)."""
+    return sum(f.stat().st_size for f in path.glob(pattern) if f.is_file()) if path.is_dir() else 0
+
+
+def write_safetensors_streaming(path: Path, shapes: dict[str, tuple[int, ...]], make) -> None:
+    """Write a bf16 ``.safetensors`` file tensor by tensor: ``make(key)`` returns each bf16 tensor of
+    ``shapes[key]`` when its turn comes, so a multi-GB shard never sits in memory whole (``save_file`` would)."""
+    import torch
+
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for key, shape in shapes.items():
+        nbytes = 2 * math.prod(shape)
+        header[key] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for key, shape in shapes.items():
+            tensor = make(key)
+            assert tensor.dtype == torch.bfloat16 and tuple(tensor.shape) == tuple(shape), key
+            f.write(memoryview(tensor.contiguous().view(torch.int16).numpy()).cast("B"))
 
 
 @contextlib.contextmanager

@@ -70,7 +70,7 @@ def _add_ternary_(target: torch.Tensor, B_full: torch.Tensor, S: torch.Tensor, s
     """The ``auto`` / ``int8`` choice for one layer (target (M, D) fp32, S (K, D) fp32, B_full the model-wide bases):
     adds ΔW and returns True when a ternary fast path ran; False leaves the float32 ``addmm_`` to the caller
     (dense bases under ``auto``, and a non-finite S, which the float path carries to the merge's finite check)."""
-    from .ternary_merge import CSR_MAX_DENSITY, add_ternary_csr_, add_ternary_int8_, has_fast_int8, ternary_basis
+    from .ternary_merge import add_ternary_csr_, add_ternary_int8_, auto_path, ternary_basis
 
     if target.is_cuda:
         if precision == "int8":
@@ -85,13 +85,12 @@ def _add_ternary_(target: torch.Tensor, B_full: torch.Tensor, S: torch.Tensor, s
         return False
     if not all_finite(S):
         return False
-    if precision == "auto" and basis.density <= CSR_MAX_DENSITY:
+    path = "int8" if precision == "int8" else auto_path(basis)
+    if path == "csr":
         add_ternary_csr_(target, basis, S, scale)
-    elif precision == "int8" or has_fast_int8():
+    elif path == "int8":
         add_ternary_int8_(target, basis, S, scale, workspace)
-    else:
-        return False
-    return True
+    return path != "fp32"
 
 
 def _addmm_bf16_(target: torch.Tensor, B: torch.Tensor, S: torch.Tensor, scale: float, workspace: Workspace) -> None:

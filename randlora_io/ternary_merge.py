@@ -47,7 +47,7 @@ LIMB_BASE = 254  # ratio between limbs: a rounded residual is ≤ 1/2, times 254
 ROW_BLOCK = 2048  # rows of ΔW per integer GEMM: bounds the int32 scratch (ROW_BLOCK × LIMBS·D) at 24·D KiB
 # int32 safety of the exact combine P0·254 + P1: K·127·255 < 2^31; longer sums are split over K
 K_BLOCK = (2**31 - 1) // (127 * (LIMB_BASE + 1))
-CSR_MAX_DENSITY = 1 / 16  # measured (bench/RESULTS.md): CSR beats the dense float32 GEMM below ~1/12 on both CPUs
+CSR_MAX_DENSITY = 1 / 16  # CSR vs dense float32 GEMM, AMD EPYC (bench/RESULTS.md): 0.44x at 1/3, 1.25x at 1/8, 2.4x at 1/16, 4x at 1/64
 _SPLIT_ROWS = 512  # rows of S split at a time (cache-sized temporaries)
 _CHECK_ROWS = 1024  # rows of B tested at a time by ternary_basis (bounds the boolean temporaries)
 _MIN_EXP = -100  # smallest column unit exponent: its inverse 2^100 stays a finite float32 factor
@@ -121,6 +121,16 @@ def has_fast_int8() -> bool:
     except OSError:
         pass
     return False
+
+
+def auto_path(basis: TernaryBasis | None) -> str:
+    """What ``precision="auto"`` runs on the CPU for these bases: ``"csr"`` (very sparse), ``"int8"`` (ternary, on a
+    CPU with AMX int8) or ``"fp32"`` (the float32 ``addmm_``)."""
+    if basis is None:
+        return "fp32"
+    if basis.density <= CSR_MAX_DENSITY:
+        return "csr"
+    return "int8" if has_fast_int8() else "fp32"
 
 
 def split_limbs(S: torch.Tensor, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

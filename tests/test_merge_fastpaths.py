@@ -4,6 +4,9 @@ rounding measured against the correctly rounded result. The float32 ``addmm_`` p
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -290,3 +293,17 @@ def test_bf16_precision_measured_against_the_correctly_rounded_result(kind):
     for precision in ("fp32", "auto") + (("int8",) if kind == "sparse" else ()):
         frac, worst = bf16_rounding_stats(adapter, base, precision)
         assert frac >= 0.999 and worst <= 0.5, (precision, frac, worst)
+
+
+def test_cpu_merge_bench_smoke(tmp_path):
+    """bench/bench_merge_cpu.py at ``--size small`` (one layer, one ternary kind, PEFT and the int8 side): it builds
+    the checkpoint and both adapters, runs each side in its own process and prints the side-by-side lines."""
+    script = Path(__file__).resolve().parent.parent / "bench" / "bench_merge_cpu.py"
+    proc = subprocess.run([sys.executable, str(script), "--size", "small", "--layers", "1", "--rank", "8",
+                           "--kinds", "sparse", "--sides", "peft,int8", "--workdir", str(tmp_path / "w")],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "-- sparse adapter (auto runs: " in proc.stdout
+    assert "PEFT merge_and_unload" in proc.stdout
+    assert "ours --precision int8" in proc.stdout and "x PEFT speed" in proc.stdout, proc.stdout
+    assert not list((tmp_path / "w").glob("out-*"))  # each side's output removed after it is measured

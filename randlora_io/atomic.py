@@ -163,7 +163,8 @@ def _naming_write_errors(dst: Path) -> Iterator[None]:
     except OSError as exc:
         if exc.errno not in _WRITE_ERRNOS:
             raise  # e.g. an input that cannot be read: its own message names it
-        raise OutputWriteError(f"{dst}: cannot write the output: {exc.strerror or exc}; nothing was written "
+        where = f"{dst} ({Path(os.fsdecode(exc.filename)).name})" if exc.filename else str(dst)
+        raise OutputWriteError(f"{where}: cannot write the output: {exc.strerror or exc}; nothing was written "
                                "(free space or choose another path)") from None
     except Exception as exc:
         if type(exc).__name__ != "SafetensorError":

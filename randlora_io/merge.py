@@ -11,6 +11,7 @@ adds in that dtype (two roundings for bf16); we add in float32 and round once, s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -24,6 +25,7 @@ import torch
 from .adapter import RandloraAdapter
 from .atomic import atomic_directory, check_output_path
 from .base_model import base_info_from_checkpoint
+from .distributed import Processes, share_out
 from .checkpoint import INDEX_FILE, Checkpoint, absent_weight_hint, check_base_copies, open_checkpoint
 from .fingerprint import check_fingerprint
 from .errors import BaseModelMismatchError, OutputExistsError, SourceFormatError
@@ -46,6 +48,8 @@ class MergeReport:
     shards: int = 0
     unchanged: list[str] = field(default_factory=list)
     bytes_out: int = 0
+    processes: int = 1  # how many processes shared the shards (torchrun)
+    rank: int = 0  # this process's rank among them
 
 
 def _open_sources(ckpt: Checkpoint, adapters: list[str | os.PathLike | DeltaSource], peft_draw_dtype: str | None = None,
@@ -103,12 +107,44 @@ def plan_merge(ckpt: Checkpoint, sources: list[DeltaSource]) -> dict[str, list[i
     return plan
 
 
-def resolve_device(device: str) -> torch.device:
+def resolve_device(device: str, local_rank: int | None = None) -> torch.device:
+    """``auto``: CUDA when available, else CPU. Under torchrun (``local_rank``) CUDA means that rank's own GPU."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise SourceFormatError("--device cuda: no CUDA device is available; use --device cpu")
+    if device == "cuda" and local_rank is not None:
+        return torch.device("cuda", local_rank)
     return torch.device(device)
+
+
+def _prepare(base, adapters, out, weights, device, dtype, overwrite, precision, check_base_fingerprint,
+             peft_draw_dtype, on_note, procs: Processes):
+    """Every check a merge makes before writing: OUT against the inputs, arguments, BASE, each adapter against BASE
+    (keys, shapes, dtypes, fingerprints), and the shared bases generated (and checksum-verified) once."""
+    from .hub import resolve_adapter_arg
+
+    base_p, out_p = Path(base), Path(out)
+    adapters = [a if isinstance(a, DeltaSource) else resolve_adapter_arg(a) for a in adapters]
+    check_output_path(out_p, [base_p, *(a.path if isinstance(a, DeltaSource) else a for a in adapters)])
+    if (out_p.exists() or out_p.is_symlink()) and not overwrite:
+        raise OutputExistsError(f"{out}: output exists; pass --overwrite to replace it")
+    weights = check_weights(weights, len(adapters))
+    if precision not in PRECISIONS:
+        raise SourceFormatError(f"--precision must be one of {', '.join(PRECISIONS)}")
+    if dtype not in OUT_DTYPES:
+        raise SourceFormatError(f"--dtype must be one of {', '.join(OUT_DTYPES)}")
+    dev = resolve_device(device, procs.local_rank if procs.shared else None)
+    ckpt = open_checkpoint(base_p)
+    sources = _open_sources(ckpt, adapters, peft_draw_dtype, on_note)
+    plan = plan_merge(ckpt, sources)
+    if check_base_fingerprint:
+        for source in sources:
+            check_fingerprint(ckpt, source)
+    for source in sources:  # generate (and checksum-verify) each adapter's shared bases once, before writing
+        if isinstance(source, RandloraSource):
+            source.adapter.bases(dev)
+    return base_p, out_p, weights, dev, ckpt, sources, plan
 
 
 def merge(
@@ -140,51 +176,66 @@ def merge(
     OUT may not be, contain or lie inside BASE or an adapter. ``check_base_fingerprint``: an adapter that records the
     fingerprint of the base it was trained on (``base_model.fingerprint``) is refused on any other base unless False.
     """
-    from .hub import resolve_adapter_arg
+    procs = Processes.from_env()  # one process, or this rank of a torchrun job: shards are shared out by bytes
+    try:
+        base_p, out_p, weights, dev, ckpt, sources, plan = procs.run_all(lambda: _prepare(
+            base, adapters, out, weights, device, dtype, overwrite, precision, check_base_fingerprint,
+            peft_draw_dtype, on_note, procs))  # every check, on every process, before anything is written
+        sign = -1.0 if subtract else 1.0
+        out_dtype = OUT_DTYPES[dtype]
+        mine = share_out({s: ckpt.shard_path(s).stat().st_size for s in ckpt.shards}, procs.world)[procs.rank]
+        report = MergeReport(layers=len(plan), shards=len(ckpt.shards), processes=procs.world, rank=procs.rank)
+        merge_one = LayerMerger(dev, kernel, precision, check_finite, out_dtype, unchanged=report.unchanged)
 
-    base_p, out_p = Path(base), Path(out)
-    adapters = [a if isinstance(a, DeltaSource) else resolve_adapter_arg(a) for a in adapters]
-    check_output_path(out_p, [base_p, *(a.path if isinstance(a, DeltaSource) else a for a in adapters)])
-    if (out_p.exists() or out_p.is_symlink()) and not overwrite:
-        raise OutputExistsError(f"{out}: output exists; pass --overwrite to replace it")
-    weights = check_weights(weights, len(adapters))
-    if precision not in PRECISIONS:
-        raise SourceFormatError(f"--precision must be one of {', '.join(PRECISIONS)}")
-    if dtype not in OUT_DTYPES:
-        raise SourceFormatError(f"--dtype must be one of {', '.join(OUT_DTYPES)}")
-    dev = resolve_device(device)
-    ckpt = open_checkpoint(base_p)
-    sources = _open_sources(ckpt, adapters, peft_draw_dtype, on_note)
-    plan = plan_merge(ckpt, sources)
-    if check_base_fingerprint:
-        for source in sources:
-            check_fingerprint(ckpt, source)
-    for source in sources:  # generate (and checksum-verify) each adapter's shared bases once, before writing
-        if isinstance(source, RandloraSource):
-            source.adapter.bases(dev)
-    sign = -1.0 if subtract else 1.0
-    report = MergeReport(layers=len(plan), shards=len(ckpt.shards))
-    out_dtype = OUT_DTYPES[dtype]
-    merge_one = LayerMerger(dev, kernel, precision, check_finite, out_dtype, unchanged=report.unchanged)
-    bar = progress_bar(progress, total=ckpt.total_bytes(), unit="B", unit_scale=True, desc="merge")
-    with bar, atomic_directory(out_p, overwrite=overwrite) as tmp:
-        _copy_side_files(ckpt, tmp, out_dtype)
-        for shard in ckpt.shards:
-            def transform(key: str, tensor: torch.Tensor) -> torch.Tensor:
-                if key not in plan:  # only cast (--dtype): stream_rewrite does it
-                    return tensor
-                return merge_one(tensor, key, [(sources[i], sign * weights[i]) for i in plan[key]])
+        def write_shards(tmp: Path, bar) -> None:
+            for shard in mine:
+                def transform(key: str, tensor: torch.Tensor) -> torch.Tensor:
+                    if key not in plan:  # only cast (--dtype): stream_rewrite does it
+                        return tensor
+                    return merge_one(tensor, key, [(sources[i], sign * weights[i]) for i in plan[key]])
 
-            stream_rewrite(ckpt.shard_path(shard), ckpt.shards[shard], tmp / shard, transform, out_dtype, keys=plan,
-                           progress=bar.update)
-        if ckpt.index is not None:
-            index = dict(ckpt.index)
-            if out_dtype is not None:
-                index["metadata"] = {**index.get("metadata", {}),
-                                     "total_size": sum((tmp / s).stat().st_size for s in ckpt.shards)}
-            (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-        report.bytes_out = sum(p.stat().st_size for p in tmp.iterdir() if p.is_file())
-    return report
+                stream_rewrite(ckpt.shard_path(shard), ckpt.shards[shard], tmp / shard, transform, out_dtype,
+                               keys=plan, progress=bar.update)
+
+        total = sum(ckpt.shard_path(s).stat().st_size for s in mine)
+        bar = progress_bar(progress and procs.rank == 0, total=total, unit="B", unit_scale=True, desc="merge")
+        error = None
+        try:
+            with bar, contextlib.ExitStack() as stack:
+                # rank 0 owns OUT's temp dir and its final rename; the others write their shards into it
+                enter = lambda: stack.enter_context(atomic_directory(out_p, overwrite=overwrite))  # noqa: E731
+                tmp = procs.run_all(enter if procs.rank == 0 else lambda: None)
+                tmp = Path(procs.broadcast(str(tmp) if tmp is not None else None))
+                mid_error = None
+                try:
+                    if procs.rank == 0:
+                        _copy_side_files(ckpt, tmp, out_dtype)
+                    write_shards(tmp, bar)
+                except Exception as exc:  # noqa: BLE001 - every process hears of it below
+                    mid_error = exc
+                procs.raise_if_any(mid_error)  # all shards written everywhere, or every process fails
+                unchanged = procs.all_gather(report.unchanged)
+                report.unchanged[:] = [k for part in unchanged for k in part]
+                if procs.rank == 0:
+                    _write_index(ckpt, tmp, out_dtype)
+                    report.bytes_out = sum(p.stat().st_size for p in tmp.iterdir() if p.is_file())
+        except Exception as exc:  # noqa: BLE001 - the final rename on rank 0 may still fail: all agree on it
+            error = exc
+        procs.raise_if_any(error)
+        return report
+    finally:
+        procs.close()
+
+
+def _write_index(ckpt: Checkpoint, tmp: Path, out_dtype: torch.dtype | None) -> None:
+    """BASE's shard index for OUT (its total size updated when ``--dtype`` changed the shards' sizes)."""
+    if ckpt.index is None:
+        return
+    index = dict(ckpt.index)
+    if out_dtype is not None:
+        index["metadata"] = {**index.get("metadata", {}),
+                             "total_size": sum((tmp / s).stat().st_size for s in ckpt.shards)}
+    (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
 
 
 def _copy_side_files(ckpt: Checkpoint, dst: Path, out_dtype: torch.dtype | None) -> None:

@@ -257,7 +257,12 @@ def test_nan_result_is_refused(tmp_path, setup):
 
     state = _load_state(base)
     key = "model.layers.0.self_attn.q_proj.weight"
-    write_dense({key: torch.full_like(state[key], float("inf"))}, tmp_path / "inf.safetensors")
+    from safetensors.torch import save_file
+
+    from randlora_io.converters.dense import METADATA_KEY
+
+    save_file({key: torch.full_like(state[key], float("inf"))}, str(tmp_path / "inf.safetensors"),  # write_dense refuses
+              metadata={METADATA_KEY: json.dumps({"format_version": "1.0"})})
     # the dense reader already refuses non-finite deltas; a huge finite one overflows in the merged weight instead
     _merge_fails(tmp_path, base, tmp_path / "inf.safetensors", "nan")
     write_dense({key: torch.full_like(state[key], 3e38)}, tmp_path / "big.safetensors")

@@ -85,10 +85,32 @@ def test_weighted_merge_of_a_head_is_refused(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("to", ["randlora", "dense", "peft-lora", "peft-randlora"])
+@pytest.mark.parametrize("to", ["randlora", "dense"])
 def test_convert_to_formats_without_room_for_the_head_refuses(tmp_path, to):
     base, adapter, _ = _save_pair(tmp_path, tiny_bert_classifier, "randlora", bias="lora_only")
     dst = tmp_path / "converted"
     result = run_cli("convert", adapter, dst, "--to", to, "--base", base, check=False)
     assert_one_line_error(result, "modules_to_save", "merge the adapter")
     assert not dst.exists()
+
+
+def _merged_from_peft_dir(build, adapter_dir):
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(build(), str(adapter_dir))
+    return {k: v.detach().clone() for k, v in model.merge_and_unload().state_dict().items()}
+
+
+@pytest.mark.parametrize("method,bias,to", [("randlora", "all", "peft-randlora"), ("lora", "lora_only", "peft-lora"),
+                                            ("lora", "lora_only", "peft-randlora")])
+def test_convert_to_peft_keeps_head_and_biases(tmp_path, method, bias, to):
+    """The converted dir, loaded by PEFT and merged, has the source's trained head and biases (and, lossless for
+    RandLoRA → peft-randlora, the same weights)."""
+    base, adapter, expected = _save_pair(tmp_path, tiny_bert_classifier, method, bias=bias)
+    dst = tmp_path / "converted"
+    run_cli("convert", adapter, dst, "--to", to, "--rank", "4", "--base", base)
+    got = _merged_from_peft_dir(tiny_bert_classifier, dst)
+    trained = ["classifier.weight", "classifier.bias", "bert.encoder.layer.0.attention.self.query.bias"]
+    exact = [k for k in got if k.endswith(".bias")] + trained if method != "randlora" else list(got)
+    for key in exact:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-6, msg=key)

@@ -8,6 +8,7 @@ import signal
 
 import click
 
+from ..distributed import is_quiet_rank
 from ..errors import RandloraError
 
 _STATE = {"debug": False}
@@ -31,9 +32,11 @@ def install_signal_handlers() -> None:
 
 
 def fail(message: str, code: int = 1) -> None:
-    """Print ``randlora-io: error: <message>`` as one line on stderr and exit with ``code``."""
+    """Print ``randlora-io: error: <message>`` as one line on stderr and exit with ``code`` (under torchrun only
+    rank 0 prints: it reports the first failing process's message)."""
     one_line = " ".join(str(message).split())
-    click.echo(f"randlora-io: error: {one_line}", err=True)
+    if not is_quiet_rank():
+        click.echo(f"randlora-io: error: {one_line}", err=True)
     raise SystemExit(code)
 
 

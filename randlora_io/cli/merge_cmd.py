@@ -40,8 +40,12 @@ def _run(base, adapters, out, weights, device, dtype, overwrite, kernel, precisi
                    overwrite=overwrite, subtract=subtract, progress=True, kernel=kernel, precision=precision,
                    check_base_fingerprint=not ignore_base_fingerprint, peft_draw_dtype=draw_dtype_arg(peft_draw_dtype),
                    on_note=notes.append)
+    if report.rank != 0:
+        return  # under torchrun, rank 0 reports for every process
     verb = "unmerged" if subtract else "merged"
-    click.echo(f"{out}: {verb} {len(adapters)} adapter(s) into {report.layers} weights across {report.shards} shard(s)")
+    shared = f", {report.processes} processes" if report.processes > 1 else ""
+    click.echo(f"{out}: {verb} {len(adapters)} adapter(s) into {report.layers} weights across {report.shards} "
+               f"shard(s){shared}")
     if report.unchanged:
         click.echo(f"warning: {len(report.unchanged)} targeted weight(s) did not change (e.g. {report.unchanged[0]}): "
                    "the update is below the weight dtype's precision or zero", err=True)

@@ -45,6 +45,28 @@ class PeftDir:
     def peft_type(self) -> str:
         return str(self.config.get("peft_type", ""))
 
+    @property
+    def extras(self) -> PeftExtras | None:
+        """The tensors PEFT loads over the base (modules_to_save, trained biases) and the config keys it needs for
+        that, to write into another PEFT dir; None when the dir has none."""
+        if not self.extra_saved:
+            return None
+        config = {k: self.config[k] for k in EXTRAS_CONFIG_KEYS if k in self.config}
+        return PeftExtras(config=config, tensors=dict(self.extra_saved))
+
+
+EXTRAS_CONFIG_KEYS = ("modules_to_save", "bias", "task_type")
+_OWN_BIAS = {"LORA": "lora_only", "RANDLORA": "randlora_only"}  # bias="<method>_only" under each peft_type
+
+
+@dataclass(frozen=True)
+class PeftExtras:
+    """What a PEFT dir carries besides its adapter tensors, kept when it is rewritten as another PEFT dir:
+    ``config`` (``modules_to_save``, ``bias``, ``task_type``) and ``tensors`` under their saved keys."""
+
+    config: dict
+    tensors: dict[str, torch.Tensor]
+
 
 def is_peft_dir(path: str | os.PathLike) -> bool:
     return (Path(path) / CONFIG_FILE).is_file()
@@ -192,9 +214,20 @@ def weight_key(module: str) -> str:
     return module + ".weight"
 
 
-def write_peft_dir(dst: str | os.PathLike, config: dict, tensors: dict[str, torch.Tensor], overwrite: bool = False) -> None:
-    """Write a PEFT dir atomically (built beside ``dst``, renamed last)."""
+def write_peft_dir(dst: str | os.PathLike, config: dict, tensors: dict[str, torch.Tensor], overwrite: bool = False,
+                   extras: PeftExtras | None = None) -> None:
+    """Write a PEFT dir atomically (built beside ``dst``, renamed last), with the source dir's ``extras`` (trained
+    head and biases) if any; ``bias="<method>_only"`` is renamed for this dir's ``peft_type``."""
     from safetensors.torch import save_file
+
+    if extras is not None:
+        config = {**config, **extras.config}
+        if str(config.get("bias", "")).endswith("_only"):
+            config["bias"] = _OWN_BIAS.get(config.get("peft_type"), config["bias"])
+        clash = sorted(set(tensors) & set(extras.tensors))
+        if clash:
+            raise SourceFormatError(f"{dst}: {clash[0]!r} is both an adapter tensor and a trained base tensor")
+        tensors = {**tensors, **extras.tensors}
 
     with atomic_directory(dst, overwrite=overwrite) as tmp:
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")

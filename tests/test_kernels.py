@@ -98,3 +98,86 @@ def test_merge_with_the_kernel_equals_the_torch_path(llama_dir, tmp_path):
     for key in a:
         scale = float((a[key] - base[key]).abs().max())
         torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-5 * scale + 1e-12)
+
+
+# ---- tensor-core numerics: the ``split`` precision (bf16 limbs) against float64 -----------------------------------
+
+from randlora_io.kernels.limbs import PRODUCT_BOUND, is_bf16_exact, split3, split_matmul  # noqa: E402
+
+
+def test_split3_limbs_sum_exactly_to_the_float32_value():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4096, generator=g) * torch.pow(2.0, torch.randint(-60, 60, (4096,), generator=g).float())
+    x = torch.cat([x, torch.tensor([1.0 - 2**-24, -(1 + 2**-23), 3.0, 0.0, 2.0**-126])])
+    hi, mid, lo = split3(x)
+    assert torch.equal(hi.double() + mid.double() + lo.double(), x.double())
+    assert (mid.double().abs() <= hi.double().abs() * 2**-8).all()
+    assert (lo.double().abs() <= x.double().abs() * 2**-16).all()
+
+
+@pytest.mark.parametrize("u_kind", ["bf16-exact", "24-bit"])
+def test_split_limb_arithmetic_error_is_within_its_stated_bound(u_kind):
+    """The kernel's limb products, summed in float64, against U @ S in float64: zero error when U is exact in bf16
+    (3 MMAs), ≤ (2^-23 + 2^-32)·Σ|u||s| otherwise (6 MMAs). With the kernel's float32 accumulation the error stays
+    float32-class (≤ 1e-6 of the result's scale here), where one bf16 MMA is ≈ 1e-3."""
+    g = torch.Generator().manual_seed(1)
+    u = torch.randn(48, 96, generator=g)
+    if u_kind == "bf16-exact":
+        u = u.to(torch.bfloat16).float()
+    s = torch.randn(96, 40, generator=g) * torch.rand(96, 40, generator=g)
+    limbs = 1 if u_kind == "bf16-exact" else 3
+    exact = u.double() @ s.double()
+    magnitude = u.double().abs() @ s.double().abs()
+    bound = (PRODUCT_BOUND[limbs] + 2**-48) * magnitude      # + float64's own summation rounding
+    err64 = (split_matmul(u, s, limbs, accumulate=torch.float64) - exact).abs()
+    assert bool((err64 <= bound).all()), float((err64 - bound).max())
+    if limbs == 1:
+        assert float(err64.max()) < 1e-12   # products exact; float64 rounding only
+    scale = float(exact.abs().max())
+    err32 = float((split_matmul(u, s, limbs) - exact).abs().max()) / scale
+    err_bf16 = float(((u.bfloat16().double() @ s.bfloat16().double()) - exact).abs().max()) / scale
+    assert err32 < 1e-6 and err_bf16 > 1e-4, (err32, err_bf16)
+
+
+def _w0_merge(B: torch.Tensor, precision: str = "split", gen: GeneratorSpec | None = None):
+    """ΔW = U·S through the kernel on a zero fp32 weight (scaling 1), its float64 value, and U, S."""
+    from randlora_io.delta import scaled_A
+
+    r, D, M = 4, 24, 40
+    n = -(-D // r)
+    layer = LayerSpec(key="w", shape=(M, D), fan_in_fan_out=False, num_bases=n, dtype="float32")
+    g = torch.Generator().manual_seed(2)
+    lam, gam, A = torch.randn(r, n, generator=g), torch.randn(n, D, generator=g), torch.randn(r, D, generator=g)
+    out = merge_layer_triton_(torch.zeros(M, D, device=DEVICE), layer, lam, gam, A, B, 1.0, gen,
+                              precision=precision, blocks=(16, 16, 16)).cpu()
+    S = scaled_A(lam, A, gam)
+    return out, B[:M, : r * n].double() @ S.double(), B[:M, : r * n], S
+
+
+def test_kernel_split_precision_is_float32_class_and_bf16_is_not():
+    """Under the interpreter the kernel runs the same limb split (bf16 roundings included): ``split`` within 1e-6 of
+    float64, ``bf16`` visibly not, so the first is not passing by accident."""
+    B = torch.randn(40, 32, generator=torch.Generator().manual_seed(3))      # 24-bit values: 6-MMA path
+    split, exact, u, s = _w0_merge(B)
+    scale = float(exact.abs().max())
+    assert float((split.double() - exact).abs().max()) / scale < 1e-6
+    magnitude = u.double().abs() @ s.double().abs()
+    limb_bound = (PRODUCT_BOUND[3] + u.shape[1] * 2**-24) * magnitude  # limbs + float32 accumulation (worst case)
+    assert bool(((split.double() - exact).abs() <= limb_bound).all())
+    bf16, _, _, _ = _w0_merge(B, "bf16")
+    assert float((bf16.double() - exact).abs().max()) / scale > 1e-4
+    with pytest.raises(ValueError, match="precision"):
+        _w0_merge(B, "fp8")
+
+
+def test_kernel_notices_bases_that_are_not_exact_in_bf16_even_after_an_in_place_change():
+    """The 3-MMA path (U taken as bf16) is only for bases exact in bf16; the check is cached on the bases tensor and
+    must be redone when the tensor changes in place, else the changed value would be rounded to bf16 silently."""
+    B = torch.randn(40, 32, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16).float()
+    assert is_bf16_exact(B)
+    out, exact, _, _ = _w0_merge(B)
+    assert float((out.double() - exact).abs().max()) / float(exact.abs().max()) < 1e-6
+    B[0, 0] += B[0, 0].abs() * 2**-10 + 2**-30       # below bf16's half-ulp: lost if U were rounded to bf16
+    assert not is_bf16_exact(B)
+    out, exact, _, _ = _w0_merge(B)
+    assert float((out.double() - exact).abs().max()) / float(exact.abs().max()) < 1e-6

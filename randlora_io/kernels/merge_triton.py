@@ -8,8 +8,15 @@ generator: counter (col // 4, row, 1, 0), key (seed lo, seed hi), word col % 4, 
 ``tl.dot``, then reads the W tile once, adds, rounds once to W's dtype and writes it back. Nothing else is allocated.
 
 W's orientation (out ≥ in or out < in, ``fan_in_fan_out``) is folded into the two strides of its (M, D) view, so
-one kernel serves every layout. Under ``TRITON_INTERPRET=1`` it runs on CPU tensors (tests); operands are fp32 and
-``tl.dot`` uses IEEE fp32 there (TF32 is opt-in on GPUs through ``input_precision``).
+one kernel serves every layout.
+
+Precision of the U·S product (``precision``): the default ``split`` runs on bf16 tensor cores with float32-class
+accuracy — S (and U unless its values are exact in bf16) is split into three bf16 limbs whose products are exact, 3
+or 6 MMAs per step (bound and torch twin in ``randlora_io.kernels.limbs``). ``bf16`` is one MMA (≈ 2^-8 relative),
+``ieee`` float32 FMAs without tensor cores, ``tf32``/``tf32x3`` Triton's own. On a GPU the tile shape is autotuned
+per (M, D, K) over :func:`configs_for` (W is restored between trials). Under ``TRITON_INTERPRET=1`` the kernel runs
+on CPU tensors (tests) with one config; there the bf16 limbs are widened to float32 before ``tl.dot`` (the
+interpreter's bf16 dot is broken), which computes the same exact products, so CPU tests exercise the limb split.
 """
 
 from __future__ import annotations
@@ -72,14 +79,61 @@ def _philox_block_kernel(out_ptr, rows, cols, row0, col0, seed_lo, seed_hi, lo_c
 
 
 @triton.jit
+def _mma(a, b, acc, EMULATE: tl.constexpr):
+    """acc + a·b for bf16 tiles a, b: one tensor-core MMA on a GPU. Under the interpreter (``EMULATE``; its bf16
+    ``tl.dot`` is broken, upstream issue 11584) the exact bf16 values are widened to float32 first, which is the
+    same product: 8-bit × 8-bit significands multiply exactly in float32."""
+    if EMULATE:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _split3(x):
+    """float32 tile → bf16 limbs (hi, mid, lo) with hi + mid + lo == x exactly (``limbs.split3`` is its twin)."""
+    hi = x.to(tl.bfloat16)
+    r1 = x - hi.to(tl.float32)
+    mid = r1.to(tl.bfloat16)
+    lo = (r1 - mid.to(tl.float32)).to(tl.bfloat16)
+    return hi, mid, lo
+
+
+@triton.jit
+def _dot(u, s, acc, PRECISION: tl.constexpr, U_LIMBS: tl.constexpr, EMULATE: tl.constexpr):
+    """acc + U·S for float32 tiles. ``split``: bf16 limb MMAs (see ``limbs``), smallest terms first: U exact in bf16
+    (U_LIMBS 1) 3 MMAs, else the 6 pairs i + j ≤ 2. ``bf16``: one MMA of rounded operands. Otherwise ``tl.dot``'s
+    own ``input_precision`` (ieee, tf32, tf32x3)."""
+    if PRECISION == "split":
+        s0, s1, s2 = _split3(s)
+        if U_LIMBS == 1:
+            u0 = u.to(tl.bfloat16)
+            acc = _mma(u0, s2, acc, EMULATE)
+            acc = _mma(u0, s1, acc, EMULATE)
+            acc = _mma(u0, s0, acc, EMULATE)
+        else:
+            u0, u1, u2 = _split3(u)
+            acc = _mma(u2, s0, acc, EMULATE)
+            acc = _mma(u1, s1, acc, EMULATE)
+            acc = _mma(u0, s2, acc, EMULATE)
+            acc = _mma(u1, s0, acc, EMULATE)
+            acc = _mma(u0, s1, acc, EMULATE)
+            acc = _mma(u0, s0, acc, EMULATE)
+    elif PRECISION == "bf16":
+        acc = _mma(u.to(tl.bfloat16), s.to(tl.bfloat16), acc, EMULATE)
+    else:
+        acc = tl.dot(u, s, acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
 def _merge_kernel(
     w_ptr, stride_wm, stride_wd,          # W viewed as (M, D)
     ub_ptr, stride_um, stride_uk,         # U_B (M, K) float32, unused when GENERATE
     lam_ptr, gam_ptr, a_ptr, stride_a,    # λ (r, n) contiguous, γ (n, D) contiguous, A (r, ≥D) float32
     M, D, K, n, scaling,
     seed_lo, seed_hi, lo_cut, hi_cut,
-    GENERATE: tl.constexpr, KIND: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+    GENERATE: tl.constexpr, KIND: tl.constexpr, PRECISION: tl.constexpr, U_LIMBS: tl.constexpr,
+    EMULATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_d = tl.program_id(1)
@@ -107,7 +161,7 @@ def _merge_kernel(
             u = tl.where(um_mask, _basis_values(bits, KIND, lo_cut, hi_cut), 0.0)
         else:
             u = tl.load(ub_ptr + rm[:, None] * stride_um + rk[None, :] * stride_uk, mask=um_mask, other=0.0)
-        acc += tl.dot(u, s_tile, input_precision=PRECISION)
+        acc = _dot(u, s_tile, acc, PRECISION, U_LIMBS, EMULATE)
     w_mask = (rm[:, None] < M) & (rd[None, :] < D)
     w_ptrs = w_ptr + rm[:, None] * stride_wm + rd[None, :] * stride_wd
     w = tl.load(w_ptrs, mask=w_mask, other=0.0)
@@ -139,19 +193,105 @@ def _md_view(weight: torch.Tensor, layer: LayerSpec) -> torch.Tensor:
     return outin if layer.in_features == layer.min_dim else outin.T
 
 
+PRECISIONS = ("split", "bf16", "ieee", "tf32", "tf32x3")
+DEFAULT_PRECISION = "split"
+TENSOR_CORE_PRECISIONS = ("split", "bf16", "tf32", "tf32x3")
+
+
+def gpu_configs(capability: int) -> list[triton.Config]:
+    """The autotune configs for a GPU of compute capability ``capability`` (80 = A100, 90 = H100/H200) with a
+    tensor-core precision, for the layer shapes that matter (M, D from 2048 to 28672, K = r·n ≈ D). Each one is
+    compiled for its target in CI (tests/test_kernel_compile.py: it compiles, uses mma/wgmma, does not spill, fits
+    in shared memory); on sm_80 the 128-wide tiles of the 6-MMA ``split`` path spill, so Ampere gets 64-row tiles."""
+    cfg = triton.Config
+    if capability >= 90:
+        return [
+            cfg({"BLOCK_M": 128, "BLOCK_D": 128, "BLOCK_K": 32}, num_warps=8, num_stages=3),
+            cfg({"BLOCK_M": 128, "BLOCK_D": 256, "BLOCK_K": 32}, num_warps=8, num_stages=3),
+            cfg({"BLOCK_M": 64, "BLOCK_D": 128, "BLOCK_K": 32}, num_warps=4, num_stages=3),
+        ]
+    return [
+        cfg({"BLOCK_M": 64, "BLOCK_D": 128, "BLOCK_K": 32}, num_warps=4, num_stages=3),
+        cfg({"BLOCK_M": 64, "BLOCK_D": 128, "BLOCK_K": 32}, num_warps=4, num_stages=4),
+        cfg({"BLOCK_M": 64, "BLOCK_D": 64, "BLOCK_K": 32}, num_warps=4, num_stages=3),
+    ]
+
+
+# ``ieee`` runs tl.dot as float32 FMAs on CUDA cores: register-hungry, so it gets a small tile of its own.
+FMA_CONFIG = triton.Config({"BLOCK_M": 64, "BLOCK_D": 64, "BLOCK_K": 16}, num_warps=4, num_stages=2)
+INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_D": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)
+
+
+def _interpreting() -> bool:
+    return bool(triton.knobs.runtime.interpret)
+
+
+def _all_configs() -> list[triton.Config]:
+    if _interpreting():
+        return [INTERPRETER_CONFIG]
+    return gpu_configs(90) + gpu_configs(80) + [FMA_CONFIG]
+
+
+def configs_for(capability: int, precision: str) -> list[triton.Config]:
+    """The configs the autotuner tries on a GPU of ``capability`` for ``precision``."""
+    if precision == "ieee":
+        return [FMA_CONFIG]
+    if precision == "tf32x3" and capability < 90:  # three tf32 MMAs spill on 64×128 tiles on sm_80
+        return [triton.Config({"BLOCK_M": 64, "BLOCK_D": 64, "BLOCK_K": 32}, num_warps=4, num_stages=3)]
+    return gpu_configs(capability)
+
+
+def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """Keep the configs of this device's architecture and of the precision (autotune's ``early_config_prune``)."""
+    if _interpreting():
+        return configs
+    major, minor = torch.cuda.get_device_capability(named_args["w_ptr"].device)
+    wanted = configs_for(90 if major >= 9 else 80, kwargs["PRECISION"])
+    return [c for c in configs if any(c.kwargs == w.kwargs and c.num_warps == w.num_warps and
+                                      c.num_stages == w.num_stages for w in wanted)]
+
+
+# Autotuning runs the kernel several times per config: W is saved before and restored after each trial
+# (``restore_value``), so the merge that follows starts from the original weight.
+_merge_kernel_tuned = triton.autotune(
+    configs=_all_configs(),
+    key=["M", "D", "K", "GENERATE", "KIND", "PRECISION", "U_LIMBS"],
+    prune_configs_by={"early_config_prune": _prune},
+    restore_value=["w_ptr"],
+)(_merge_kernel)
+
+
+def _bf16_exact(B: torch.Tensor) -> bool:
+    """Whether the whole shared-bases tensor B holds bf16 values only (then every layer's prefix slice does),
+    cached on the tensor and invalidated by any in-place change of it (its version counter)."""
+    from .limbs import is_bf16_exact
+
+    cached = getattr(B, "_randlora_io_bf16_exact", None)
+    if cached is not None and cached[0] == B._version:
+        return cached[1]
+    exact = is_bf16_exact(B.reshape(B.shape[0], -1))
+    B._randlora_io_bf16_exact = (B._version, exact)
+    return exact
+
+
 def merge_layer_triton_(weight: torch.Tensor, layer: LayerSpec, lam: torch.Tensor, gam: torch.Tensor,
                         A: torch.Tensor, B: torch.Tensor | None, scaling: float,
-                        generator: GeneratorSpec | None = None, *, precision: str = "ieee",
-                        blocks: tuple[int, int, int] = (32, 32, 32)) -> torch.Tensor:
+                        generator: GeneratorSpec | None = None, *, precision: str = DEFAULT_PRECISION,
+                        blocks: tuple[int, int, int] | None = None) -> torch.Tensor:
     """W += scaling·ΔW in place, on W's device; returns ``weight``.
 
     weight: the stored weight (bf16, fp16 or fp32), shape ``layer.shape``. λ (r, n), γ (n, D), A (r, ≥D): float32.
     B: the shared (≥M, ≥K) float32 bases, or None with a ``philox`` ``generator`` to draw B inside the kernel.
+    precision: ``split`` (default; bf16 tensor-core limbs, float32-class accuracy, see ``limbs``), ``bf16`` (one
+    bf16 MMA, ≈ 2^-8 relative per product), ``ieee`` (float32 FMA, no tensor cores), ``tf32``, ``tf32x3``.
+    blocks: (BLOCK_M, BLOCK_D, BLOCK_K) to force one tile shape; None autotunes over :func:`configs_for`.
     """
     if weight.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise TypeError(f"{layer.key}: the kernel merges fp32/bf16/fp16 weights, not {weight.dtype}")
     if tuple(weight.shape) != layer.shape:
         raise ValueError(f"{layer.key}: weight {list(weight.shape)} but the adapter records {list(layer.shape)}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"{layer.key}: unknown kernel precision {precision!r}; use one of {', '.join(PRECISIONS)}")
     w_md = _md_view(weight, layer)
     M, D = layer.max_dim, layer.min_dim
     r, n = lam.shape
@@ -169,18 +309,23 @@ def merge_layer_triton_(weight: torch.Tensor, layer: LayerSpec, lam: torch.Tenso
         ub = lam  # placeholder pointer, never read
         su = sk = 0
         kind = _KIND_CODE[generator.kind]
+        u_limbs = 1 if kind == 1 else 3     # ternary values are exact in bf16; dense philox values have 24 bits
     else:
         ub = B[:M, :K].to(dev, torch.float32)
         su, sk = ub.stride()
         seed_lo = seed_hi = lo_cut = hi_cut = 0
         kind = 0
-    bm, bd, bk = blocks
-    grid = (triton.cdiv(M, bm), triton.cdiv(D, bd))
-    _merge_kernel[grid](
-        w_md, w_md.stride(0), w_md.stride(1), ub, su, sk, lam, gam, A, A.stride(0),
-        M, D, K, n, float(scaling), seed_lo, seed_hi, lo_cut, hi_cut,
-        GENERATE=generate, KIND=kind, PRECISION=precision, BLOCK_M=bm, BLOCK_D=bd, BLOCK_K=bk,
-    )
+        u_limbs = 1 if precision == "split" and _bf16_exact(B) else 3  # 3 bf16 MMAs instead of 6 when exact
+    args = (w_md, w_md.stride(0), w_md.stride(1), ub, su, sk, lam, gam, A, A.stride(0),
+            M, D, K, n, float(scaling), seed_lo, seed_hi, lo_cut, hi_cut)
+    consts = dict(GENERATE=generate, KIND=kind, PRECISION=precision, U_LIMBS=u_limbs, EMULATE=dev.type == "cpu")
+    if blocks is None:
+        def grid(meta):
+            return (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(D, meta["BLOCK_D"]))
+        _merge_kernel_tuned[grid](*args, **consts)
+    else:
+        bm, bd, bk = blocks
+        _merge_kernel[(triton.cdiv(M, bm), triton.cdiv(D, bd))](*args, **consts, BLOCK_M=bm, BLOCK_D=bd, BLOCK_K=bk)
     return weight
 
 
@@ -193,4 +338,5 @@ def merge_layer_reference_(weight: torch.Tensor, layer: LayerSpec, lam: torch.Te
     return weight
 
 
-__all__ = ["merge_layer_reference_", "merge_layer_triton_", "philox_block_triton"]
+__all__ = ["DEFAULT_PRECISION", "PRECISIONS", "TENSOR_CORE_PRECISIONS", "configs_for", "gpu_configs",
+           "merge_layer_reference_", "merge_layer_triton_", "philox_block_triton"]

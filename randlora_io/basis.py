@@ -193,11 +193,12 @@ def spec_bases_to_peft(bases: Bases, rank: int, dtype: torch.dtype = torch.float
 
 
 def generate_bases(generator: GeneratorSpec, rank: int, min_dim: int, max_dim: int,
-                   device: str | torch.device = "cpu", max_bytes: int | None = None) -> Bases:
+                   device: str | torch.device = "cpu", max_bytes: int | None = None, source: str = "bases") -> Bases:
     """The shared bases for ``generator`` sized (r, min_dim) and (max_dim, ceil(min_dim/r)·r), float32.
 
-    Refuses sizes over the budget before allocating (:func:`check_bases_budget`; ``max_bytes`` overrides it)."""
-    check_bases_budget(rank, min_dim, max_dim, max_bytes)
+    Refuses sizes over the budget before allocating (:func:`check_bases_budget`; ``max_bytes`` overrides it);
+    ``source`` (the file the bases are for) starts that error message."""
+    check_bases_budget(rank, min_dim, max_dim, max_bytes, source=source)
     if generator.name == "philox":
         return _philox_bases(generator, rank, min_dim, max_dim, device)
     bases = peft_bases_to_spec(*peft_bases_raw(generator, rank, min_dim, max_dim))

@@ -67,8 +67,8 @@ def test_generate_bases_checks_the_budget_and_sizes_itself():
     gen = GeneratorSpec(name="philox", kind="dense", seed=0)
     with pytest.raises(BasesTooLargeError):
         generate_bases(gen, 1, 45000, 45000)
-    with pytest.raises(BasesTooLargeError):
-        generate_bases(gen, 1, 64, 64, max_bytes=100)
+    with pytest.raises(BasesTooLargeError, match="^src.safetensors: .*RANDLORA_IO_MAX_BASES_BYTES"):
+        generate_bases(gen, 1, 64, 64, max_bytes=100, source="src.safetensors")
     for r, lo, hi in ((1, 0, 5), (0, 4, 5), (5, 4, 5), (1, 6, 5)):
         with pytest.raises(HeaderError):
             generate_bases(gen, r, lo, hi)

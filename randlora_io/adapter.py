@@ -177,8 +177,9 @@ def read_adapter(path: str | os.PathLike, *, verify_bases: bool = True,
     return adapter
 
 
-def write_adapter(adapter: RandloraAdapter, path: str | os.PathLike) -> None:
-    """Validate and write ``adapter`` to ``path`` atomically (temp file beside it, then rename)."""
+def write_adapter(adapter: RandloraAdapter, path: str | os.PathLike, overwrite: bool = True) -> None:
+    """Validate and write ``adapter`` to ``path`` atomically (temp file beside it, then rename); without
+    ``overwrite`` an existing file, even one that appeared meanwhile, is never replaced."""
     validate_tensors(adapter)
     tensors: dict[str, torch.Tensor] = {}
     for key in adapter.header.layers:
@@ -187,7 +188,8 @@ def write_adapter(adapter: RandloraAdapter, path: str | os.PathLike) -> None:
     if adapter.header.stored_bases and adapter.stored is not None:
         tensors[STORED_A] = adapter.stored.A.detach().cpu().float()
         tensors[STORED_B] = adapter.stored.B.detach().cpu().float()
-    save_safetensors(tensors, path, metadata={**adapter.metadata, METADATA_KEY: adapter.header.dumps()})
+    save_safetensors(tensors, path, metadata={**adapter.metadata, METADATA_KEY: adapter.header.dumps()},
+                     overwrite=overwrite)
 
 
 def is_randlora_file(path: str | os.PathLike) -> bool:

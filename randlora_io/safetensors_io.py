@@ -168,7 +168,9 @@ def load_tensors(path: str | os.PathLike, names: list[str] | None = None) -> dic
         return {n: f.get_tensor(n) for n in wanted}
 
 
-def save_safetensors(tensors: dict[str, torch.Tensor], dst: str | os.PathLike, metadata: dict[str, str]) -> None:
-    """Write ``tensors`` (contiguous CPU tensors) with string ``metadata`` to ``dst`` atomically."""
-    with atomic_file(dst) as tmp:
+def save_safetensors(tensors: dict[str, torch.Tensor], dst: str | os.PathLike, metadata: dict[str, str],
+                     overwrite: bool = True) -> None:
+    """Write ``tensors`` (contiguous CPU tensors) with string ``metadata`` to ``dst`` atomically; without
+    ``overwrite`` an existing ``dst`` (even one that appeared while writing) is never replaced."""
+    with atomic_file(dst, overwrite=overwrite) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)

@@ -159,11 +159,11 @@ def header_bytes(entries: dict[str, dict], metadata: Mapping[str, str]) -> bytes
 
 def stream_write(dst: str | os.PathLike, order: list[str], shapes: Mapping[str, tuple[int, ...]],
                  produce: Callable[[str], torch.Tensor], metadata: Mapping[str, str],
-                 dtype: torch.dtype = torch.float32) -> None:
+                 dtype: torch.dtype = torch.float32, overwrite: bool = True) -> None:
     """Write a new safetensors file at ``dst`` (atomically) holding ``produce(key)`` for each key of ``order``, cast
     to ``dtype``, one tensor at a time: at most two produced tensors are held while the background thread writes."""
     entries = header_entries(order, shapes, {k: dtype for k in order})
-    with atomic_file(dst) as tmp, SequentialWriter(tmp) as out, \
+    with atomic_file(dst, overwrite=overwrite) as tmp, SequentialWriter(tmp) as out, \
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="randlora-io-io") as io:
         pending: list[Future] = [io.submit(out.write, header_bytes(entries, metadata))]
         try:

@@ -372,3 +372,23 @@ def test_projection_prng_key_true_is_refused(tmp_path, models):
     (folder / "adapter_config.json").write_text(json.dumps(config))
     result = run_cli("merge", models / "base", folder, "-o", tmp_path / "out", check=False)
     assert_one_line_error(result, "projection_prng_key")
+
+
+@pytest.mark.parametrize("to", ["randlora", "dense"])
+def test_convert_never_replaces_a_file_that_appeared_meanwhile(models, tmp_path, monkeypatch, to):
+    import randlora_io.atomic as atomic
+
+    dst = tmp_path / f"{to}.safetensors"
+    real = atomic._install_new
+
+    def racing(tmp, target):
+        target.write_text("another process's output")
+        return real(tmp, target)
+
+    monkeypatch.setattr(atomic, "_install_new", racing)
+    src = models / "a.safetensors" if to == "dense" else models / "peft"
+    extra = () if to == "dense" else ("--base", models / "base")
+    result = run_cli("convert", src, dst, "--to", to, *extra, check=False)
+    assert_one_line_error(result, "appeared")
+    assert dst.read_text() == "another process's output"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(f".{dst.name}")]

@@ -64,7 +64,7 @@ def read_dense(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def write_dense(deltas: Mapping[str, torch.Tensor] | DeltaProvider, path: str | os.PathLike,
-                base_model: dict | None = None, progress: bool = False) -> None:
+                base_model: dict | None = None, progress: bool = False, overwrite: bool = True) -> None:
     """Write ``{weight key: ΔW}`` (float32, stored orientation) atomically. Given a ``DeltaSource``, each ΔW is
     computed when it is written, so memory holds about two layers' deltas rather than the whole file."""
     meta = {"format_version": FORMAT_VERSION}
@@ -84,5 +84,5 @@ def write_dense(deltas: Mapping[str, torch.Tensor] | DeltaProvider, path: str | 
         bar.update(1)
         return delta
 
-    stream_write(path, list(keys), shapes, produce_one, {METADATA_KEY: json.dumps(meta)})
+    stream_write(path, list(keys), shapes, produce_one, {METADATA_KEY: json.dumps(meta)}, overwrite=overwrite)
     bar.close()

@@ -40,8 +40,6 @@ def make_adapter(seed=0, r=4, shapes=None, kind="dense", generator="philox", alp
        generator=st.sampled_from(["philox", "peft"]), alpha=st.floats(0.5, 64),
        dtype=st.sampled_from([torch.float32, torch.bfloat16]), fan=st.booleans())
 def test_write_read_round_trips_every_field_bit_exactly(tmp_path_factory, seed, r, kind, generator, alpha, dtype, fan):
-    if generator == "peft":
-        seed %= 2**63  # torch.Generator.manual_seed takes a signed 64-bit seed
     shapes = {"a.weight": ((16, 24), fan), "b.weight": ((24, 16), fan)}
     adapter = make_adapter(seed, r, shapes, kind, generator, alpha, dtype, base_model={"id": "tiny", "revision": "x"})
     path = tmp_path_factory.mktemp("rt") / "a.safetensors"
@@ -146,6 +144,11 @@ HOSTILE = [
     ("trailing bytes", _raw_file(b'{"x":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}', b"\0" * 9), "trailing"),
     ("truncated data", _raw_file(b'{"x":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}', b"\0" * 5), "truncated"),
     ("bad dtype", _raw_file(b'{"x":{"dtype":"F99","shape":[1],"data_offsets":[0,4]}}', b"\0" * 4), "dtype"),
+    ("not utf-8", _raw_file(b'{"\xff":1}'), "utf-8"),
+    ("extra tensor field", _raw_file(b'{"x":{"dtype":"F32","shape":[1],"data_offsets":[0,4],"y":1}}', b"\0" * 4),
+     "exactly"),
+    ("byte length disagrees", _raw_file(b'{"x":{"dtype":"F32","shape":[2],"data_offsets":[0,4]}}', b"\0" * 4),
+     "expected 8"),
 ]
 
 

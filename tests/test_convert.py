@@ -281,3 +281,125 @@ def test_build_adapter_refuses_bad_rank():
     with pytest.raises(HeaderError, match="rank"):
         build_adapter(generator=GeneratorSpec(name="philox", kind="dense", seed=0), rank=0, alpha=1.0,
                       layers={"w": ((4, 4), False)}, lambdas={"w": torch.zeros(0, 4)}, gammas={"w": torch.zeros(4, 4)})
+
+
+# ------------------------------------------------------------------ issue #14 items 2, 3, 8: PEFT's bases exactly
+
+
+def _peft_deltas_close(adapter, expected, bound=1e-6):
+    for key, want in expected.items():
+        assert _rel(adapter.delta(key), want) <= bound, (key, _rel(adapter.delta(key), want))
+
+
+@pytest.mark.parametrize("kind", ["sparse", "very_sparse"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_convert_with_base_keeps_peft_cast_of_the_bases_to_the_base_dtype(tmp_path, kind, dtype):
+    """PEFT rounds its fp32 sparse bases to the base layers' dtype: the converted file must record that cast."""
+    base = _save_base(tiny_llama(dtype=dtype), tmp_path / "base")
+    pm = peft_randlora(tiny_llama(dtype=dtype), r=6, seed=13, sparse=kind == "sparse",
+                       very_sparse=kind == "very_sparse")
+    pm.save_pretrained(tmp_path / "peft")
+    run_cli("convert", tmp_path / "peft", tmp_path / "a.safetensors", "--to", "randlora", "--base", base)
+    adapter = read_adapter(tmp_path / "a.safetensors")
+    assert adapter.header.generator.cast_dtype == str(dtype).removeprefix("torch.")
+    _peft_deltas_close(adapter, peft_layer_deltas(pm))
+
+
+@pytest.fixture
+def fp16_drawn(monkeypatch):
+    """PEFT on a machine without bf16 (V100, T4, older MPS): ``accelerate.is_bf16_available()`` is False."""
+    import peft.tuners.randlora.model as randlora_model
+
+    monkeypatch.setattr(randlora_model, "is_bf16_available", lambda *a, **k: False)
+
+
+def test_peft_dense_bases_drawn_in_float16_need_and_take_the_draw_dtype(tmp_path, fp16_drawn):
+    from randlora_io.convert import convert
+    from test_merge import _compare, _load_state, _peft_merged_state
+
+    base = _save_base(tiny_llama(), tmp_path / "base")
+    pm = peft_randlora(tiny_llama(), r=6, seed=21)
+    assert pm.base_model.randlora_A["default"].dtype == torch.float32  # cast to the fp32 model, drawn in fp16
+    pm.save_pretrained(tmp_path / "peft")
+    expected_deltas = peft_layer_deltas(pm)
+    expected = _peft_merged_state(pm)
+
+    # nothing in the dir says fp16: the default assumption is said in one line, with the way to choose the other
+    result = run_cli("merge", base, tmp_path / "peft", "-o", tmp_path / "assumed")
+    assert "assumed drawn in bfloat16" in result.stderr and "--peft-draw-dtype float16" in result.stderr
+    with pytest.raises(AssertionError):
+        _compare(_load_state(tmp_path / "assumed"), expected, torch.float32)
+
+    result = run_cli("merge", base, tmp_path / "peft", "-o", tmp_path / "out", "--peft-draw-dtype", "float16")
+    assert "assumed" not in result.stderr
+    _compare(_load_state(tmp_path / "out"), expected, torch.float32)
+    run_cli("convert", tmp_path / "peft", tmp_path / "a.safetensors", "--to", "randlora", "--base", base,
+            "--peft-draw-dtype", "float16")
+    adapter = read_adapter(tmp_path / "a.safetensors")
+    assert adapter.header.generator.draw_dtype == "float16"
+    _peft_deltas_close(adapter, expected_deltas)
+    convert(tmp_path / "peft", tmp_path / "lib.safetensors", "randlora", base=base, peft_draw_dtype="float16")
+    _peft_deltas_close(read_adapter(tmp_path / "lib.safetensors"), expected_deltas)
+
+    # back to PEFT: a bf16-capable PEFT would redraw in bf16, so the fp16 bases are saved in the dir
+    run_cli("convert", tmp_path / "a.safetensors", tmp_path / "peft2", "--to", "peft-randlora")
+    assert json.loads((tmp_path / "peft2" / "adapter_config.json").read_text())["save_projection"] is True
+    from peft import PeftModel
+
+    reloaded = PeftModel.from_pretrained(tiny_llama(), tmp_path / "peft2")
+    for key, delta in peft_layer_deltas(reloaded).items():
+        assert _rel(delta, expected_deltas[key]) <= 1e-6, key
+
+
+def test_saved_float16_bases_decide_the_draw_dtype(tmp_path, fp16_drawn):
+    base = _save_base(tiny_llama(), tmp_path / "base")
+    pm = peft_randlora(tiny_llama(), r=6, seed=22, save_projection=True)
+    pm.save_pretrained(tmp_path / "peft")
+    result = run_cli("convert", tmp_path / "peft", tmp_path / "a.safetensors", "--to", "randlora", "--base", base)
+    assert "assumed" not in result.stderr
+    adapter = read_adapter(tmp_path / "a.safetensors")
+    assert adapter.header.generator.draw_dtype == "float16" and not adapter.header.stored_bases
+    _peft_deltas_close(adapter, peft_layer_deltas(pm))
+    result = run_cli("convert", tmp_path / "peft", tmp_path / "b.safetensors", "--to", "randlora", "--base", base,
+                     "--peft-draw-dtype", "bfloat16", check=False)
+    assert_one_line_error(result, "drawn in bfloat16", "--keep-bases")
+
+
+def _drop_per_layer_bases(peft_dir):
+    from safetensors.torch import load_file, save_file
+
+    weights = peft_dir / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    kept = {k: v for k, v in tensors.items() if not (k.endswith((".randlora_A", ".randlora_B"))
+                                                     and k.startswith("base_model.model."))}
+    assert len(kept) < len(tensors) and "base_model.randlora_A" in kept
+    save_file(kept, weights, metadata={"format": "pt"})
+
+
+def test_peft_dir_with_only_the_shared_bases_reads_and_can_be_written(tmp_path):
+    """PEFT after 0.21.2 saves base_model.randlora_A/B without a copy per layer; 0.21.2 loads that layout too."""
+    from peft import PeftModel
+    from test_merge import _compare, _load_state
+
+    base = _save_base(tiny_gpt2(), tmp_path / "base")
+    pm = peft_randlora(tiny_gpt2(), r=4, seed=6, save_projection=True, targets=GPT2_TARGETS, fan_in_fan_out=True)
+    pm.save_pretrained(tmp_path / "peft")
+    _drop_per_layer_bases(tmp_path / "peft")
+    loaded = PeftModel.from_pretrained(tiny_gpt2(), tmp_path / "peft")
+    expected_deltas = peft_layer_deltas(loaded)
+    expected = {k: v.detach() for k, v in loaded.merge_and_unload().state_dict().items()}
+    run_cli("merge", base, tmp_path / "peft", "-o", tmp_path / "out")
+    _compare(_load_state(tmp_path / "out"), expected, torch.float32)
+    run_cli("convert", tmp_path / "peft", tmp_path / "a.safetensors", "--to", "randlora", "--base", base)
+    _peft_deltas_close(read_adapter(tmp_path / "a.safetensors"), expected_deltas)
+
+    run_cli("convert", tmp_path / "a.safetensors", tmp_path / "shared", "--to", "peft-randlora", "--save-projection",
+            "--shared-projection-only")
+    from safetensors.torch import load_file
+
+    keys = set(load_file(tmp_path / "shared" / "adapter_model.safetensors"))
+    assert {"base_model.randlora_A", "base_model.randlora_B"} <= keys
+    assert not any(k.endswith((".randlora_A", ".randlora_B")) and k.startswith("base_model.model.") for k in keys)
+    reloaded = PeftModel.from_pretrained(tiny_gpt2(), tmp_path / "shared")
+    for key, delta in peft_layer_deltas(reloaded).items():
+        assert _rel(delta, expected_deltas[key]) <= 1e-6, key

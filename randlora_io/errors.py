@@ -74,3 +74,11 @@ class OutputWriteError(OSError, RandloraError):
 
 class UnsupportedPrecisionError(ValueError, RandloraError):
     """A merge precision that this adapter or device cannot use (``int8`` needs ternary bases and the CPU)."""
+
+
+class AdapterStateError(RuntimeError, RandloraError):
+    """A live adapter swap cannot be undone as asked: not applied, a later adapter on top, or weights changed since."""
+
+
+class LayerTooLargeError(ValueError, RandloraError):
+    """A layer's ΔW would exceed the memory budget (``RANDLORA_IO_MAX_LAYER_BYTES``); nothing was allocated."""

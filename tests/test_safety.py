@@ -392,3 +392,17 @@ def test_convert_never_replaces_a_file_that_appeared_meanwhile(models, tmp_path,
     assert_one_line_error(result, "appeared")
     assert dst.read_text() == "another process's output"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(f".{dst.name}")]
+
+
+def test_lora_factors_declaring_a_huge_layer_are_refused_before_allocating(tmp_path):
+    """A 2.4 MB LoRA dir whose factors imply a 300000×300000 ΔW (360 GB): one line, no allocation."""
+    folder = tmp_path / "lora"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 1, "lora_alpha": 1,
+                                                            "target_modules": ["q_proj"]}))
+    prefix = "base_model.model.model.layers.0.self_attn.q_proj"
+    save_file({f"{prefix}.lora_A.weight": torch.ones(1, 300000), f"{prefix}.lora_B.weight": torch.ones(300000, 1)},
+              str(folder / "adapter_model.safetensors"))
+    for to in ("dense", "randlora", "peft-lora"):
+        result = run_cli("convert", folder, tmp_path / f"{to}.out", "--to", to, "--rank", "1", check=False)
+        assert_one_line_error(result, "RANDLORA_IO_MAX_LAYER_BYTES", "300000x300000")

@@ -78,3 +78,14 @@ def test_verify_on_read_can_be_deferred(tmp_path):
     with pytest.raises(BasisMismatchError):
         lazy.delta(next(iter(lazy.layers)))
     assert torch.equal(lazy.lambdas[next(iter(lazy.layers))], adapter.lambdas[next(iter(adapter.layers))])
+
+
+def test_unknown_fingerprint_algorithms_are_ignored():
+    """SPEC §7: only ``sha256-weights:`` is defined; a tool ignores other prefixes instead of refusing the file."""
+    from randlora_io.fingerprint import recorded_fingerprint
+
+    assert recorded_fingerprint({"fingerprint": "md5:0123"}) is None
+    assert recorded_fingerprint({"fingerprint": None}) is None
+    assert recorded_fingerprint({"fingerprint": "sha256-weights:ab"}) == "sha256-weights:ab"
+    header = make_adapter(base_model={"id": None, "revision": None, "fingerprint": "blake3:zz"}).header.to_json()
+    assert parse_header(json.dumps(header)).base_model["fingerprint"] == "blake3:zz"

@@ -26,12 +26,13 @@ from .converters.peft_randlora import adapter_to_peft_randlora
 from .disk import path_bytes
 from .errors import OutputExistsError, RandloraError
 from .fit import fit_scales
+from .keymap import open_loaded
 from .progress import progress_bar
 from .sources import DeltaSource, RandloraSource, open_source
 from .spec import SPARSE_THRESHOLD, GeneratorSpec, normalisation, num_bases
 
 TARGETS = ("randlora", "peft-randlora", "peft-lora", "dense")
-PEFT_TARGETS = ()  # targets that keep an adapter's modules_to_save / trained biases (none yet)
+PEFT_TARGETS = ("peft-randlora", "peft-lora")  # targets that keep an adapter's modules_to_save / trained biases
 
 
 class ConversionError(ValueError, RandloraError):
@@ -163,8 +164,9 @@ def convert(
     if base is not None:
         ckpt = open_checkpoint(base)
         base_info = base_info_from_checkpoint(ckpt)
-    source = open_source(src_p, keep_bases=keep_bases, base=base_info, peft_draw_dtype=peft_draw_dtype,
-                         on_note=on_note)
+    source = open_loaded(lambda base_: open_source(src_p, keep_bases=keep_bases, base=base_,
+                                                   peft_draw_dtype=peft_draw_dtype, on_note=on_note),
+                         base_info, base)  # keymap.py: retried under transformers' loaded names
     if base is not None:  # no output format carries PEFT's copies of base weights: they must equal BASE's
         check_base_copies(ckpt, str(src_p), source.base_copies)
     check_extras_fit(source, to)
@@ -185,7 +187,8 @@ def convert(
             write_adapter(adapter, dst_p)
         else:
             adapter_to_peft_randlora(adapter, dst_p, save_projection=save_projection,
-                                     shared_projection_only=shared_projection_only, overwrite=overwrite)
+                                     shared_projection_only=shared_projection_only, overwrite=overwrite,
+                                     extras=source.peft_extras)
         report.params_out = adapter.trainable_parameters()
     elif to == "dense":
         write_dense(source, dst_p, progress=progress)
@@ -207,7 +210,8 @@ def convert(
             raise ConversionError(f"{src}: SVD error {report.max_error:.4g} exceeds --max-error {max_error}; "
                                   "raise --rank or the bound")
         # PEFT sets fan_in_fan_out per layer type on load and saves the last layer's: write that one
-        write_peft_lora(lows, list(deltas.values())[-1][1], dst_p, rank, overwrite=overwrite)
+        write_peft_lora(lows, list(deltas.values())[-1][1], dst_p, rank, overwrite=overwrite,
+                        extras=source.peft_extras)
         report.params_out = sum(v.up.numel() + v.down.numel() for v in lows.values())
     report.layers = len(source.keys())
     report.bytes_in = path_bytes(src_p)

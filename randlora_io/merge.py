@@ -29,7 +29,7 @@ from .distributed import Processes, share_out
 from .checkpoint import INDEX_FILE, Checkpoint, absent_weight_hint, check_base_copies, open_checkpoint
 from .fingerprint import check_fingerprint
 from .errors import BaseModelMismatchError, OutputExistsError, SourceFormatError
-from .keymap import for_checkpoint
+from .keymap import for_checkpoint, open_loaded
 from .merge_layer import PRECISIONS, LayerMerger, add_delta_
 from .merge_terms import apply_term_
 from .progress import progress_bar
@@ -68,7 +68,8 @@ def _open_sources(ckpt: Checkpoint, adapters: list[str | os.PathLike | DeltaSour
             raise SourceFormatError(f"{item}: adapter listed twice (positions {seen[resolved] + 1} and {i + 1}); "
                                     "give it once with --weight instead")
         seen[resolved] = i
-        sources.append(open_source(item, base=base_info, peft_draw_dtype=peft_draw_dtype, on_note=on_note))
+        sources.append(open_loaded(lambda base: open_source(item, base=base, peft_draw_dtype=peft_draw_dtype,
+                                                            on_note=on_note), base_info, ckpt.root))  # keymap.py
     return [for_checkpoint(source, ckpt.weight_map, ckpt.root) for source in sources]  # keymap.py
 
 

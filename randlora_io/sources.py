@@ -16,7 +16,7 @@ import torch
 from .adapter import RandloraAdapter, is_randlora_file, read_adapter
 from .base_model import BaseModelInfo, base_info_from_checkpoint, layer_orientations
 from .converters.dense import is_dense_file, read_dense
-from .converters.peft_dir import is_peft_dir, read_peft_config, read_peft_dir
+from .converters.peft_dir import PeftExtras, is_peft_dir, read_peft_config, read_peft_dir
 from .converters.peft_lora import LoraLayer, read_peft_lora
 from .converters.peft_randlora import peft_randlora_to_adapter
 from .errors import LayerTypeError, SourceFormatError, UnsafeCheckpointError
@@ -35,6 +35,8 @@ class DeltaSource:
     # base checkpoint key → a trained tensor that replaces the base's (PEFT's modules_to_save and trained biases);
     # not in ``keys()``: it has no ΔW
     replacements: Mapping[str, torch.Tensor] = MappingProxyType({})
+    # a PEFT dir's trained head / biases and their config keys, for converting it to another PEFT dir
+    peft_extras: PeftExtras | None = None
 
     def keys(self) -> list[str]:
         raise NotImplementedError
@@ -211,7 +213,7 @@ def open_source(
     if kind == "peft-lora":
         lora_base = base if base is not None else base_info_from_config(path)
         source: DeltaSource = LoraSource(read_peft_lora(peft, lora_base, on_note), str(path))
-        source.base_copies, source.replacements = peft.base_copies, peft.replacements
+        source.base_copies, source.replacements, source.peft_extras = peft.base_copies, peft.replacements, peft.extras
         return source
     base = base if base is not None else base_info_from_config(path)
     if base is None:
@@ -223,5 +225,5 @@ def open_source(
                                        on_note=on_note)
     adapter.source = str(path)
     source = RandloraSource(adapter, kind="peft-randlora")
-    source.base_copies, source.replacements = peft.base_copies, peft.replacements
+    source.base_copies, source.replacements, source.peft_extras = peft.base_copies, peft.replacements, peft.extras
     return source

@@ -18,7 +18,7 @@ import torch
 from ..base_model import BaseModelInfo, layer_orientations
 from ..errors import AdapterShapeError, NonFiniteError, SourceFormatError
 from ..lowrank import LowRank, truncated_svd
-from .peft_dir import PEFT_PREFIX, PeftDir, module_of, read_peft_dir, weight_key, write_peft_dir
+from .peft_dir import PEFT_PREFIX, PeftDir, PeftExtras, module_of, read_peft_dir, weight_key, write_peft_dir
 from .peft_targets import targeted_layers
 
 PEFT_TYPE = "LORA"
@@ -150,8 +150,10 @@ def write_peft_lora(
     *,
     base_model: dict | None = None,
     overwrite: bool = False,
+    extras: PeftExtras | None = None,
 ) -> None:
-    """Write LoRA factors as a PEFT LoRA dir with lora_alpha = r (scaling 1)."""
+    """Write LoRA factors as a PEFT LoRA dir with lora_alpha = r (scaling 1), with a source PEFT dir's ``extras``
+    (trained head / biases, see ``peft_dir.PeftExtras``)."""
     if any(not k.endswith(".weight") for k in factors):
         raise SourceFormatError("delta keys must end in '.weight' to map onto PEFT modules")
     tensors = {}
@@ -167,4 +169,4 @@ def write_peft_lora(
         "rank_pattern": {}, "alpha_pattern": {}, "modules_to_save": None,
         "base_model_name_or_path": base.get("id"), "revision": base.get("revision"),
     }
-    write_peft_dir(dst, config, tensors, overwrite=overwrite)
+    write_peft_dir(dst, config, tensors, overwrite=overwrite, extras=extras)

@@ -19,7 +19,7 @@ from ..basis import Bases, peft_bases_raw, peft_bases_to_spec, spec_bases_to_pef
 from ..checkpoint import absent_weight_hint
 from ..errors import AdapterShapeError, BaseModelMismatchError, BasisMismatchError, NonFiniteError, SourceFormatError
 from ..spec import GeneratorSpec, num_bases, normalisation
-from .peft_dir import PEFT_PREFIX, PeftDir, module_of, read_peft_dir, weight_key, write_peft_dir
+from .peft_dir import PEFT_PREFIX, PeftDir, PeftExtras, module_of, read_peft_dir, weight_key, write_peft_dir
 from .peft_targets import targeted_layers, weight_module
 
 PEFT_TYPE = "RANDLORA"
@@ -224,8 +224,10 @@ def adapter_to_peft_randlora(
     save_projection: bool = False,
     shared_projection_only: bool = False,
     overwrite: bool = False,
+    extras: PeftExtras | None = None,
 ) -> None:
-    """Write ``adapter`` as a PEFT RandLoRA dir that ``PeftModel.from_pretrained`` loads.
+    """Write ``adapter`` as a PEFT RandLoRA dir that ``PeftModel.from_pretrained`` loads (with a source PEFT dir's
+    ``extras``: trained head / biases).
 
     PEFT can regenerate only ``peft``-generator bases; for a philox adapter the bases are always saved
     (``save_projection=True``) and the philox normalisation is folded into ``randlora_alpha``. Saved bases are
@@ -275,7 +277,7 @@ def adapter_to_peft_randlora(
             # PEFT stores an unsliced copy per layer; safetensors refuses shared storage, hence the clones.
             tensors[f"{PEFT_PREFIX}{module}.randlora_A"] = A.clone()
             tensors[f"{PEFT_PREFIX}{module}.randlora_B"] = B.clone()
-    write_peft_dir(dst, config, tensors, overwrite=overwrite)
+    write_peft_dir(dst, config, tensors, overwrite=overwrite, extras=extras)
 
 
 def is_peft_randlora_dir(path: str | os.PathLike) -> bool:

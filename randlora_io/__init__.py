@@ -6,9 +6,11 @@ from .delta import reference_delta
 from .errors import RandloraError
 from .merge import merge, merge_into_state_dict
 from .spec import AdapterHeader, GeneratorSpec, LayerSpec
+from .swap import apply_adapter, remove_adapter
 
 __all__ = [
-    "AdapterHeader", "Bases", "GeneratorSpec", "LayerSpec", "RandloraAdapter", "RandloraError", "build_adapter",
-    "generate_bases", "merge", "merge_into_state_dict", "read_adapter", "reference_delta", "write_adapter",
+    "AdapterHeader", "Bases", "GeneratorSpec", "LayerSpec", "RandloraAdapter", "RandloraError", "apply_adapter",
+    "build_adapter", "generate_bases", "merge", "merge_into_state_dict", "read_adapter", "reference_delta",
+    "remove_adapter", "write_adapter",
 ]
 __version__ = "0.1.0"

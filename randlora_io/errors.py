@@ -57,7 +57,8 @@ class HubError(OSError, RandloraError):
 
 
 class AdapterStateError(RuntimeError, RandloraError):
-    """An operation that the attached adapter's state does not allow (merge after detach, save while merged, ...)."""
+    """An operation that the attached adapter's state does not allow (merge after detach, save while merged, ...;
+    ``swap.remove_adapter`` of an adapter not applied, under a later one, or whose weights changed since)."""
 
 
 class LayerTypeError(ValueError, RandloraError):
@@ -74,10 +75,6 @@ class OutputWriteError(OSError, RandloraError):
 
 class UnsupportedPrecisionError(ValueError, RandloraError):
     """A merge precision that this adapter or device cannot use (``int8`` needs ternary bases and the CPU)."""
-
-
-class AdapterStateError(RuntimeError, RandloraError):
-    """A live adapter swap cannot be undone as asked: not applied, a later adapter on top, or weights changed since."""
 
 
 class LayerTooLargeError(ValueError, RandloraError):

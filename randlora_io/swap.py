@@ -1,0 +1,214 @@
+"""Live adapter swap on a loaded model: :func:`apply_adapter` merges an adapter into the model's weights in place, on
+their device; :func:`remove_adapter` puts the exact original weights back (bit for bit, any dtype).
+
+This is how a served model switches between RandLoRA adapters without reloading: apply, serve, remove, apply the next.
+Unlike :func:`randlora_io.merge.merge_into_state_dict` nothing is copied but the adapted weights themselves, which
+are kept (on their device, or on ``backup_device``) to make the removal exact: subtracting ΔW again would not give the
+bf16 weights back, since each apply rounds once. ``weight`` scales the update (−1 subtracts it: an inexact removal).
+
+Numerics: each adapted weight becomes ``round(W + weight·ΔW)`` computed in float32 — on CPU (and with
+``kernel="torch"``) bit for bit what ``merge_into_state_dict`` returns; with the Triton kernel (default on CUDA for
+RandLoRA adapters) ΔW is added in place into the bf16/fp16/fp32 weight with no float32 copy, and the result may differ
+from it by one rounding step (≤ 1 ulp of W) where the two summation orders straddle a rounding boundary.
+
+Safety: everything is checked before any weight changes (keys, shapes, dtypes, weights shared with an untargeted
+tensor); a failure part-way (NaN/Inf in a merged weight) restores what was already changed. ``remove_adapter``
+refuses when a weight was replaced or changed in place since it was applied (that change would be lost) or when a
+later adapter on the same weights is still applied (remove that one first).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .adapter import RandloraAdapter
+from .checkpoint import absent_weight_hint
+from .errors import AdapterStateError, BaseModelMismatchError, NonFiniteError
+from .keymap import for_checkpoint
+from .merge_layer import add_delta_, all_finite
+from .merge_terms import apply_term_
+from .sources import DeltaSource, RandloraSource, open_source
+
+_APPLIED = "_randlora_io_applied"  # attribute on the model: the list of applied adapters, oldest first
+
+AdapterArg = RandloraAdapter | DeltaSource | str | os.PathLike
+
+
+@dataclass
+class _Applied:
+    """One applied adapter: the argument it was applied with, and per weight key the tensor changed, its original
+    values and its version counter right after the change."""
+
+    adapter: AdapterArg
+    name: str
+    weight: float
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    originals: dict[str, torch.Tensor] = field(default_factory=dict)
+    versions: dict[str, int] = field(default_factory=dict)
+
+
+def _name(adapter: AdapterArg) -> str:
+    if isinstance(adapter, RandloraAdapter):
+        return adapter.source
+    if isinstance(adapter, DeltaSource):
+        return str(adapter.path)
+    return str(adapter)
+
+
+def _same(a: AdapterArg, b: AdapterArg) -> bool:
+    if a is b:
+        return True
+    if isinstance(a, (str, os.PathLike)) and isinstance(b, (str, os.PathLike)):
+        return Path(a).resolve() == Path(b).resolve()
+    return False
+
+
+def _source(adapter: AdapterArg, state: dict[str, torch.Tensor]) -> DeltaSource:
+    """The adapter as a DeltaSource in the model's state-dict key names (as ``merge_into_state_dict`` opens it)."""
+    if isinstance(adapter, RandloraAdapter):
+        source: DeltaSource = RandloraSource(adapter)
+    elif isinstance(adapter, DeltaSource):
+        source = adapter
+    else:
+        source = open_source(adapter, base_shapes={k: tuple(v.shape) for k, v in state.items()})
+    return for_checkpoint(source, state.keys())
+
+
+def _storage(t: torch.Tensor) -> tuple:
+    return (t.device, t.untyped_storage().data_ptr())
+
+
+def _check(source: DeltaSource, state: dict[str, torch.Tensor], keys: list[str]) -> None:
+    """Every targeted key exists with the adapter's shape and a float dtype, and shares no memory with a tensor the
+    adapter does not target (tied embeddings): raises before anything is modified."""
+    by_storage: dict[tuple, list[str]] = {}
+    for name, tensor in state.items():
+        by_storage.setdefault(_storage(tensor), []).append(name)
+    for key in keys:
+        if key not in state:
+            raise BaseModelMismatchError(f"{source.path}: targets {key!r}, which the model does not have"
+                                         f"{absent_weight_hint(key)}")
+        tensor = state[key]
+        if tuple(tensor.shape) != tuple(source.stored_shape(key)) and key not in source.replacements:
+            raise BaseModelMismatchError(f"{source.path}: {key!r} has shape {list(source.stored_shape(key))}, "
+                                         f"the model has {list(tensor.shape)}")
+        if tensor.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise BaseModelMismatchError(f"{source.path}: {key!r} is {tensor.dtype} in the model; only float32, "
+                                         "bfloat16 and float16 weights can be swapped in place")
+        shared = [n for n in by_storage[_storage(tensor)] if n != key and n not in keys]
+        if shared:
+            raise BaseModelMismatchError(
+                f"{source.path}: {key!r} shares its memory with {shared[0]!r} (tied weights), which the adapter does "
+                "not target; changing it in place would change both: untie them first")
+
+
+def _kernel_path(source: DeltaSource, key: str, tensor: torch.Tensor, kernel: str) -> bool:
+    if kernel == "torch" or not isinstance(source, RandloraSource) or key in source.replacements:
+        return False
+    return kernel == "triton" or tensor.is_cuda
+
+
+def _merge_one_(tensor: torch.Tensor, source: DeltaSource, key: str, weight: float, kernel: str) -> None:
+    """``tensor ← round(tensor + weight·ΔW[key])`` in place (see the module docstring for the two paths)."""
+    if _kernel_path(source, key, tensor, kernel):
+        from .kernels.merge_triton import merge_layer_triton_
+
+        adapter = source.adapter
+        bases = adapter.bases(tensor.device)
+        merge_layer_triton_(tensor, adapter.layers[key], adapter.lambdas[key], adapter.gammas[key], bases.A,
+                            bases.B, weight * adapter.header.scaling)
+        torch.autograd.graph.increment_version(tensor)
+        return
+    w32 = tensor.to(torch.float32, copy=True)
+    apply_term_(w32, source, key, weight, lambda inner, inner_key: add_delta_(w32, inner, inner_key, weight,
+                                                                              kernel="torch"))
+    tensor.copy_(w32)
+
+
+def apply_adapter(model: nn.Module, adapter: AdapterArg, weight: float = 1.0, *, kernel: str = "auto",
+                  backup_device: str | torch.device | None = None) -> list[str]:
+    """Merge ``weight``·``adapter`` into ``model``'s weights in place, on their device; returns the changed keys.
+
+    ``adapter``: a :class:`RandloraAdapter`, a DeltaSource, or a path :func:`open_source` reads (randlora file,
+    PEFT dir, dense delta), keyed like ``model.state_dict()``. ``kernel``: ``auto`` (Triton on CUDA for RandLoRA,
+    else torch), ``triton`` or ``torch``. ``backup_device``: where the original weights are kept for
+    :func:`remove_adapter` (default: each weight's own device; ``"cpu"`` frees accelerator memory)."""
+    if kernel not in ("auto", "triton", "torch"):
+        raise ValueError(f"kernel must be auto, triton or torch, not {kernel!r}")
+    state = model.state_dict(keep_vars=True)
+    source = _source(adapter, state)
+    keys = list(dict.fromkeys([*source.keys(), *source.replacements]))
+    _check(source, state, keys)
+    record = _Applied(adapter, _name(adapter), weight)
+    with torch.no_grad():
+        try:
+            for key in keys:
+                tensor = state[key].detach()
+                record.originals[key] = tensor.to(backup_device or tensor.device, copy=True)
+                record.tensors[key] = state[key]
+                _merge_one_(tensor, source, key, weight, kernel)
+                if not all_finite(tensor):
+                    raise NonFiniteError(f"{record.name}: merging it into {key!r} gives NaN or Inf; the model's "
+                                         "weights are unchanged")
+                record.versions[key] = state[key]._version
+        except BaseException:
+            for key, original in record.originals.items():
+                state[key].detach().copy_(original)
+            raise
+    applied = getattr(model, _APPLIED, None)
+    if applied is None:
+        applied = []
+        object.__setattr__(model, _APPLIED, applied)  # a plain attribute: not a submodule, buffer or state entry
+    applied.append(record)
+    return keys
+
+
+def applied_adapters(model: nn.Module) -> list[str]:
+    """The names of the adapters applied to ``model`` and not removed, oldest first."""
+    return [r.name for r in getattr(model, _APPLIED, [])]
+
+
+def remove_adapter(model: nn.Module, adapter: AdapterArg) -> list[str]:
+    """Undo :func:`apply_adapter` of ``adapter`` (the same object, or the same path): every weight it changed gets
+    its exact original values back. Returns the restored keys. Refuses, changing nothing, when the adapter is not
+    applied, when a later adapter on the same weights is still applied, or when one of its weights was replaced or
+    modified in place since (restoring would silently discard that change)."""
+    applied: list[_Applied] = getattr(model, _APPLIED, [])
+    matches = [i for i, r in enumerate(applied) if _same(r.adapter, adapter)]
+    if not matches:
+        raise AdapterStateError(f"{_name(adapter)}: this adapter is not applied to the model (applied: "
+                                f"{', '.join(applied_adapters(model)) or 'none'})")
+    index = matches[-1]
+    record = applied[index]
+    for later in applied[index + 1:]:
+        overlap = sorted(set(later.tensors) & set(record.tensors))
+        if overlap:
+            raise AdapterStateError(f"{record.name}: {later.name} was applied after it on the same weights "
+                                    f"({overlap[0]!r}, …); remove that one first")
+    state = model.state_dict(keep_vars=True)
+    for key, tensor in record.tensors.items():
+        current = state.get(key)
+        if current is not tensor:
+            raise AdapterStateError(f"{record.name}: the model's {key!r} was replaced after the adapter was applied; "
+                                    "its original weights were not restored")
+        if tensor._version != record.versions[key]:
+            raise AdapterStateError(f"{record.name}: the model's {key!r} was modified in place after the adapter was "
+                                    "applied; restoring it would discard that change, so nothing was restored")
+    with torch.no_grad():
+        for key, tensor in record.tensors.items():
+            tensor.detach().copy_(record.originals[key])
+    del applied[index]
+    # the weights of adapters applied earlier now hold what they held right after those were applied again
+    for earlier in applied[:index]:
+        for key, tensor in earlier.tensors.items():
+            if key in record.tensors:
+                earlier.versions[key] = tensor._version
+    return list(record.tensors)
+
+
+__all__ = ["apply_adapter", "applied_adapters", "remove_adapter"]

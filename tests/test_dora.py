@@ -41,8 +41,11 @@ def test_dora_merge_equals_its_reference(fan_in_fan_out):
 @pytest.mark.parametrize("build,targets,fan", [
     (lambda: tiny_llama(hidden=32, intermediate=48, layers=1, vocab=64), ["q_proj", "k_proj", "down_proj"], False),
     (tiny_gpt2, ["c_attn", "c_proj"], True),
-], ids=["llama-linear", "gpt2-conv1d"])
+    (lambda: tiny_llama(hidden=32, intermediate=48, layers=1, vocab=64, dtype=torch.bfloat16), ["q_proj", "up_proj"],
+     False),
+], ids=["llama-linear", "gpt2-conv1d", "llama-bf16"])
 def test_dora_merge_equals_peft(tmp_path, build, targets, fan):
+    """fp32 within 1e-5; bf16 within one bf16 rounding of PEFT's (we round the float32 result once)."""
     build().save_pretrained(tmp_path / "base")
     peft_model = _dora(build(), targets, fan_in_fan_out=fan)
     peft_model.save_pretrained(tmp_path / "adapter")
@@ -54,7 +57,10 @@ def test_dora_merge_equals_peft(tmp_path, build, targets, fan):
     assert targeted
     for key in targeted:
         assert not torch.equal(merged[key], before[key]), key
-        torch.testing.assert_close(merged[key], expected[key], rtol=1e-5, atol=1e-6, msg=key)
+        if merged[key].dtype == torch.bfloat16:
+            torch.testing.assert_close(merged[key].float(), expected[key].float(), rtol=2**-8, atol=0, msg=key)
+        else:
+            torch.testing.assert_close(merged[key], expected[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
 def test_dora_convert_is_refused_with_the_reason(tmp_path):
@@ -76,3 +82,27 @@ def test_weighted_dora_merge_is_refused(tmp_path):
                      check=False)
     assert_one_line_error(result, "DoRA", "weight 2")
     assert not (tmp_path / "out").exists()
+
+
+def test_dora_with_trained_head_and_biases_merges_like_peft(tmp_path):
+    """A DoRA SEQ_CLS adapter with bias="lora_only": rescaled weights, replaced head and biases, all as PEFT."""
+    from peft import LoraConfig, get_peft_model
+
+    from tiny_models import randomize_trainable, tiny_bert_classifier
+
+    tiny_bert_classifier().save_pretrained(tmp_path / "base")
+    config = LoraConfig(r=4, target_modules=["query", "value"], task_type="SEQ_CLS", bias="lora_only",
+                        use_dora=True)
+    peft_model = get_peft_model(tiny_bert_classifier(), config)
+    with torch.no_grad():  # a positive magnitude near ‖W‖ (random signs would flip rows), the rest random
+        magnitudes = {n: p.clone() for n, p in peft_model.named_parameters() if "lora_magnitude_vector" in n}
+        randomize_trainable(peft_model)
+        for name, p in peft_model.named_parameters():
+            if name in magnitudes:
+                p.copy_(magnitudes[name] * 1.1)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    expected = {k: v.detach().clone() for k, v in peft_model.merge_and_unload().state_dict().items()}
+    run_cli("merge", tmp_path / "base", tmp_path / "adapter", "-o", tmp_path / "out")
+    merged = load_file(str(tmp_path / "out" / "model.safetensors"))
+    for key, tensor in merged.items():
+        torch.testing.assert_close(tensor, expected[key], rtol=1e-5, atol=1e-6, msg=key)

@@ -171,6 +171,8 @@ def test_target_modules_narrower_than_the_weights_loads_only_the_targeted_layers
     assert torch.equal(ours["model.layers.0.mlp.down_proj.weight"], base_state["model.layers.0.mlp.down_proj.weight"])
     assert not torch.equal(ours["model.layers.0.self_attn.q_proj.weight"],
                            base_state["model.layers.0.self_attn.q_proj.weight"])
+    result = run_cli("convert", peft_dir, tmp_path / "d.safetensors", "--to", "dense", "--base", base)
+    assert "ignored 10 saved layer(s) that adapter_config.json does not target" in result.stderr
 
 
 @pytest.mark.parametrize("method", ["randlora", "lora"])

@@ -28,12 +28,17 @@ def test_vit_checkpoint_keys_differ_from_module_names(tmp_path):
     assert "vit.layers.0.attention.q_proj.weight" not in on_disk
 
 
-@pytest.mark.parametrize("method", ["lora", "randlora"])
+@pytest.mark.parametrize("method", ["lora", "randlora", "dora"])
 def test_vit_adapter_merges_like_peft(tmp_path, method):
     tiny_vit_classifier().save_pretrained(tmp_path / "base")
     model = tiny_vit_classifier()
     if method == "lora":
         peft_model = peft_lora(model, targets=VIT_TARGETS)
+    elif method == "dora":
+        from peft import LoraConfig, get_peft_model
+
+        config = LoraConfig(r=4, target_modules=VIT_TARGETS, use_dora=True, init_lora_weights=False)
+        peft_model = get_peft_model(model, config)
     else:
         peft_model = peft_randlora(model, targets=VIT_TARGETS)
     peft_model.save_pretrained(tmp_path / "adapter")

@@ -43,32 +43,35 @@ class RandloraLinearFunction(torch.autograd.Function):
     the shared bases (no gradient). The base weight and bias get no gradient (they are frozen)."""
 
     @staticmethod
-    def forward(ctx, x, xd, weight, bias, lam, gam, A, U_B, scaling: float, mode: str = "auto"):
-        out_f, in_f = weight.shape
+    def forward(ctx, x, xd, weight, bias, lam, gam, A, U_B, scaling: float, mode: str = "auto",
+                shape: tuple[int, int] | None = None):
+        out_f, in_f = weight.shape if weight is not None else shape
         dt = _compute_dtype(lam)
         same = xd is None
         xd = x if same else xd
         S = scaled_A(lam, A, gam, dt)
         U = U_B.to(dt)
         xf = xd.reshape(-1, in_f).to(dt)
-        merged = _use_merged(mode, same, weight, dt, xf.shape[0], U.shape[1])
-        ctx.merged, ctx.scaling, ctx.same = merged, scaling, same
+        merged = weight is not None and _use_merged(mode, same, weight, dt, xf.shape[0], U.shape[1])
+        ctx.merged, ctx.scaling, ctx.same, ctx.shape = merged, scaling, same, (out_f, in_f)
         ctx.save_for_backward(xd, weight, lam, gam, A, U_B)
         if merged:  # W + s·ΔW formed transiently: one GEMM over the tokens instead of three
             return F.linear(x, weight + _delta_outin(U, S, scaling, in_f <= out_f), bias)
-        base = F.linear(x, weight, bias)
         if in_f <= out_f:   # D = in: y = (xd Sᵀ) U_Bᵀ
             y = (xf @ S.T) @ U.T
         else:               # D = out: y = (xd U_B) S
             y = (xf @ U) @ S
         y = y.reshape(*x.shape[:-1], out_f).mul_(scaling)
+        if weight is None:  # the adapter path alone, float32
+            return y
+        base = F.linear(x, weight, bias)
         return (base.to(dt) + y).to(x.dtype) if base.dtype != dt else base + y
 
     @staticmethod
     def backward(ctx, grad_out):
         xd, weight, lam, gam, A, U_B = ctx.saved_tensors
         s = ctx.scaling
-        out_f, in_f = weight.shape
+        out_f, in_f = ctx.shape
         dt = _compute_dtype(lam)
         g = grad_out.reshape(-1, out_f)
         gf = g.to(dt)
@@ -84,7 +87,8 @@ class RandloraLinearFunction(torch.autograd.Function):
             G = gf.T @ xf if in_is_min else xf.T @ gf    # (M, D)
             dS = (U.T @ G).mul_(s)
         else:
-            grad_x = (grad_out @ weight.to(grad_out.dtype)) if ctx.needs_input_grad[0] else None
+            needs_base_grad = ctx.needs_input_grad[0] and weight is not None
+            grad_x = (grad_out @ weight.to(grad_out.dtype)) if needs_base_grad else None
             if in_is_min:
                 gU = gf @ U                                  # (T, K)
                 grad_xd = (gU @ S).mul_(s)                   # (T, in)
@@ -99,12 +103,13 @@ class RandloraLinearFunction(torch.autograd.Function):
                     dS = (U.T @ (xf.T @ gf)).mul_(s)
             grad_xd = grad_xd.reshape(xd.shape).to(xd.dtype)
             if ctx.same:  # one input: both paths' gradients go to x
-                grad_x = grad_x + grad_xd if grad_x is not None else None
+                if ctx.needs_input_grad[0]:
+                    grad_x = grad_xd if grad_x is None else grad_x + grad_xd.to(grad_x.dtype)
                 grad_xd = None
             elif not ctx.needs_input_grad[1]:
                 grad_xd = None
         d_lam, d_gam = _scale_grads(dS, lam.to(dt), A.to(dt), gam.to(dt))
-        return grad_x, grad_xd, None, None, d_lam.to(lam.dtype), d_gam.to(gam.dtype), None, None, None, None
+        return grad_x, grad_xd, None, None, d_lam.to(lam.dtype), d_gam.to(gam.dtype), None, None, None, None, None
 
 
 def _delta_outin(U: torch.Tensor, S: torch.Tensor, scaling: float, in_is_min: bool) -> torch.Tensor:
@@ -153,6 +158,18 @@ def randlora_linear(x: torch.Tensor, xd: torch.Tensor, weight_outin: torch.Tenso
     bias = None if bias is None else bias.to(amp)
     with torch.autocast(x.device.type, enabled=False):
         return RandloraLinearFunction.apply(x, xd, weight_outin, bias, lam, gam, A, U_B, scaling, mode)
+
+
+def randlora_update(xd: torch.Tensor, lam: torch.Tensor, gam: torch.Tensor, A: torch.Tensor, U_B: torch.Tensor,
+                    scaling: float, shape_outin: tuple[int, int]) -> torch.Tensor:
+    """The adapter path alone, s · xd ΔWᵀ: (..., in) → (..., out) float32 (the factored path, ΔW never formed), for
+    a base layer that must be called as a module (FSDP-wrapped, quantized) rather than read as a weight;
+    ``shape_outin`` is the base's (out, in). Its oracle: :func:`randlora_linear_reference` with a zero weight."""
+    args = (xd, None, None, None, lam, gam, A, U_B, scaling, "factored", tuple(shape_outin))
+    if autocast_dtype(xd) is None:
+        return RandloraLinearFunction.apply(*args)
+    with torch.autocast(xd.device.type, enabled=False):
+        return RandloraLinearFunction.apply(*args)
 
 
 def randlora_linear_reference(x: torch.Tensor, xd: torch.Tensor, weight_outin: torch.Tensor,

@@ -8,7 +8,7 @@ from torch import nn
 from ..basis import Bases, generate_bases
 from ..delta import reference_delta
 from ..spec import GeneratorSpec, LayerSpec
-from .function import randlora_linear
+from .function import randlora_linear, randlora_update
 
 
 class SharedBases:
@@ -67,6 +67,7 @@ class RandloraLayer(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
         self.disabled = False
+        self._base_type = type(base_layer)
         for p in base_layer.parameters():
             p.requires_grad_(False)
 
@@ -107,6 +108,13 @@ class RandloraLayer(nn.Module):
         if self.merged or self.disabled:
             return self.base_layer(x)
         A, U_B = self.layer_bases(x.device)
+        if type(self.base_layer) is not self._base_type:
+            # the base was wrapped after attach (FSDP1 wrapping the Linear on its own, as FSDP advises): its weight
+            # exists only inside its own forward, so call it and add the adapter path
+            y = self.base_layer(x)
+            update = randlora_update(self.dropout(x), self.randlora_lambda, self.randlora_gamma, A, U_B, self.scaling,
+                                     (self.spec.out_features, self.spec.in_features))
+            return (y.to(update.dtype) + update).to(y.dtype)
         bias = getattr(self.base_layer, "bias", None)
         return randlora_linear(x, self.dropout(x), self.weight_outin(), bias, self.randlora_lambda,
                                self.randlora_gamma, A, U_B, self.scaling)

@@ -58,6 +58,21 @@ class BaseModelInfo:
         """True when ``config.json`` names an architecture transformers builds itself (not remote code)."""
         return self.model_type is not None and not (self.config or {}).get("auto_map")
 
+    def conv1d_layers(self) -> frozenset[str]:
+        """Leaf names built as ``Conv1D`` anywhere in the model: a composite model (encoder-decoder, vision-text)
+        nests its parts' configs, each with its own ``model_type`` (e.g. a GPT-2 decoder under a BERT encoder)."""
+        return frozenset().union(*(CONV1D_LAYERS.get(t, frozenset()) for t in _model_types(self.config or {})))
+
+
+def _model_types(config: dict, depth: int = 0) -> set[str]:
+    """Every ``model_type`` in a config dict and the sub-model configs nested in it."""
+    found = {config["model_type"]} if isinstance(config.get("model_type"), str) else set()
+    if depth < 4:
+        for value in config.values():
+            if isinstance(value, dict):
+                found |= _model_types(value, depth + 1)
+    return found
+
 
 def read_model_config(root: str | os.PathLike) -> dict | None:
     """The parsed ``config.json`` of a model dir (None if it has none); a malformed one is an error naming it."""
@@ -95,7 +110,7 @@ def layer_orientations(keys: list[str], base: BaseModelInfo | None, config_flag:
     :class:`LayerTypeError` (never a guess).
     """
     if base is not None and base.knows_layer_types():
-        conv = CONV1D_LAYERS.get(base.model_type, frozenset())
+        conv = base.conv1d_layers()
         return {key: _leaf(key) in conv for key in keys}
     conv_named = [key for key in keys if _leaf(key) in CONV1D_NAMES]
     if (config_flag and len(conv_named) == len(keys)) or (not config_flag and not conv_named):

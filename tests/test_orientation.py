@@ -13,7 +13,7 @@ import torch
 from conftest import assert_one_line_error, run_cli
 from safetensors.torch import load_file, save_file
 from test_merge import _compare, _load_state
-from tiny_archs import ARCHS, untied_gpt2
+from tiny_archs import ARCHS, bert2gpt2, untied_gpt2
 from tiny_models import peft_lora, peft_randlora, tiny_llama
 
 from randlora_io.adapter import read_adapter, write_adapter
@@ -109,6 +109,19 @@ def test_gpt_bigcode_layers_named_like_gpt2_are_linear(tmp_path):
     pm.save_pretrained(tmp_path / "peft")
     _edit_config(tmp_path / "peft", fan_in_fan_out=True)  # a wrong flag: PEFT fixes it per layer type on load
     _merge_equals_peft(tmp_path, base, tmp_path / "peft", arch.model)
+
+
+@pytest.mark.parametrize("method", ["randlora", "lora"])
+def test_composite_model_takes_each_part_layer_types_from_its_nested_config(tmp_path, method):
+    """A BERT encoder with a GPT-2 decoder: config.json's model_type is "encoder-decoder"; the decoder's Conv1D layers
+    are told by the nested decoder config, the encoder's Linear ones by the encoder's."""
+    base = tmp_path / "base"
+    bert2gpt2().save_pretrained(base)
+    targets = ["attn.c_proj", "crossattention.q_attn", "query", "attention.output.dense"]
+    pm = (peft_randlora(bert2gpt2(), r=6, seed=3, targets=targets) if method == "randlora"
+          else peft_lora(bert2gpt2(), r=4, targets=targets))
+    pm.save_pretrained(tmp_path / "peft")
+    _merge_equals_peft(tmp_path, base, tmp_path / "peft", bert2gpt2)
 
 
 def test_randlora_file_with_a_wrong_orientation_is_refused(tmp_path):

@@ -107,3 +107,17 @@ ARCHS: dict[str, Arch] = {a.name: a for a in [
 def untied_gpt2(dtype: torch.dtype = torch.float32, seed: int = 0):
     """GPT-2 with its own ``lm_head`` (a Linear beside the Conv1D layers): the per-layer orientation case."""
     return ARCHS["gpt2"].model(dtype, seed)
+
+
+def bert2gpt2(dtype: torch.dtype = torch.float32, seed: int = 0):
+    """An EncoderDecoderModel: a BERT encoder (Linear layers) and a GPT-2 decoder (Conv1D layers). Its config.json
+    says model_type "encoder-decoder"; the parts' model types are nested in it."""
+    from transformers import BertConfig, EncoderDecoderConfig, EncoderDecoderModel, GPT2Config
+
+    torch.manual_seed(seed)
+    encoder = BertConfig(hidden_size=48, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+                         vocab_size=64, max_position_embeddings=64)
+    decoder = GPT2Config(n_embd=48, n_layer=1, n_head=4, vocab_size=64, n_positions=64, add_cross_attention=True,
+                         is_decoder=True)
+    config = EncoderDecoderConfig.from_encoder_decoder_configs(encoder, decoder)
+    return EncoderDecoderModel(config).to(dtype).eval()

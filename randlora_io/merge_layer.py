@@ -32,7 +32,7 @@ def add_delta_(weight32: torch.Tensor, source: DeltaSource, key: str, alpha: flo
 
     - ``"fp32"``: exactly the above (float32 ``addmm_``); the reference every other path is tested against.
     - ``"auto"`` (default): on the CPU, ternary bases (sparse / very_sparse kinds, ``B = c·b``) take the fastest path
-      of float32 class (:mod:`randlora_io.ternary_merge`): a CSR product for very sparse bases (density ≤ 1/16), the
+      of float32 class (:mod:`randlora_io.ternary_merge`): a CSR product for very sparse bases (density ≤ 1/28), the
       exact int8-limb GEMMs on CPUs with AMX int8, else the float32 ``addmm_``; dense bases and CUDA as ``"fp32"``.
     - ``"int8"``: the int8-limb GEMMs (ternary bases only; CPU only): ΔW within
       ``|s·c|·nnz·2^e·0.51/254² + 5·2⁻²⁴·|ΔW|`` of the exact product (see ``ternary_merge``), any CPU.

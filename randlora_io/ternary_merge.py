@@ -23,7 +23,7 @@ the last limb's add, the column factor, its product, the limbs' own). The float3
 K·2^−24·|s·c|·Σ_k |b_mk|·|S_kj| (typically ~√K·2^−24 of it): the same class. The integer sums do not depend on the
 summation order, so the result is the same on every CPU.
 
-**CSR.** For very sparse bases (density ≤ ``CSR_MAX_DENSITY``) ``b``'s layer slice is held as a float32 CSR matrix
+**CSR.** For very sparse bases (density ≤ ``CSR_MAX_DENSITY`` = 1/28) ``b``'s layer slice is held as a float32 CSR matrix
 (values ±c) and multiplied by S in float32: the float32 products of the dense GEMM minus its exact zeros.
 
 ``torch._int_mm`` on CPU (torch 2.13) takes any shapes (checked: 5×7 @ 7×3, 1×1 @ 1×1) and non-contiguous int8
@@ -44,10 +44,13 @@ import torch
 
 LIMBS = 3  # int8 limbs of S: ≈ 23 bits of each column's largest value
 LIMB_BASE = 254  # ratio between limbs: a rounded residual is ≤ 1/2, times 254 rounds into [−127, 127]
-ROW_BLOCK = 2048  # rows of ΔW per integer GEMM: bounds the int32 scratch (ROW_BLOCK × LIMBS·D) at 24·D KiB
+ROW_BLOCK = 1024  # rows of ΔW per integer GEMM: bounds the int32 scratch (ROW_BLOCK × LIMBS·D) at 12·D KiB
 # int32 safety of the exact combine P0·254 + P1: K·127·255 < 2^31; longer sums are split over K
 K_BLOCK = (2**31 - 1) // (127 * (LIMB_BASE + 1))
-CSR_MAX_DENSITY = 1 / 16  # CSR vs dense float32 GEMM, AMD EPYC (bench/RESULTS.md): 0.44x at 1/3, 1.25x at 1/8, 2.4x at 1/16, 4x at 1/64
+# CSR vs dense float32 GEMM (bench/RESULTS.md): AMD EPYC 0.44x at density 1/3, 1.25x at 1/8, 2.4x at 1/16, 2.9x at 1/32,
+# 4x at 1/64; Intel Xeon 3.4x at 1/64 (~1.7x at 1/32 if linear). very_sparse is 1/√min_dim: min_dim ≳ 800 qualifies
+# (a measured density, so a model near the line may go either way: both paths are float32-class)
+CSR_MAX_DENSITY = 1 / 28
 _SPLIT_ROWS = 512  # rows of S split at a time (cache-sized temporaries)
 _CHECK_ROWS = 1024  # rows of B tested at a time by ternary_basis (bounds the boolean temporaries)
 _MIN_EXP = -100  # smallest column unit exponent: its inverse 2^100 stays a finite float32 factor
@@ -95,17 +98,22 @@ def ternary_basis(B: torch.Tensor) -> TernaryBasis | None:
 def _find_ternary(B: torch.Tensor) -> TernaryBasis | None:
     if B.dim() != 2 or not B.is_floating_point() or B.numel() == 0:
         return None
-    c = max(float(B[start: start + _CHECK_ROWS].abs().amax()) for start in range(0, B.shape[0], _CHECK_ROWS))
+    c = 0.0
+    for start in range(0, B.shape[0], _CHECK_ROWS):
+        low, high = torch.aminmax(B[start: start + _CHECK_ROWS])
+        c = max(c, -float(low), float(high))
     if not math.isfinite(c) or c == 0.0:
         return None
     b = torch.empty(B.shape, dtype=torch.int8, device=B.device)
+    nonzero = 0
     for start in range(0, B.shape[0], _CHECK_ROWS):
         rows = B[start: start + _CHECK_ROWS]
-        if not bool(((rows == c) | (rows == -c) | (rows == 0)).all()):
+        signs = torch.sign(rows)
+        b[start: start + _CHECK_ROWS].copy_(signs)
+        if not torch.equal(signs.mul_(c), rows):  # every element is exactly −c, 0 or c (NaN never equals)
             return None
-        b[start: start + _CHECK_ROWS].copy_(torch.sign(rows))
-    density = float(torch.count_nonzero(b)) / b.numel()
-    return TernaryBasis(b=b, c=c, density=density)
+        nonzero += int(torch.count_nonzero(b[start: start + _CHECK_ROWS]))
+    return TernaryBasis(b=b, c=c, density=nonzero / b.numel())
 
 
 @functools.cache

@@ -158,6 +158,19 @@ def test_int8_limbs_within_the_stated_bound_of_float64(name, kind):
         assert rel_int8 <= max(16 * rel_fp32, 2**-21), (key, rel_int8, rel_fp32)
 
 
+def test_int8_blocks_over_rows_and_over_k_give_the_same_result(monkeypatch):
+    """Row blocks (bounded scratch) and K blocks (int32 safety for K > 65 000) change nothing: integer sums are exact,
+    so only the per-block float32 roundings differ (here: none beyond 2⁻²²·|ΔW|)."""
+    adapter = _adapter("philox", "sparse")
+    whole = {key: _merged(adapter, key, "int8") for key in adapter.layers}
+    monkeypatch.setattr(ternary_merge, "ROW_BLOCK", 7)
+    monkeypatch.setattr(ternary_merge, "K_BLOCK", 13)
+    for key, want in whole.items():
+        got = _merged(adapter, key, "int8")
+        exact = _exact(adapter, key)[0]
+        assert float((got.double() - want.double()).norm() / exact.norm()) <= 1e-6, key
+
+
 def _fp32_gemm_bound(adapter, key):
     """The classical float32 dot-product bound, K·2⁻²⁴·|s|·Σ|B||S| (+ S's own rounding), stored orientation."""
     exact, B64, S64 = _exact(adapter, key)
@@ -168,8 +181,9 @@ def _fp32_gemm_bound(adapter, key):
 
 @pytest.mark.parametrize("name", ["peft", "philox"])
 def test_csr_path_is_float32_class_and_auto_picks_it_when_very_sparse(name, monkeypatch):
-    """very_sparse bases on D ≥ 256 (density 1/√D ≤ 1/16): ``auto`` multiplies a CSR copy of b in float32."""
-    layers = {"big.weight": ((300, 263), False), "wide.weight": ((257, 310), False), "conv.weight": ((270, 256), True)}
+    """very_sparse bases with a model-wide min_dim of 1030 (density 1/√min_dim ≈ 1/32 ≤ 1/28): ``auto`` multiplies a CSR copy
+    of b's layer slice in float32; a layer narrower than the widest (M < max_dim, D < min_dim) uses a prefix slice."""
+    layers = {"big.weight": ((1100, 1030), False), "wide.weight": ((257, 310), False), "conv.weight": ((270, 256), True)}
     adapter = _adapter(name, "very_sparse", layers=layers, r=8, spread=1.0)
     basis = ternary_basis(adapter.bases().B)
     assert basis.density <= ternary_merge.CSR_MAX_DENSITY

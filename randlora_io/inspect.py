@@ -15,7 +15,7 @@ from .converters.peft_lora import read_peft_lora
 from .converters.peft_randlora import PEFT_TYPE, peft_kind, peft_scale_tensors
 from .disk import path_bytes
 from .errors import NonFiniteError
-from .sources import base_shapes_from_config, detect_kind, open_source
+from .sources import base_info_from_config, base_shapes_from_config, detect_kind, open_source
 
 
 def _layer_row(key: str, shape, r: int, n: int | None, tensors: list[torch.Tensor]) -> dict[str, Any]:
@@ -49,7 +49,7 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
         info["layers"] = [_layer_row(k, None, lam.shape[0], lam.shape[1], [lam, gam])
                           for k, (lam, gam) in peft_scale_tensors(peft).items()]
     elif kind == "peft-lora":
-        layers = read_peft_lora(path)
+        layers = read_peft_lora(path, base_info_from_config(path), decide_orientation=False)
         info["layers"] = [_layer_row(k, l.stored_shape, l.down.shape[0], None, [l.down, l.up]) for k, l in layers.items()]
     else:
         deltas = read_dense(path)
@@ -70,7 +70,7 @@ def validate(path: str | os.PathLike) -> str:
     if kind == "peft-randlora":
         shapes = base_shapes_from_config(path)
         if shapes is not None:
-            open_source(path, base_shapes=shapes)
+            open_source(path)  # reads the local base's shapes, dtypes and layer types (config.json)
             return "PEFT RandLoRA dir, checked against its local base model"
         peft = read_peft_dir(path, expected_type=PEFT_TYPE)
         r = peft.config.get("r")

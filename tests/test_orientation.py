@@ -100,6 +100,18 @@ def test_without_the_base_config_a_mixed_gpt2_adapter_is_refused(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_inspect_and_validate_of_mixed_gpt2_dirs(tmp_path):
+    """inspect describes a dir without needing its layer types; validate reads the local base named in the config."""
+    pm = peft_lora(untied_gpt2(), r=4, targets=["c_attn", "lm_head"])
+    pm.save_pretrained(tmp_path / "lora")
+    assert "c_attn" in run_cli("inspect", tmp_path / "lora").output
+    base = tmp_path / "base"
+    untied_gpt2().save_pretrained(base)
+    peft_randlora(untied_gpt2(), r=6, seed=3, targets=["c_proj", "lm_head"]).save_pretrained(tmp_path / "rl")
+    _edit_config(tmp_path / "rl", base_model_name_or_path=str(base))
+    assert "checked against its local base" in run_cli("validate", tmp_path / "rl").output
+
+
 def test_gpt_bigcode_layers_named_like_gpt2_are_linear(tmp_path):
     """GPTBigCode's c_attn / c_proj / c_fc are nn.Linear: the model type, not the name, decides."""
     arch = ARCHS["gpt_bigcode"]

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from ..base_model import BaseModelInfo, layer_orientations
-from ..errors import AdapterShapeError, NonFiniteError, SourceFormatError
+from ..errors import AdapterShapeError, LayerTypeError, NonFiniteError, SourceFormatError
 from ..lowrank import LowRank, truncated_svd
 from .peft_dir import PEFT_PREFIX, PeftDir, PeftExtras, module_of, read_peft_dir, weight_key, write_peft_dir
 from .peft_targets import targeted_layers
@@ -54,10 +54,12 @@ def _pattern_value(patterns: dict, module: str, default):
 
 
 def read_peft_lora(src: str | os.PathLike | PeftDir, base: BaseModelInfo | None = None,
-                   on_note: Callable[[str], None] | None = None) -> dict[str, LoraLayer]:
+                   on_note: Callable[[str], None] | None = None, *,
+                   decide_orientation: bool = True) -> dict[str, LoraLayer]:
     """``{weight key: LoraLayer}`` from a PEFT LoRA dir (a path, or one already read), as PEFT loads it: only the
     layers the config targets (peft_targets), each oriented by its module type in ``base`` (base_model), not by the
-    config's single ``fan_in_fan_out``."""
+    config's single ``fan_in_fan_out``. ``decide_orientation=False`` (describing a dir, never merging it): where
+    the layer type cannot be told, take the config's flag instead of refusing."""
     peft = read_peft_dir(src, expected_type=PEFT_TYPE)
     src = peft.path
     cfg = peft.config
@@ -77,7 +79,7 @@ def read_peft_lora(src: str | os.PathLike | PeftDir, base: BaseModelInfo | None 
                 break
         else:
             raise SourceFormatError(f"{src}: unsupported tensor {key!r} (only lora_A / lora_B weights of Linear layers)")
-    fans = _targeted_orientations(src, cfg, list(parts), base, on_note) if parts else {}
+    fans = _targeted_orientations(src, cfg, list(parts), base, on_note, decide_orientation) if parts else {}
     layers = {}
     for module, ab in parts.items():
         if weight_key(module) not in fans:
@@ -104,7 +106,7 @@ def read_peft_lora(src: str | os.PathLike | PeftDir, base: BaseModelInfo | None 
 
 
 def _targeted_orientations(src, cfg: dict, modules: list[str], base: BaseModelInfo | None,
-                           on_note: Callable[[str], None] | None) -> dict[str, bool]:
+                           on_note: Callable[[str], None] | None, decide: bool = True) -> dict[str, bool]:
     """``{weight key: fan_in_fan_out}`` of the saved modules PEFT loads. Targeted base layers without saved weights
     get PEFT's init, a zero ΔW only with ``init_lora_weights`` true or "gaussian": otherwise refuse."""
     keys, unsaved = targeted_layers(cfg, [weight_key(m) for m in modules], base, str(src), on_note)
@@ -113,7 +115,13 @@ def _targeted_orientations(src, cfg: dict, modules: list[str], base: BaseModelIn
             f"{src}: adapter_config.json targets {unsaved[0].removesuffix('.weight')!r} ({len(unsaved)} layer(s) in "
             "all), but the adapter's weights have none for it and init_lora_weights is not a zero init: config and "
             "weights disagree; fix target_modules / layers_to_transform")
-    return layer_orientations(keys, base, bool(cfg.get("fan_in_fan_out", False)), str(src))
+    flag = bool(cfg.get("fan_in_fan_out", False))
+    try:
+        return layer_orientations(keys, base, flag, str(src))
+    except LayerTypeError:
+        if decide:
+            raise
+        return dict.fromkeys(keys, flag)
 
 
 def _dora_magnitude(src, module: str, magnitudes: dict[str, torch.Tensor], out_features: int,

@@ -2,9 +2,11 @@
 their device; :func:`remove_adapter` puts the exact original weights back (bit for bit, any dtype).
 
 This is how a served model switches between RandLoRA adapters without reloading: apply, serve, remove, apply the next.
-Unlike :func:`randlora_io.merge.merge_into_state_dict` nothing is copied but the adapted weights themselves, which
-are kept (on their device, or on ``backup_device``) to make the removal exact: subtracting ΔW again would not give the
-bf16 weights back, since each apply rounds once. ``weight`` scales the update (−1 subtracts it: an inexact removal).
+Unlike :func:`randlora_io.merge.merge_into_state_dict` no state dict is copied. To make the removal exact (subtracting
+ΔW again would not give the bf16 weights back: each apply rounds) each adapted weight keeps a compact backup, on its
+device or on ``backup_device``: for bf16/fp16, when smaller than a copy, the int8 difference of the bit patterns (a
+small update moves most elements by a few ulps) plus the original values where that does not fit (≈ 1.1–1.5 bytes an
+element for updates of a few % of W); otherwise (fp32, large updates) a copy of the original. ``weight`` scales the update (−1 subtracts it: an inexact removal).
 
 Numerics: each adapted weight becomes ``round(W + weight·ΔW)`` computed in float32 — on CPU (and with
 ``kernel="torch"``) bit for bit what ``merge_into_state_dict`` returns; with the Triton kernel (default on CUDA for
@@ -39,16 +41,74 @@ _APPLIED = "_randlora_io_applied"  # attribute on the model: the list of applied
 AdapterArg = RandloraAdapter | DeltaSource | str | os.PathLike
 
 
+_BITS = {torch.bfloat16: torch.int16, torch.float16: torch.int16}  # float32 moves by far more than 127 ulps
+_CHUNK = 1 << 22          # elements per step when comparing bit patterns (bounded temporaries)
+
+
+@dataclass
+class _Backup:
+    """What restores one weight bit for bit from its merged values. For a bf16/fp16 weight, when smaller than a copy:
+    per element ``orig_bits = new_bits − diff`` (``diff`` int8: a small update moves most elements by a few ulps),
+    except at ``index`` where the original ``values`` are kept (moves beyond ±127 ulps, sign changes). Otherwise the
+    ``full`` original."""
+
+    diff: torch.Tensor | None = None
+    index: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+    full: torch.Tensor | None = None
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.diff, self.index, self.values, self.full)
+                   if t is not None)
+
+
+def _backup(original: torch.Tensor, merged: torch.Tensor, device: torch.device) -> _Backup:
+    """The smaller exact backup of ``original`` given the ``merged`` values now in the weight (same shape, dtype)."""
+    bits = _BITS.get(original.dtype)
+    if bits is None or not merged.is_contiguous():
+        return _Backup(full=original.to(device, copy=True))
+    old, new = original.reshape(-1).view(bits), merged.reshape(-1).view(bits)
+    numel = old.numel()
+    index_dtype = torch.int32 if numel < 2**31 else torch.int64
+    budget = (numel * original.element_size() - numel) // (index_dtype.itemsize + original.element_size())
+    diff = torch.empty(numel, dtype=torch.int8, device=old.device)
+    outliers, count = [], 0
+    for start in range(0, numel, _CHUNK):
+        d = new[start: start + _CHUNK].to(torch.int32) - old[start: start + _CHUNK].to(torch.int32)
+        far = (d < -128) | (d > 127)
+        outliers.append(far.nonzero().reshape(-1).to(index_dtype) + start)
+        count += outliers[-1].numel()
+        if count >= budget:               # the compact form would not be smaller than a copy
+            return _Backup(full=original.to(device, copy=True))
+        diff[start: start + _CHUNK] = d.masked_fill_(far, 0).to(torch.int8)
+    index = torch.cat(outliers)
+    return _Backup(diff=diff.to(device), index=index.to(device),
+                   values=original.reshape(-1)[index.long()].to(device))
+
+
+def _restore_(tensor: torch.Tensor, backup: _Backup) -> None:
+    """Put the original values back into ``tensor`` (which holds the merged values), in place."""
+    if backup.full is not None:
+        tensor.copy_(backup.full)
+        return
+    flat = tensor.view(-1)
+    bits = flat.view(_BITS[tensor.dtype])
+    diff = backup.diff.to(tensor.device)
+    for start in range(0, bits.numel(), _CHUNK):
+        bits[start: start + _CHUNK] -= diff[start: start + _CHUNK].to(bits.dtype)
+    flat[backup.index.to(tensor.device, torch.int64)] = backup.values.to(tensor.device)
+
+
 @dataclass
 class _Applied:
-    """One applied adapter: the argument it was applied with, and per weight key the tensor changed, its original
-    values and its version counter right after the change."""
+    """One applied adapter: the argument it was applied with, and per weight key the tensor changed, what restores
+    its original values and its version counter right after the change."""
 
     adapter: AdapterArg
     name: str
     weight: float
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
-    originals: dict[str, torch.Tensor] = field(default_factory=dict)
+    backups: dict[str, _Backup] = field(default_factory=dict)
     versions: dict[str, int] = field(default_factory=dict)
 
 
@@ -63,8 +123,8 @@ def _name(adapter: AdapterArg) -> str:
 def _same(a: AdapterArg, b: AdapterArg) -> bool:
     if a is b:
         return True
-    if isinstance(a, (str, os.PathLike)) and isinstance(b, (str, os.PathLike)):
-        return Path(a).resolve() == Path(b).resolve()
+    if isinstance(b, (str, os.PathLike)):   # a path names what was applied from that file
+        return Path(_name(a)).resolve() == Path(b).resolve()
     return False
 
 
@@ -137,7 +197,8 @@ def apply_adapter(model: nn.Module, adapter: AdapterArg, weight: float = 1.0, *,
     ``adapter``: a :class:`RandloraAdapter`, a DeltaSource, or a path :func:`open_source` reads (randlora file,
     PEFT dir, dense delta), keyed like ``model.state_dict()``. ``kernel``: ``auto`` (Triton on CUDA for RandLoRA,
     else torch), ``triton`` or ``torch``. ``backup_device``: where the original weights are kept for
-    :func:`remove_adapter` (default: each weight's own device; ``"cpu"`` frees accelerator memory)."""
+    :func:`remove_adapter` (default: each weight's own device; ``"cpu"`` frees accelerator memory). Extra memory
+    while applying: one weight's copy and its merge temporaries; after: the backups (at most a copy)."""
     if kernel not in ("auto", "triton", "torch"):
         raise ValueError(f"kernel must be auto, triton or torch, not {kernel!r}")
     state = model.state_dict(keep_vars=True)
@@ -146,19 +207,24 @@ def apply_adapter(model: nn.Module, adapter: AdapterArg, weight: float = 1.0, *,
     _check(source, state, keys)
     record = _Applied(adapter, _name(adapter), weight)
     with torch.no_grad():
+        key, original = None, None
         try:
             for key in keys:
                 tensor = state[key].detach()
-                record.originals[key] = tensor.to(backup_device or tensor.device, copy=True)
-                record.tensors[key] = state[key]
+                original = tensor.clone()        # one layer at a time; the backup kept is compact
                 _merge_one_(tensor, source, key, weight, kernel)
                 if not all_finite(tensor):
                     raise NonFiniteError(f"{record.name}: merging it into {key!r} gives NaN or Inf; the model's "
                                          "weights are unchanged")
+                record.backups[key] = _backup(original, tensor, torch.device(backup_device or tensor.device))
+                record.tensors[key] = state[key]
                 record.versions[key] = state[key]._version
+                original = None
         except BaseException:
-            for key, original in record.originals.items():
+            if original is not None:             # the weight being merged when it failed
                 state[key].detach().copy_(original)
+            for done, backup in record.backups.items():
+                _restore_(state[done].detach(), backup)
             raise
     applied = getattr(model, _APPLIED, None)
     if applied is None:
@@ -201,7 +267,7 @@ def remove_adapter(model: nn.Module, adapter: AdapterArg) -> list[str]:
                                     "applied; restoring it would discard that change, so nothing was restored")
     with torch.no_grad():
         for key, tensor in record.tensors.items():
-            tensor.detach().copy_(record.originals[key])
+            _restore_(tensor.detach(), record.backups[key])
     del applied[index]
     # the weights of adapters applied earlier now hold what they held right after those were applied again
     for earlier in applied[:index]:

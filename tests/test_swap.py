@@ -172,3 +172,37 @@ def test_kernel_path_in_place_on_bf16_is_within_one_rounding_and_removal_is_exac
         assert not torch.equal(state[key], original[key])
     remove_adapter(model, a)
     assert_state_equal(model, original)
+
+
+def test_backups_are_compact_and_exact_whatever_the_update_size(tmp_path):
+    """bf16: a small update (≈ 2 % of W) keeps the int8 ulp difference plus the few far-moved elements, well under a
+    copy; an update that moves many elements far (sign flips) keeps the whole original; fp32 always keeps a copy.
+    All restore bit for bit."""
+    from randlora_io.swap import _APPLIED
+
+    adapter = make_adapter(tmp_path, "llama")
+    for dtype in (torch.bfloat16, torch.float32):
+        model = tiny_llama(dtype=dtype)
+        original = snapshot(model)
+        apply_adapter(model, adapter, 0.002)
+        for key, backup in getattr(model, _APPLIED)[0].backups.items():
+            size = original[key].numel() * original[key].element_size()
+            if dtype == torch.bfloat16:
+                assert backup.full is None and backup.index.numel() > 0 and backup.nbytes() < 0.75 * size, key
+            else:
+                assert backup.full is not None and backup.nbytes() == size, key
+        remove_adapter(model, adapter)
+        assert_state_equal(model, original)
+
+        key_some, key_all = "model.layers.0.mlp.up_proj.weight", "model.layers.1.mlp.up_proj.weight"
+        w = original[key_some].float()
+        deltas = {key_some: torch.where(torch.arange(w.numel()).reshape(w.shape) % 50 == 0, -3 * w, 1e-3 * w),
+                  key_all: -2 * original[key_all].float()}               # 2 % of signs flip / every sign flips
+        big = DenseSource(deltas, str(tmp_path / "big.safetensors"))
+        apply_adapter(model, big)
+        backups = getattr(model, _APPLIED)[0].backups
+        assert (backups[key_some].full is None) == (dtype == torch.bfloat16)
+        assert backups[key_all].full is not None
+        remove_adapter(model, tmp_path / "big.safetensors")   # by path, as it was applied
+
+        assert_state_equal(model, original)

@@ -5,8 +5,9 @@ This is how a served model switches between RandLoRA adapters without reloading:
 Unlike :func:`randlora_io.merge.merge_into_state_dict` no state dict is copied. To make the removal exact (subtracting
 ΔW again would not give the bf16 weights back: each apply rounds) each adapted weight keeps a compact backup, on its
 device or on ``backup_device``: for bf16/fp16, when smaller than a copy, the int8 difference of the bit patterns (a
-small update moves most elements by a few ulps) plus the original values where that does not fit (≈ 1.1–1.5 bytes an
-element for updates of a few % of W); otherwise (fp32, large updates) a copy of the original. ``weight`` scales the update (−1 subtracts it: an inexact removal).
+small update moves most elements by a few ulps) plus the original values where that does not fit (under 1.5 bytes an
+element for an update of ≈ 2 % of W in the tests); otherwise (fp32, large updates) a copy of the original.
+``weight`` scales the update (−1 subtracts it: an inexact removal).
 
 Numerics: each adapted weight becomes ``round(W + weight·ΔW)`` computed in float32 — on CPU (and with
 ``kernel="torch"``) bit for bit what ``merge_into_state_dict`` returns; with the Triton kernel (default on CUDA for

@@ -182,7 +182,7 @@ def bench_model_swap(shapes: dict[str, tuple[int, int]], r: int, device: torch.d
     a, b = statistics.median(applies), statistics.median(removes)
     print(f"full model: {len(shapes)} bf16 weights, {params / 1e9:.2f} B params, r = {r}: apply {a:.3f} s, "
           f"remove {b:.3f} s, apply + remove {a + b:.3f} s (goal < 1 s); peak extra {extra:.2f} GiB "
-          f"(the kept originals); restored bit for bit: {exact}; philox dense bases (24-bit values: the split "
+          f"(backups for an exact remove); restored bit for bit: {exact}; philox dense bases (24-bit values: the split "
           "path's 6-MMA variant; PEFT's bf16 bases take 3)")
 
 

@@ -263,6 +263,27 @@ def test_cli_merge_int8_equals_peft(tmp_path, arch, kind):
     assert not (tmp_path / "out2").exists()
 
 
+def test_library_merge_auto_csr_equals_peft(tmp_path, monkeypatch):
+    """The CSR path through the whole streaming merge (PEFT dir read directly, both orientations of a Llama's
+    projections): equal to PEFT's merge_and_unload. The density line is lifted so a tiny model takes it."""
+    from randlora_io.merge import merge
+
+    monkeypatch.setattr(ternary_merge, "CSR_MAX_DENSITY", 1.0)
+    ran = []
+    real_csr = ternary_merge.add_ternary_csr_
+    monkeypatch.setattr(ternary_merge, "add_ternary_csr_", lambda *a: (ran.append(1), real_csr(*a)))
+    tiny_llama().save_pretrained(tmp_path / "base")
+    pm = peft_randlora(tiny_llama(), r=6, seed=3, very_sparse=True)
+    pm.save_pretrained(tmp_path / "peft")
+    expected = {k: v.detach() for k, v in pm.merge_and_unload().state_dict().items()}
+    merge(tmp_path / "base", [tmp_path / "peft"], tmp_path / "out", precision="auto")
+    got = _load(tmp_path / "out")
+    assert len(ran) == 14
+    for key, want in expected.items():
+        if key in got:
+            assert float((got[key] - want).norm() / want.norm().clamp_min(1e-12)) <= 1e-6, key
+
+
 def _bf16_ulp(x: torch.Tensor) -> torch.Tensor:
     """The spacing of bf16 numbers at magnitude |x| (float64, exact powers of two)."""
     return torch.exp2(torch.floor(torch.log2(x.abs().clamp_min(2.0**-126))) - 7)

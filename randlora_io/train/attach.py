@@ -13,6 +13,7 @@ from ..basis import Bases
 from ..errors import AdapterShapeError, BaseModelMismatchError, HeaderError
 from ..fingerprint import base_fingerprint, recorded_fingerprint
 from ..spec import GeneratorSpec, normalisation
+from . import hf_save
 from .config import ALL_LINEAR, RandloraConfig
 from .handle import AttachHandle, set_module
 from .layer import RandloraLayer, SharedBases, is_conv1d
@@ -81,8 +82,10 @@ def attach(model: nn.Module, config: RandloraConfig | None = None, *, min_dim: i
         layers[key], names[key] = layer, name
     model_id = getattr(getattr(model, "config", None), "_name_or_path", None) or None
     model_id = model_id if isinstance(model_id, str) and not os.path.isabs(model_id) else None
-    return AttachHandle(model=model, config=config, generator=generator, shared=shared, layers=layers,
-                        module_names=names, base_model_id=model_id)
+    handle = AttachHandle(model=model, config=config, generator=generator, shared=shared, layers=layers,
+                          module_names=names, base_model_id=model_id)
+    hf_save.install(handle)
+    return handle
 
 
 def load_into(model: nn.Module, path: str | os.PathLike, *, check_fingerprint: bool = False) -> AttachHandle:

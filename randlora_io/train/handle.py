@@ -24,10 +24,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..adapter import RandloraAdapter, build_adapter, write_adapter
-from ..errors import AdapterShapeError, AdapterStateError
+from ..adapter import RandloraAdapter, build_adapter, read_adapter, write_adapter
+from ..errors import AdapterShapeError, AdapterStateError, BasisMismatchError
 from ..fingerprint import base_fingerprint
 from ..spec import GeneratorSpec
+from . import hf_save
 from .config import RandloraConfig
 from .layer import RandloraLayer, SharedBases
 
@@ -88,6 +89,7 @@ class AttachHandle:
     # what unmerge() needs: λ, γ as merged (fp32 CPU copies), and the exact pre-merge weights when kept
     _merged_scales: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
     _originals: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    _hooks: list = field(default_factory=list, repr=False)
 
     def parameters(self) -> list[nn.Parameter]:
         """The trainable λ and γ, in layer order."""
@@ -205,6 +207,7 @@ class AttachHandle:
         if self.attached:
             for key, layer in self.layers.items():
                 set_module(self.model, self.module_names[key], layer.base_layer)
+            hf_save.uninstall(self)
             self.attached = False
         return self.model
 
@@ -216,7 +219,28 @@ class AttachHandle:
                                         "into; cannot unmerge")
         for key, layer in self.layers.items():
             set_module(self.model, self.module_names[key], layer)
+        hf_save.install(self)
         self.attached = True
+
+    @torch.no_grad()
+    def load_scales(self, path: str | os.PathLike) -> RandloraAdapter:
+        """Load λ, γ from the randlora file ``path`` into the attached layers (resuming a checkpoint of this same
+        setup): the file must have these layers and shapes, this rank and alpha and these bases."""
+        adapter = read_adapter(path)
+        h = adapter.header
+        if set(h.layers) != set(self.layers) or h.rank != self.shared.rank or float(h.alpha) != float(
+                self.config.alpha):
+            raise AdapterShapeError(f"{path}: its layers, rank or alpha differ from the attached adapter's; load it "
+                                    "into a fresh base with load_into instead")
+        if h.bases_sha256 and h.bases_sha256 != self.shared.any().sha256():
+            raise BasisMismatchError(f"{path}: was trained with other shared bases (generator, seed or sizes differ)")
+        for key, layer in self.layers.items():
+            if tuple(h.layers[key].shape) != tuple(layer.spec.shape):
+                raise AdapterShapeError(f"{path}: {key} is {list(h.layers[key].shape)} in the file but "
+                                        f"{list(layer.spec.shape)} in the model")
+            layer.randlora_lambda.copy_(adapter.lambdas[key])
+            layer.randlora_gamma.copy_(adapter.gammas[key])
+        return adapter
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[nn.Module]:

@@ -89,3 +89,20 @@ def test_unknown_fingerprint_algorithms_are_ignored():
     assert recorded_fingerprint({"fingerprint": "sha256-weights:ab"}) == "sha256-weights:ab"
     header = make_adapter(base_model={"id": None, "revision": None, "fingerprint": "blake3:zz"}).header.to_json()
     assert parse_header(json.dumps(header)).base_model["fingerprint"] == "blake3:zz"
+
+
+def test_cast_dtype_rule_for_mixed_dtype_bases():
+    """SPEC §4.3: one half dtype among float32 layers is a cast to it; bfloat16 with float16 is refused (or stored)."""
+    from randlora_io.base_model import BaseModelInfo, half_cast_dtype
+    from randlora_io.errors import RandloraError
+
+    def info(*dtypes):
+        return BaseModelInfo(shapes={f"l{i}.weight": (4, 4) for i in range(len(dtypes))},
+                             dtypes={f"l{i}.weight": d for i, d in enumerate(dtypes)}, root="base")
+
+    keys = ["l0.weight", "l1.weight", "l2.weight"]
+    assert half_cast_dtype(keys, info(torch.float32, torch.float32, torch.float32), "src") is None
+    assert half_cast_dtype(keys, info(torch.float32, torch.bfloat16, torch.float32), "src") == "bfloat16"
+    assert half_cast_dtype(keys, info(torch.float16, torch.float32, torch.float16), "src") == "float16"
+    with pytest.raises(RandloraError, match="src"):
+        half_cast_dtype(keys, info(torch.bfloat16, torch.float32, torch.float16), "src")

@@ -254,3 +254,20 @@ def test_a_config_that_targets_none_of_the_weights_is_refused(tmp_path):
     _edit_config(peft_dir, target_modules=["no_such_layer"])
     result = run_cli("merge", base, peft_dir, "-o", tmp_path / "out", check=False)
     assert_one_line_error(result, "targets none", "config and weights disagree")
+
+
+def test_mixed_conv1d_and_linear_adapter_converts_to_peft_lora(tmp_path):
+    """PEFT writes one fan_in_fan_out and fixes it per layer type on load: a mixed adapter converts, not refused."""
+    from peft import PeftModel
+    from tiny_models import peft_layer_deltas
+
+    base = tmp_path / "base"
+    untied_gpt2().save_pretrained(base)
+    pm = peft_randlora(untied_gpt2(), r=6, seed=3, targets=["attn.c_proj", "lm_head"])
+    pm.save_pretrained(tmp_path / "peft")
+    run_cli("convert", tmp_path / "peft", tmp_path / "lora", "--to", "peft-lora", "--rank", "48", "--base", base)
+    reloaded = PeftModel.from_pretrained(untied_gpt2(), tmp_path / "lora")
+    expected = peft_layer_deltas(pm)
+    for key, delta in peft_layer_deltas(reloaded).items():
+        assert delta.shape == expected[key].shape
+        assert float((delta - expected[key]).norm() / expected[key].norm()) <= 1e-5, key

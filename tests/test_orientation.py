@@ -263,7 +263,7 @@ def test_mixed_conv1d_and_linear_adapter_converts_to_peft_lora(tmp_path):
 
     base = tmp_path / "base"
     untied_gpt2().save_pretrained(base)
-    pm = peft_randlora(untied_gpt2(), r=6, seed=3, targets=["attn.c_proj", "lm_head"])
+    pm = peft_randlora(untied_gpt2(), r=6, seed=3, targets=["c_proj", "lm_head"])
     pm.save_pretrained(tmp_path / "peft")
     run_cli("convert", tmp_path / "peft", tmp_path / "lora", "--to", "peft-lora", "--rank", "48", "--base", base)
     reloaded = PeftModel.from_pretrained(untied_gpt2(), tmp_path / "lora")

@@ -38,7 +38,8 @@ SIZES = {
 }
 KINDS = ("dense", "sparse", "very_sparse")
 SIDES = {"peft": "PEFT merge_and_unload", "fp32": "ours --precision fp32 (reference)",
-         "auto": "ours --precision auto (default path)", "int8": "ours --precision int8", "bf16": "ours --precision bf16"}
+         "auto": "ours --precision auto (default path)", "int8": "ours --precision int8",
+         "bf16": "ours --precision bf16"}
 
 
 def build_base(work: Path, size: str, layers: int) -> dict[str, tuple[int, ...]]:

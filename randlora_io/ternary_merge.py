@@ -12,7 +12,7 @@ A ternary basis is ``B = c · b`` with one constant ``c > 0`` per matrix and ``b
 
 with a power-of-two unit 2^e_j ≤ max_k |S[k, j]| / 63.75 chosen from the column's max, so
 ``|ρ| ≤ 2^−22.9 · max_k |S[k, j]|``. Each ``b @ L_l`` is one ``torch._int_mm`` (int8 × int8 → int32, exact: no sum
-exceeds K·127), the three products are combined exactly in int32 (P0·254 + P1) and rounded to float32 once.
+exceeds K·127); P0·254 + P1 is formed exactly in int32, then rounded to float32 and combined with P2.
 
 Accuracy bound (tested against float64): per element of ΔW, with nnz_m the nonzeros of b's row m,
 
@@ -24,8 +24,8 @@ K·2^−24·|s·c|·Σ_k |b_mk|·|S_kj| (typically ~√K·2^−24 of it): the sa
 ~1e-6 against ~1e-7 for the float32 GEMM, on λ, γ spanning several binades). The integer sums do not depend on the
 summation order or the BLAS, so the result does not depend on how the CPU blocks the GEMM.
 
-**CSR.** For very sparse bases (density ≤ ``CSR_MAX_DENSITY`` = 1/28) ``b``'s layer slice is held as a float32 CSR matrix
-(values ±c) and multiplied by S in float32: the float32 products of the dense GEMM minus its exact zeros.
+**CSR.** For very sparse bases (density ≤ ``CSR_MAX_DENSITY`` = 1/28) ``b``'s layer slice is held as a float32 CSR
+matrix (values ±c) and multiplied by S in float32: the float32 products of the dense GEMM minus its exact zeros.
 
 ``torch._int_mm`` on CPU (torch 2.13) takes any shapes (checked: 5×7 @ 7×3, 1×1 @ 1×1) and non-contiguous int8
 operands, so nothing is padded. Its CUDA kernel wants K and N multiples of 8 and M > 16: this module is CPU-only

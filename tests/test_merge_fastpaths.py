@@ -181,9 +181,11 @@ def _fp32_gemm_bound(adapter, key):
 
 @pytest.mark.parametrize("name", ["peft", "philox"])
 def test_csr_path_is_float32_class_and_auto_picks_it_when_very_sparse(name, monkeypatch):
-    """very_sparse bases with a model-wide min_dim of 1030 (density 1/√min_dim ≈ 1/32 ≤ 1/28): ``auto`` multiplies a CSR copy
-    of b's layer slice in float32; a layer narrower than the widest (M < max_dim, D < min_dim) uses a prefix slice."""
-    layers = {"big.weight": ((1100, 1030), False), "wide.weight": ((257, 310), False), "conv.weight": ((270, 256), True)}
+    """very_sparse bases with a model-wide min_dim of 1030 (density 1/√min_dim ≈ 1/32 ≤ 1/28): ``auto`` multiplies a
+    CSR copy of b's layer slice in float32; a layer narrower than the widest (M < max_dim, D < min_dim) uses a prefix
+    slice."""
+    layers = {"big.weight": ((1100, 1030), False), "wide.weight": ((257, 310), False),
+              "conv.weight": ((270, 256), True)}
     adapter = _adapter(name, "very_sparse", layers=layers, r=8, spread=1.0)
     basis = ternary_basis(adapter.bases().B)
     assert basis.density <= ternary_merge.CSR_MAX_DENSITY

@@ -76,8 +76,8 @@ def _mutate(data: bytes, draw) -> bytes:
     header_end = min(len(data), 8 + int.from_bytes(data[:8], "little")) if len(data) >= 8 else len(data)
     for _ in range(draw(st.integers(1, 4))):
         op = draw(st.sampled_from(["flip", "set", "insert", "cut", "length"]))
-        limit = max(1, header_end if draw(st.booleans()) else len(data))
-        pos = draw(st.integers(0, limit - 1)) if data else 0
+        limit = max(1, min(header_end, len(data)) if draw(st.booleans()) else len(data))
+        pos = min(draw(st.integers(0, limit - 1)), max(len(data) - 1, 0))
         if op == "flip" and data:
             data[pos] ^= 1 << draw(st.integers(0, 7))
         elif op == "set" and data:

@@ -406,3 +406,40 @@ def test_lora_factors_declaring_a_huge_layer_are_refused_before_allocating(tmp_p
     for to in ("dense", "randlora", "peft-lora"):
         result = run_cli("convert", folder, tmp_path / f"{to}.out", "--to", to, "--rank", "1", check=False)
         assert_one_line_error(result, "RANDLORA_IO_MAX_LAYER_BYTES", "300000x300000")
+
+
+@pytest.mark.parametrize("renameat2", [True, False])
+def test_atomic_outputs_with_and_without_renameat2(tmp_path, monkeypatch, renameat2):
+    """Where the file system lacks renameat2 (old kernels, some network file systems) the fallbacks keep the same
+    promises: a new entry never replaces one that appeared, --overwrite replaces, failures leave nothing."""
+    import randlora_io.atomic as atomic
+    from randlora_io.errors import OutputExistsError
+
+    if not renameat2:
+        monkeypatch.setattr(atomic, "_renameat2", lambda src, dst, flags: False)
+    out = tmp_path / "out"
+    with atomic.atomic_directory(out) as tmp:
+        (tmp / "a").write_text("1")
+    assert (out / "a").read_text() == "1"
+    with atomic.atomic_directory(out, overwrite=True) as tmp:
+        (tmp / "b").write_text("2")
+    assert sorted(p.name for p in out.iterdir()) == ["b"]
+    with pytest.raises(OutputExistsError):
+        with atomic.atomic_directory(tmp_path / "raced") as tmp:
+            (tmp_path / "raced").mkdir()
+            (tmp_path / "raced" / "theirs").write_text("x")
+    assert [p.name for p in (tmp_path / "raced").iterdir()] == ["theirs"]
+    with pytest.raises(RuntimeError):
+        with atomic.atomic_file(tmp_path / "f.bin") as tmp:
+            tmp.write_bytes(b"partial")
+            raise RuntimeError("crash mid-write")
+    assert not (tmp_path / "f.bin").exists()
+    with atomic.atomic_file(tmp_path / "f.bin") as tmp:
+        tmp.write_bytes(b"one")
+    with pytest.raises(OutputExistsError):
+        with atomic.atomic_file(tmp_path / "f.bin", overwrite=False) as tmp:
+            tmp.write_bytes(b"two")
+    with atomic.atomic_file(tmp_path / "f.bin", overwrite=True) as tmp:
+        tmp.write_bytes(b"three")
+    assert (tmp_path / "f.bin").read_bytes() == b"three"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.bin", "out", "raced"]

@@ -1,11 +1,17 @@
-"""``randlora-io train``: fine-tune a local causal LM with RandLoRA on a local file and write the randlora file."""
+"""``randlora-io train``: fine-tune a local causal LM with RandLoRA on a local file and write the randlora file.
+
+AdamW on λ, γ with gradient accumulation, an LR schedule with warmup, gradient clipping, autocast (bf16 / fp16),
+gradient checkpointing, a held-out eval split, resumable checkpoints every N steps, and plain-line logs.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -14,7 +20,66 @@ from ..errors import OutputExistsError, SourceFormatError
 from ..progress import progress_bar
 from .attach import AttachHandle, attach
 from .config import RandloraConfig
-from .data import load_blocks
+from .data import Examples, load_examples
+from .run_state import DataOrder, load_checkpoint, save_checkpoint
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+SCHEDULES = ("constant", "linear", "cosine")
+
+
+@dataclass
+class TrainOptions:
+    """How to train. ``steps``: optimizer steps (each of ``grad_accum`` batches of ``batch_size``); ``epochs``, when
+    given, sets the steps from the number of training examples instead. ``precision``: autocast dtype (λ, γ stay
+    float32). ``device``: auto (cuda when available), cpu, cuda or cuda:N. ``eval_split``: fraction of the examples
+    held out for an eval loss (every ``eval_every`` steps and at the end). ``save_every``: write a resumable
+    checkpoint to ``checkpoint_dir`` (default ``<out>.checkpoints``); ``resume``: a checkpoint dir to continue."""
+
+    lr: float = 5e-3
+    steps: int = 100
+    epochs: float | None = None
+    batch_size: int = 4
+    grad_accum: int = 1
+    seq_len: int = 256
+    warmup_steps: int = 0
+    schedule: str = "constant"
+    max_grad_norm: float | None = 1.0
+    precision: str = "fp32"
+    device: str = "auto"
+    gradient_checkpointing: bool = False
+    eval_split: float = 0.0
+    eval_every: int = 0
+    save_every: int = 0
+    checkpoint_dir: Path | None = None
+    resume: Path | None = None
+    packing: bool = True
+    log_every: int = 10
+
+    def __post_init__(self) -> None:
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise SourceFormatError(f"lr must be a positive number, got {self.lr}")
+        if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1 or self.seq_len < 2:
+            raise SourceFormatError("steps, batch size and grad accumulation must be ≥ 1 and seq-len ≥ 2")
+        if self.epochs is not None and not self.epochs > 0:
+            raise SourceFormatError(f"epochs must be positive, got {self.epochs}")
+        if self.schedule not in SCHEDULES:
+            raise SourceFormatError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if self.precision not in PRECISIONS:
+            raise SourceFormatError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if not 0 <= self.eval_split < 1:
+            raise SourceFormatError(f"eval split must be in [0, 1), got {self.eval_split}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            self.max_grad_norm = None   # 0 turns clipping off
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` → cuda when available, else cpu; an unavailable cuda is refused."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SourceFormatError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    return device
 
 
 @dataclass
@@ -26,10 +91,13 @@ class TrainReport:
     loss_after: float           # the same after training
     losses: list[float] = field(default_factory=list)   # training loss per step
     handle: AttachHandle | None = None
+    eval_loss: float | None = None       # on the held-out split, at the end
+    checkpoints: list[Path] = field(default_factory=list)
 
     def summary(self) -> str:
-        return (f"trained {self.steps} steps on {self.trainable_params:,} parameters; "
+        text = (f"trained {self.steps} steps on {self.trainable_params:,} parameters; "
                 f"loss {self.loss_before:.4f} → {self.loss_after:.4f}")
+        return text + (f"; eval loss {self.eval_loss:.4f}" if self.eval_loss is not None else "")
 
 
 def load_causal_lm(base: str | os.PathLike):
@@ -60,13 +128,41 @@ def load_causal_lm(base: str | os.PathLike):
     return model, tokenizer
 
 
-def _mean_loss(model, batch: torch.Tensor) -> float:
+def _autocast(device: torch.device, precision: str):
+    dtype = PRECISIONS[precision]
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def _mean_loss(model, examples: Examples, batch_size: int, device: torch.device, precision: str) -> float:
+    """Mean loss over ``examples`` (token-weighted), without gradients, in eval mode."""
     was_training = model.training
     model.eval()
-    with torch.no_grad():
-        loss = float(model(input_ids=batch, labels=batch).loss)
+    total, tokens = 0.0, 0
+    with torch.no_grad(), _autocast(device, precision):
+        for start in range(0, len(examples), batch_size):
+            batch = {k: v.to(device) for k, v in examples.batch(torch.arange(start, min(start + batch_size,
+                                                                                       len(examples)))).items()}
+            n = int((batch["labels"][:, 1:] != -100).sum())
+            total += float(model(**batch).loss) * n
+            tokens += n
     model.train(was_training)
-    return loss
+    return total / max(tokens, 1)
+
+
+def _schedule(optimizer, options: TrainOptions, steps: int):
+    warmup = options.warmup_steps
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if options.schedule == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, steps - warmup)
+        if options.schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def train_causal_lm(
@@ -75,52 +171,95 @@ def train_causal_lm(
     out: str | os.PathLike,
     *,
     config: RandloraConfig | None = None,
-    lr: float = 5e-3,
-    steps: int = 100,
-    batch_size: int = 4,
-    seq_len: int = 256,
+    options: TrainOptions | None = None,
     overwrite: bool = False,
     progress: bool = False,
+    log: Callable[[str], None] | None = None,
+    **overrides,
 ) -> TrainReport:
-    """Attach RandLoRA to the causal LM in ``base``, train λ, γ with AdamW on the causal-LM loss over blocks of
-    ``data``, and write the randlora file ``out``. The trained model stays attached in ``report.handle``."""
+    """Attach RandLoRA to the causal LM in ``base``, train λ, γ with AdamW on the causal-LM loss over ``data``, and
+    write the randlora file ``out``. ``options`` (or keyword ``overrides`` of its fields: ``lr=``, ``steps=``, ...)
+    say how; ``log`` receives one plain line per ``log_every`` steps, eval and checkpoint (the CLI prints them when
+    stderr is not a terminal). The trained model stays attached in ``report.handle``."""
+    unknown = set(overrides) - {f.name for f in fields(TrainOptions)}
+    if unknown:
+        raise TypeError(f"unknown training options: {', '.join(sorted(unknown))}")
+    options = replace(options or TrainOptions(), **overrides)
     out = Path(out)
     if out.exists() and not overwrite:
         raise OutputExistsError(f"{out}: output exists; pass --overwrite to replace it")
-    if steps < 1 or batch_size < 1 or seq_len < 2 or not (lr > 0 and math.isfinite(lr)):
-        raise SourceFormatError("steps and batch size must be ≥ 1, seq-len ≥ 2 and lr a positive number")
     config = config or RandloraConfig()
+    log = log or (lambda line: None)
+    device = resolve_device(options.device)
     model, tokenizer = load_causal_lm(base)
     vocab = model.get_input_embeddings().num_embeddings
-    blocks = load_blocks(data, seq_len, vocab, tokenizer)
+    examples = load_examples(data, options.seq_len, vocab, tokenizer, packing=options.packing)
+    train_set, eval_set = examples.split(options.eval_split, config.seed)
+    steps = options.steps
+    if options.epochs is not None:
+        steps = max(1, math.ceil(options.epochs * len(train_set) / (options.batch_size * options.grad_accum)))
     torch.manual_seed(config.seed)
+    model.to(device)
     handle = attach(model, config)
-    eval_batch = blocks[: min(len(blocks), 8)]
-    loss_before = _mean_loss(model, eval_batch)
-    optimizer = torch.optim.AdamW(handle.parameters(), lr=lr, weight_decay=0.0)
-    order = torch.Generator().manual_seed(config.seed)
-    perm, cursor, losses = torch.randperm(len(blocks), generator=order), 0, []
+    if options.gradient_checkpointing:
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            raise SourceFormatError(f"{base}: {type(model).__name__} does not support gradient checkpointing")
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    probe = eval_set if eval_set is not None else train_set.subset(torch.arange(min(len(train_set), 8)))
+    loss_before = _mean_loss(model, probe, options.batch_size, device, options.precision)
+    optimizer = torch.optim.AdamW(handle.parameters(), lr=options.lr, weight_decay=0.0)
+    scheduler = _schedule(optimizer, options, steps)
+    scaler = torch.amp.GradScaler(device.type) if options.precision == "fp16" else None
+    order, step = DataOrder.start(len(train_set), config.seed), 0
+    if options.resume is not None:
+        step, order = load_checkpoint(options.resume, handle, optimizer, scheduler, len(train_set), scaler)
+        log(f"resumed from {options.resume} at step {step}")
+    checkpoint_dir = options.checkpoint_dir or out.with_name(out.name + ".checkpoints")
+    report = TrainReport(out=out, steps=steps, trainable_params=handle.trainable_parameters(),
+                         loss_before=loss_before, loss_after=float("nan"), handle=handle)
     model.train()
-    bar = progress_bar(progress, total=steps, desc="train", unit="step")
-    for _ in range(steps):
-        if cursor + batch_size > len(perm):
-            perm, cursor = torch.randperm(len(blocks), generator=order), 0
-        idx = perm[cursor: cursor + batch_size] if batch_size <= len(perm) else perm.repeat(
-            -(-batch_size // len(perm)))[:batch_size]
-        cursor += batch_size
-        batch = blocks[idx]
-        loss = model(input_ids=batch, labels=batch).loss
-        if not torch.isfinite(loss):
-            raise SourceFormatError(f"loss became {float(loss)} at step {len(losses) + 1}; lower --lr")
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.detach().item())
-        bar.update(1)
-        bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.4f}")
-    bar.close()
+    bar = progress_bar(progress, total=steps, initial=step, desc="train", unit="step")
+    with bar:
+        while step < steps:
+            loss_sum = 0.0
+            for _ in range(options.grad_accum):
+                batch = {k: v.to(device) for k, v in train_set.batch(order.next_batch(options.batch_size)).items()}
+                with _autocast(device, options.precision):
+                    loss = model(**batch).loss
+                if not torch.isfinite(loss):
+                    raise SourceFormatError(f"loss became {float(loss)} at step {step + 1}; lower --lr")
+                loss = loss / options.grad_accum
+                (scaler.scale(loss) if scaler is not None else loss).backward()
+                loss_sum += loss.detach().item()
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            if options.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(handle.parameters(), options.max_grad_norm)
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            step += 1
+            report.losses.append(loss_sum)
+            bar.update(1)
+            recent = report.losses[-options.log_every:]
+            bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}")
+            if step % options.log_every == 0 or step == steps:
+                log(f"step {step}/{steps} loss {sum(recent) / len(recent):.4f} lr {scheduler.get_last_lr()[0]:.3g}")
+            if eval_set is not None and options.eval_every and step % options.eval_every == 0 and step < steps:
+                log(f"step {step}/{steps} eval loss "
+                    f"{_mean_loss(model, eval_set, options.batch_size, device, options.precision):.4f}")
+            if options.save_every and step % options.save_every == 0 and step < steps:
+                path = save_checkpoint(checkpoint_dir, step, handle, optimizer, scheduler, order, scaler)
+                report.checkpoints.append(path)
+                log(f"step {step}/{steps} checkpoint {path}")
     model.eval()
-    loss_after = _mean_loss(model, eval_batch)
+    report.loss_after = _mean_loss(model, probe, options.batch_size, device, options.precision)
+    if eval_set is not None:
+        report.eval_loss = report.loss_after
+        log(f"step {step}/{steps} eval loss {report.eval_loss:.4f}")
     handle.save(out)
-    return TrainReport(out=out, steps=steps, trainable_params=handle.trainable_parameters(), loss_before=loss_before,
-                       loss_after=loss_after, losses=losses, handle=handle)
+    return report

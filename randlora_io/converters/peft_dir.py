@@ -181,7 +181,9 @@ def _under(module: str, saved_module: str) -> bool:
 
 
 def _is_base_copy(saved_key: str) -> bool:
-    return saved_key.startswith(PEFT_PREFIX) and BASE_LAYER in saved_key
+    """A base layer's own tensor (``<module>.base_layer.<param>``), not an adapter tensor of a nested wrapper
+    (``<mha>.base_layer.out_proj.lora_A.weight``: PEFT's LoRA on an nn.MultiheadAttention)."""
+    return saved_key.startswith(PEFT_PREFIX) and BASE_LAYER in saved_key and not _is_adapter_tensor(saved_key)
 
 
 def base_key_of(saved_key: str) -> str:

@@ -107,6 +107,43 @@ _JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**7
                             | st.dictionaries(st.text(max_size=8), c, max_size=3), max_leaves=6)
 
 
+def _json_paths(obj, prefix=()):
+    """Every (path, value) inside a parsed JSON document, objects and lists included."""
+    yield prefix, obj
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list) else ()
+    for key, value in items:
+        yield from _json_paths(value, prefix + (key,))
+
+
+@FUZZ
+@given(data=st.data())
+def test_fuzz_randlora_header_values(seeds, tmp_path_factory, data):
+    """The randlora header (a JSON string inside the safetensors metadata) with one value replaced or dropped at any
+    depth: validate and convert refuse in one line or work; the tensors themselves are left as they are."""
+    from randlora_io.adapter import METADATA_KEY
+    from randlora_io.safetensors_io import load_tensors, read_header
+    from safetensors.torch import save_file
+
+    src = seeds / "a.safetensors"
+    header = read_header(src)
+    doc = json.loads(header.metadata[METADATA_KEY])
+    paths = [p for p, _ in _json_paths(doc) if p]
+    where = data.draw(st.sampled_from(paths))
+    parent = doc
+    for key in where[:-1]:
+        parent = parent[key]
+    if data.draw(st.booleans()) and isinstance(parent, dict):
+        del parent[where[-1]]
+    else:
+        parent[where[-1]] = data.draw(_JSON_VALUES)
+    path = tmp_path_factory.mktemp("h") / "a.safetensors"
+    save_file(load_tensors(src), str(path), metadata={**header.metadata, METADATA_KEY: json.dumps(doc)})
+    before = _digest(path)
+    for args in (("validate", path), ("convert", path, path.parent / "d.safetensors", "--to", "dense")):
+        _check(run_cli(*args, check=False), str(path), path.name)
+    assert _digest(path) == before
+
+
 @FUZZ
 @given(data=st.data())
 def test_fuzz_peft_dirs(seeds, tmp_path_factory, data):

@@ -49,12 +49,14 @@ def recorded_fingerprint(base_model: Mapping | None) -> str | None:
     return value if isinstance(value, str) and value.startswith(FINGERPRINT_PREFIX) else None
 
 
-def checkpoint_fingerprints(ckpt, keys: list[str], casts: tuple[torch.dtype | None, ...] = (None,)) -> dict:
-    """``{cast dtype (None = as stored): fingerprint}`` of checkpoint weights ``keys``, read one tensor at a time."""
+def checkpoint_fingerprints(ckpt, names: Mapping[str, str],
+                            casts: tuple[torch.dtype | None, ...] = (None,)) -> dict:
+    """``{cast dtype (None = as stored): fingerprint}`` of the checkpoint weights ``names`` (fingerprint key →
+    checkpoint key), read one tensor at a time."""
     digests = {cast: hashlib.sha256() for cast in casts}
-    for key in sorted(keys):
-        with safe_open(str(ckpt.shard_path(ckpt.weight_map[key])), framework="pt") as f:
-            tensor = f.get_tensor(key)
+    for key in sorted(names):
+        with safe_open(str(ckpt.shard_path(ckpt.weight_map[names[key]])), framework="pt") as f:
+            tensor = f.get_tensor(names[key])
         for cast, digest in digests.items():
             fingerprint_update(digest, key, tensor if cast is None else tensor.to(cast))
         del tensor
@@ -69,10 +71,13 @@ def check_fingerprint(ckpt, source) -> None:
     expected = recorded_fingerprint(getattr(getattr(adapter, "header", None), "base_model", None))
     if expected is None:
         return
-    keys = list(adapter.layers)
-    if checkpoint_fingerprints(ckpt, keys)[None] == expected:
+    # the fingerprint hashes the adapter's own key names; a key-mapped view (keymap.py) reads them from the
+    # checkpoint under the names transformers saved them as
+    inner_key = getattr(source, "inner_key", lambda key: key)
+    names = {inner_key(key): key for key in source.keys() if key not in source.replacements}
+    if checkpoint_fingerprints(ckpt, names)[None] == expected:
         return
-    if expected in checkpoint_fingerprints(ckpt, keys, _FLOAT_DTYPES).values():
+    if expected in checkpoint_fingerprints(ckpt, names, _FLOAT_DTYPES).values():
         return  # trained on this base loaded in another dtype
     raise BaseModelMismatchError(
         f"{source.path}: was trained on another base: its recorded base fingerprint does not match the targeted "

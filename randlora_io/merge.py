@@ -105,6 +105,14 @@ def plan_merge(ckpt: Checkpoint, sources: list[DeltaSource]) -> dict[str, list[i
                                              "weights can be merged (dequantize first)")
             plan.setdefault(key, []).append(i)
         check_base_copies(ckpt, source.path, source.base_copies)
+    replaced: dict[str, int] = {}
+    for i, source in enumerate(sources):  # a tensor two adapters both replace (a head): no merge order is right
+        for key in source.replacements:
+            if key in replaced:
+                raise SourceFormatError(f"{source.path}: replaces {key!r} with its trained copy, and so does "
+                                        f"{sources[replaced[key]].path}; merge them one at a time into separate "
+                                        "outputs, or drop that module from one adapter")
+            replaced[key] = i
     return plan
 
 
@@ -143,8 +151,9 @@ def _prepare(base, adapters, out, weights, device, dtype, overwrite, precision, 
         for source in sources:
             check_fingerprint(ckpt, source)
     for source in sources:  # generate (and checksum-verify) each adapter's shared bases once, before writing
-        if isinstance(source, RandloraSource):
-            source.adapter.bases(dev)
+        adapter = getattr(source, "adapter", None)  # a randlora source, or a key-mapped view of one
+        if isinstance(adapter, RandloraAdapter):
+            adapter.bases(dev)
     return base_p, out_p, weights, dev, ckpt, sources, plan
 
 

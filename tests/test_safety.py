@@ -443,3 +443,42 @@ def test_atomic_outputs_with_and_without_renameat2(tmp_path, monkeypatch, rename
         tmp.write_bytes(b"three")
     assert (tmp_path / "f.bin").read_bytes() == b"three"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f.bin", "out", "raced"]
+
+
+def test_fingerprint_of_an_adapter_trained_under_in_memory_names_is_checked_in_checkpoint_names(tmp_path):
+    """ViT (transformers ≥ 5): trained with attach/handle.save under module names (vit.layers.N...), merged into a
+    checkpoint saved under others (vit.encoder.layer.N...): the right base passes, another is refused."""
+    from tiny_models import tiny_vit_classifier
+
+    from randlora_io.train import RandloraConfig, attach
+
+    model = tiny_vit_classifier(seed=0)
+    model.save_pretrained(tmp_path / "right")
+    tiny_vit_classifier(seed=1).save_pretrained(tmp_path / "other")
+    handle = attach(model, RandloraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for p in handle.parameters():
+            p.add_(0.05)
+    handle.save(tmp_path / "vit.safetensors")
+    run_cli("merge", tmp_path / "right", tmp_path / "vit.safetensors", "-o", tmp_path / "ok")
+    result = run_cli("merge", tmp_path / "other", tmp_path / "vit.safetensors", "-o", tmp_path / "bad", check=False)
+    assert_one_line_error(result, "fingerprint")
+
+
+def test_two_adapters_replacing_the_same_head_are_refused(tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=64, num_labels=3, pad_token_id=0)
+    LlamaForSequenceClassification(config).save_pretrained(tmp_path / "base")
+    for name, seed in (("a", 1), ("b", 2)):
+        torch.manual_seed(seed)
+        model = get_peft_model(LlamaForSequenceClassification(config),
+                               LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["score"],
+                                          init_lora_weights=False))
+        model.save_pretrained(tmp_path / name)
+    result = run_cli("merge", tmp_path / "base", tmp_path / "a", tmp_path / "b", "-o", tmp_path / "out", check=False)
+    assert_one_line_error(result, "score", "and so does")
+    assert not (tmp_path / "out").exists()

@@ -17,15 +17,16 @@ from train_dist_worker import single
 from randlora_io.adapter import read_adapter
 
 HERE = Path(__file__).parent
+EXAMPLES = HERE.parent / "examples"
 MODES = "ddp,fsdp1,fsdp1_wrapped,fsdp2"
 
 
-def torchrun(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+def torchrun(*args: str, timeout: float = 240, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """``torchrun --standalone --nproc-per-node 2 ARGS`` on CPU, offline; fails the test with its stderr's tail."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="",
                PYTHONPATH=os.pathsep.join([str(HERE.parent), str(HERE), os.environ.get("PYTHONPATH", "")]))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *args]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     return result
 
@@ -93,3 +94,26 @@ def test_a_base_wrapped_after_attach_is_called_not_read(dropout):
         results.append([y.detach(), x.grad] + [p.grad for p in handle.parameters()])
     for a, e in zip(*results):
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
+
+
+def test_the_ddp_example_runs_under_torchrun(tmp_path):
+    out = tmp_path / "ddp.randlora.safetensors"
+    result = torchrun(str(EXAMPLES / "train_ddp.py"), "--steps", "6", "--out", str(out), cwd=tmp_path)
+    assert "the same adapter on all 2 ranks: True" in result.stdout, result.stdout
+    assert out.is_file() and read_adapter(out).header.rank == 8
+
+
+def test_cli_train_under_torchrun_equals_one_process_with_the_whole_batch(llama_dir, tmp_path):
+    from conftest import run_cli
+    from test_train_cli import pattern_data
+
+    data = pattern_data(tmp_path / "d.jsonl")
+    args = ["train", str(llama_dir), str(data), "--steps", "3", "--seq-len", "16"]   # (torchrun takes --r as its own)
+    result = torchrun("-m", "randlora_io", *args, "-o", str(tmp_path / "ddp.safetensors"), "--batch-size", "2",
+                      cwd=tmp_path)
+    assert result.stdout.count("trained 3 steps") == 1, result.stdout        # one summary for the job
+    run_cli(*args, "-o", tmp_path / "one.safetensors", "--batch-size", "4")
+    ddp, one = read_adapter(tmp_path / "ddp.safetensors"), read_adapter(tmp_path / "one.safetensors")
+    for key in one.lambdas:
+        torch.testing.assert_close(ddp.lambdas[key], one.lambdas[key], rtol=1e-4, atol=2e-6)
+        torch.testing.assert_close(ddp.gammas[key], one.gammas[key], rtol=1e-4, atol=2e-6)

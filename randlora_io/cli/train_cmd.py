@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -56,7 +57,8 @@ def train_command(base, data, out, rank, alpha, lr, steps, epochs, batch_size, g
                   save_every, checkpoint_dir, resume, no_packing, log_every, seed, targets, generator, kind, dropout,
                   overwrite):
     """Fine-tune the causal LM in BASE on DATA (JSONL input_ids / text / prompt+completion / messages, or plain
-    text) and write a randlora file. Progress: a bar on a terminal, plain log lines otherwise."""
+    text) and write a randlora file. Progress: a bar on a terminal, plain log lines otherwise. Under
+    ``torchrun --nproc-per-node N -m randlora_io train ...`` it trains with DDP, --batch-size per process."""
     from ..train.config import ALL_LINEAR, RandloraConfig
     from ..train.loop import TrainOptions, train_causal_lm
 
@@ -72,7 +74,8 @@ def train_command(base, data, out, rank, alpha, lr, steps, epochs, batch_size, g
     plain = not sys.stdout.isatty()
     report = train_causal_lm(base, data, out, config=config, options=options, overwrite=overwrite,
                              progress=not plain, log=click.echo if plain else None)
-    click.echo(f"{out}: {report.summary()}")
+    if int(os.environ.get("RANK", "0")) == 0:   # under torchrun, one summary for the job
+        click.echo(f"{out}: {report.summary()}")
 
 
 COMMANDS = [train_command]

@@ -73,13 +73,43 @@ class TrainOptions:
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` → cuda when available, else cpu; an unavailable cuda is refused."""
+    """``auto`` → cuda when available, else cpu; an unavailable cuda is refused. Under torchrun, ``cuda`` means
+    this process's GPU (``cuda:LOCAL_RANK``)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SourceFormatError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     return device
+
+
+@dataclass
+class _Distributed:
+    """This process's place in a torchrun job (rank 0 of 1 when not launched by torchrun)."""
+
+    rank: int = 0
+    world: int = 1
+    owns_group: bool = False
+
+    @classmethod
+    def start(cls, device: torch.device) -> _Distributed:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world <= 1:
+            return cls()
+        owns = not torch.distributed.is_initialized()
+        if owns:
+            torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        return cls(torch.distributed.get_rank(), torch.distributed.get_world_size(), owns)
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    def close(self) -> None:
+        if self.owns_group:
+            torch.distributed.destroy_process_group()
 
 
 @dataclass
@@ -189,22 +219,38 @@ def train_causal_lm(
     if out.exists() and not overwrite:
         raise OutputExistsError(f"{out}: output exists; pass --overwrite to replace it")
     config = config or RandloraConfig()
-    log = log or (lambda line: None)
     device = resolve_device(options.device)
+    dist = _Distributed.start(device)
+    try:
+        return _train(base, data, out, config, options, device, dist, progress and dist.rank == 0,
+                      log if log is not None and dist.rank == 0 else (lambda line: None))
+    finally:
+        dist.close()
+
+
+def _train(base, data, out: Path, config: RandloraConfig, options: TrainOptions, device: torch.device,
+           dist: _Distributed, progress: bool, log: Callable[[str], None]) -> TrainReport:
+    """The loop of :func:`train_causal_lm`. Under torchrun (DDP) every rank draws the same global batch of
+    ``batch_size × world`` examples and trains on its slice; rank 0 logs and writes."""
     model, tokenizer = load_causal_lm(base)
     vocab = model.get_input_embeddings().num_embeddings
     examples = load_examples(data, options.seq_len, vocab, tokenizer, packing=options.packing)
     train_set, eval_set = examples.split(options.eval_split, config.seed)
     steps = options.steps
     if options.epochs is not None:
-        steps = max(1, math.ceil(options.epochs * len(train_set) / (options.batch_size * options.grad_accum)))
+        per_step = options.batch_size * options.grad_accum * dist.world
+        steps = max(1, math.ceil(options.epochs * len(train_set) / per_step))
     torch.manual_seed(config.seed)
     model.to(device)
     handle = attach(model, config)
+    forward = model
     if options.gradient_checkpointing:
         if not getattr(model, "supports_gradient_checkpointing", False):
             raise SourceFormatError(f"{base}: {type(model).__name__} does not support gradient checkpointing")
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if dist.world > 1:
+        forward = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
     probe = eval_set if eval_set is not None else train_set.subset(torch.arange(min(len(train_set), 8)))
     loss_before = _mean_loss(model, probe, options.batch_size, device, options.precision)
     optimizer = torch.optim.AdamW(handle.parameters(), lr=options.lr, weight_decay=0.0)
@@ -223,9 +269,10 @@ def train_causal_lm(
         while step < steps:
             loss_sum = 0.0
             for _ in range(options.grad_accum):
-                batch = {k: v.to(device) for k, v in train_set.batch(order.next_batch(options.batch_size)).items()}
+                index = order.next_batch(options.batch_size * dist.world).chunk(dist.world)[dist.rank]
+                batch = {k: v.to(device) for k, v in train_set.batch(index).items()}
                 with _autocast(device, options.precision):
-                    loss = model(**batch).loss
+                    loss = forward(**batch).loss
                 if not torch.isfinite(loss):
                     raise SourceFormatError(f"loss became {float(loss)} at step {step + 1}; lower --lr")
                 loss = loss / options.grad_accum
@@ -253,13 +300,16 @@ def train_causal_lm(
                 log(f"step {step}/{steps} eval loss "
                     f"{_mean_loss(model, eval_set, options.batch_size, device, options.precision):.4f}")
             if options.save_every and step % options.save_every == 0 and step < steps:
-                path = save_checkpoint(checkpoint_dir, step, handle, optimizer, scheduler, order, scaler)
-                report.checkpoints.append(path)
-                log(f"step {step}/{steps} checkpoint {path}")
+                if dist.rank == 0:
+                    path = save_checkpoint(checkpoint_dir, step, handle, optimizer, scheduler, order, scaler)
+                    report.checkpoints.append(path)
+                    log(f"step {step}/{steps} checkpoint {path}")
+                dist.barrier()
     model.eval()
     report.loss_after = _mean_loss(model, probe, options.batch_size, device, options.precision)
     if eval_set is not None:
         report.eval_loss = report.loss_after
         log(f"step {step}/{steps} eval loss {report.eval_loss:.4f}")
-    handle.save(out)
+    handle.save(out)      # rank 0 writes
+    dist.barrier()
     return report

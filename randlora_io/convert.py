@@ -17,18 +17,18 @@ import torch
 
 from .adapter import RandloraAdapter, build_adapter, peft_shared_dims, write_adapter
 from .atomic import check_output_path
-from .base_model import base_info_from_checkpoint
+from .base_model import BaseModelInfo, base_info_from_checkpoint, layer_orientations
 from .basis import generate_bases
 from .checkpoint import check_base_copies, open_checkpoint
 from .converters.dense import write_dense
 from .converters.peft_lora import lora_factors, write_peft_lora
 from .converters.peft_randlora import adapter_to_peft_randlora
 from .disk import path_bytes
-from .errors import OutputExistsError, RandloraError
+from .errors import LayerTypeError, OutputExistsError, RandloraError
 from .fit import fit_scales
 from .keymap import open_loaded
 from .progress import progress_bar
-from .sources import DeltaSource, RandloraSource, open_source
+from .sources import DeltaSource, DenseSource, RandloraSource, open_source
 from .spec import SPARSE_THRESHOLD, GeneratorSpec, normalisation, num_bases
 
 TARGETS = ("randlora", "peft-randlora", "peft-lora", "dense")
@@ -68,6 +68,15 @@ def md_orientation(stored: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
     """Stored ΔW → (M, D): inverse of :func:`randlora_io.delta.to_stored_orientation`."""
     out_in = stored.T if fan_in_fan_out else stored
     return out_in if out_in.shape[1] == min(out_in.shape) else out_in.T
+
+
+def _dense_orientations(source: DenseSource, base: BaseModelInfo) -> dict[str, bool]:
+    """A dense delta is stored like its weight, whatever the layer type; a fit records each layer's orientation as
+    PEFT sets it (from the base, when its config.json tells), so the shared bases are PEFT's size on export."""
+    try:
+        return layer_orientations(source.keys(), base, False, source.path)
+    except LayerTypeError:
+        return {}
 
 
 def fit_adapter(source: DeltaSource, rank: int, seed: int, generator: str = "philox", kind: str = "dense",
@@ -171,6 +180,8 @@ def convert(
         check_base_copies(ckpt, str(src_p), source.base_copies)
     check_extras_fit(source, to)
 
+    if isinstance(source, DenseSource) and base_info is not None:
+        source.fans = _dense_orientations(source, base_info)
     report = ConvertReport()
     if to in ("randlora", "peft-randlora"):
         if isinstance(source, RandloraSource):

@@ -167,18 +167,20 @@ def base_info_from_config(path: Path) -> BaseModelInfo | None:
 
 
 def _check_orientations(source: RandloraSource, base: BaseModelInfo) -> None:
-    """A randlora file records each layer's orientation; where the base's config.json tells the layer type, the two
-    must agree (files converted before orientation came from the base may hold a wrong one)."""
-    if not base.knows_layer_types():
+    """A randlora file of the ``peft`` generator records each layer's orientation as PEFT sets it; where the base's
+    config.json tells the layer type, the two must agree on square layers, the only ones where a wrong orientation
+    changes ΔW (a transpose): files converted from PEFT dirs before orientation came from the base may hold one.
+    (A philox file's orientation is its own convention, consistent with its scales, so it is not checked.)"""
+    if not base.knows_layer_types() or source.adapter.header.generator.name != "peft":
         return
-    keys = [k for k in source.keys() if k in base.shapes]
+    keys = [k for k in source.keys() if k in base.shapes and len(set(source.stored_shape(k))) == 1]
     for key, fan in layer_orientations(keys, base, False, source.path).items():
         if source.fan_in_fan_out(key) != fan:
             kind = "a GPT-2 style Conv1D (weight stored (in, out))" if fan else "a Linear layer (weight (out, in))"
             raise LayerTypeError(
-                f"{source.path}: records fan_in_fan_out={str(not fan).lower()} for {key!r}, but in the base "
-                f"({base.model_type}) it is {kind}: the file was converted with a wrong orientation; convert it again "
-                "from the PEFT dir with --base")
+                f"{source.path}: records fan_in_fan_out={str(not fan).lower()} for the square layer {key!r}, but in "
+                f"the base ({base.model_type}) it is {kind}, so its ΔW would be merged transposed: convert the file "
+                "again from its PEFT dir (or dense delta) with --base")
 
 
 def open_source(

@@ -150,7 +150,7 @@ def test_randlora_file_with_a_wrong_orientation_is_refused(tmp_path):
                           gammas=adapter.gammas)
     write_adapter(wrong, tmp_path / "wrong.safetensors")
     result = run_cli("merge", base, tmp_path / "wrong.safetensors", "-o", tmp_path / "out", check=False)
-    assert_one_line_error(result, "fan_in_fan_out=false", "Conv1D", "convert it again")
+    assert_one_line_error(result, "fan_in_fan_out=false", "Conv1D", "convert the file again")
 
 
 def test_conv1d_table_covers_every_transformers_architecture_that_builds_conv1d():
@@ -271,3 +271,27 @@ def test_mixed_conv1d_and_linear_adapter_converts_to_peft_lora(tmp_path):
     for key, delta in peft_layer_deltas(reloaded).items():
         assert delta.shape == expected[key].shape
         assert float((delta - expected[key]).norm() / expected[key].norm()) <= 1e-5, key
+
+
+def test_dense_delta_fitted_with_the_base_records_peft_orientation_and_exports_to_peft(tmp_path):
+    """A fit of a GPT-2 dense delta records each layer's type from --base: the PEFT dir it exports has PEFT's bases
+    size, PEFT loads it with the fitted ΔW, and merging the fitted file is not mistaken for a wrong orientation."""
+    from peft import PeftModel
+    from tiny_models import peft_layer_deltas
+
+    base = tmp_path / "base"
+    untied_gpt2().save_pretrained(base)
+    pm = peft_lora(untied_gpt2(), r=2, targets=["attn.c_proj", "c_fc"])
+    pm.save_pretrained(tmp_path / "lora")
+    run_cli("convert", tmp_path / "lora", tmp_path / "d.safetensors", "--to", "dense", "--base", base)
+    run_cli("convert", tmp_path / "d.safetensors", tmp_path / "fit.safetensors", "--to", "randlora", "--rank", "8",
+            "--generator", "peft", "--base", base)
+    fitted = read_adapter(tmp_path / "fit.safetensors")
+    assert all(layer.fan_in_fan_out for layer in fitted.layers.values())
+    run_cli("convert", tmp_path / "fit.safetensors", tmp_path / "peft", "--to", "peft-randlora")
+    reloaded = PeftModel.from_pretrained(untied_gpt2(), tmp_path / "peft")
+    for key, delta in peft_layer_deltas(reloaded).items():
+        assert float((delta - fitted.delta(key)).norm() / fitted.delta(key).norm()) <= 1e-5, key
+    run_cli("merge", base, tmp_path / "fit.safetensors", "-o", tmp_path / "out")
+    run_cli("convert", tmp_path / "d.safetensors", tmp_path / "philox.safetensors", "--to", "randlora", "--rank", "8")
+    run_cli("merge", base, tmp_path / "philox.safetensors", "-o", tmp_path / "out2")

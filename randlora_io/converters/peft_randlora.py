@@ -26,6 +26,7 @@ PEFT_TYPE = "RANDLORA"
 SHARED_A = "base_model.randlora_A"
 SHARED_B = "base_model.randlora_B"
 _SUFFIXES = ("randlora_lambda", "randlora_gamma", "randlora_A", "randlora_B")
+PEFT_DENSE_DRAW_DTYPES = ("bfloat16", "float16")  # PEFT's dense draw: accelerate.is_bf16_available() true / false
 
 
 def peft_kind(config: dict) -> str:
@@ -66,9 +67,6 @@ def _candidate_generators(kind: str, seed: int, draw_dtype: str | None):
     for draw in draws:
         for cast in (None, "bfloat16", "float16"):
             yield GeneratorSpec(name="peft", kind=kind, seed=seed, draw_dtype=draw, cast_dtype=cast)
-
-
-PEFT_DENSE_DRAW_DTYPES = ("bfloat16", "float16")  # accelerate.is_bf16_available() true / false
 
 
 def _base_info(base: BaseModelInfo | Mapping[str, tuple[int, ...]]) -> BaseModelInfo:

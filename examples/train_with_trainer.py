@@ -1,7 +1,9 @@
 """Train RandLoRA with ``transformers.Trainer``, then save in the randlora format and merge into the weights.
 
-``attach`` makes only λ and γ trainable, so the Trainer's optimizer sees just those. A tiny Llama is built in code
-(no downloads). Run: python examples/train_with_trainer.py [--steps N] [--out FILE]
+``attach`` makes only λ and γ trainable, so the Trainer's optimizer sees just those. ``RandloraTrainer`` (a Trainer)
+writes checkpoints that hold the adapter file plus the optimizer state, and ``train(resume_from_checkpoint=...)``
+continues from them exactly. A tiny Llama is built in code (no downloads).
+Run: python examples/train_with_trainer.py [--steps N] [--out FILE]
 """
 
 from __future__ import annotations
@@ -9,9 +11,9 @@ from __future__ import annotations
 import tempfile
 
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import TrainingArguments
 
-from randlora_io.train import RandloraConfig, attach
+from randlora_io.train import RandloraConfig, RandloraTrainer, attach
 
 from train_torch_loop import example_args, tiny_llama  # noqa: E402  (shared with the plain-loop example)
 
@@ -38,8 +40,10 @@ def main() -> None:
     work = tempfile.mkdtemp()
     training = TrainingArguments(output_dir=work, max_steps=args.steps, per_device_train_batch_size=8,
                                  learning_rate=5e-3, lr_scheduler_type="constant", logging_steps=20,
-                                 save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True)
-    result = Trainer(model=model, args=training, train_dataset=ArithmeticSequences()).train()
+                                 save_strategy="steps", save_steps=max(1, args.steps // 2), report_to=[],
+                                 use_cpu=True, disable_tqdm=True)
+    trainer = RandloraTrainer(handle=handle, model=model, args=training, train_dataset=ArithmeticSequences())
+    result = trainer.train()  # checkpoints in work/checkpoint-N: adapter.randlora.safetensors + optimizer state
     print(f"final training loss {result.training_loss:.4f}")
     model.eval()
     handle.save(args.out)

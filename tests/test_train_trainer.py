@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import tiny_llama
+from tiny_models import tiny_gpt2, tiny_llama
 
 from randlora_io.errors import AdapterStateError
 from randlora_io.train import RandloraConfig, RandloraTrainer, attach
 
-IDS = torch.randint(0, 128, (2, 11), generator=torch.Generator().manual_seed(0))
+IDS = torch.randint(0, 90, (2, 11), generator=torch.Generator().manual_seed(0))   # in both tiny vocabularies
 
 
 class Sequences(torch.utils.data.Dataset):
@@ -60,10 +60,11 @@ def test_checkpoints_hold_the_adapter_and_optimizer_and_resume_exactly(tmp_path)
     assert any(float(p.abs().max()) > 0 for p in expected[::2])     # λ trained away from 0
 
 
-def test_save_pretrained_of_an_attached_model_writes_a_loadable_merged_model(tmp_path):
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2])     # GPT-2: Conv1D weights, a tied lm_head
+def test_save_pretrained_of_an_attached_model_writes_a_loadable_merged_model(make, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    model = tiny_llama()
+    model = make()
     handle = attach(model, RandloraConfig(r=4, seed=4))
     with torch.no_grad():
         for i, p in enumerate(handle.parameters()):

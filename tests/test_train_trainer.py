@@ -91,3 +91,15 @@ def test_trainer_bf16_autocast_trains(tmp_path):
     trainer.train()
     assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in handle.parameters())
     assert any(float(p.abs().max()) > 0 for p in handle.parameters()[::2])
+
+
+def test_a_plain_trainer_checkpoint_is_loadable_but_not_silently_resumed(tmp_path):
+    """Plain Trainer checkpoints go through save_pretrained: a merged model (loadable); resuming from one into an
+    attached model is refused instead of restarting λ, γ from zero with a warning."""
+    from transformers import Trainer
+
+    first, _ = trainer_for(tmp_path / "a", max_steps=2, save_steps=2, trainer_cls=Trainer)
+    first.train()
+    second, _ = trainer_for(tmp_path / "b", max_steps=4, save_steps=2, trainer_cls=Trainer)
+    with pytest.raises(AdapterStateError, match="merged model"):
+        second.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))

@@ -32,7 +32,7 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
     kind = detect_kind(path)
     info: dict[str, Any] = {"path": str(path), "kind": kind, "file_bytes": path_bytes(path)}
     if kind == "randlora":
-        adapter = read_adapter(path)
+        adapter = read_adapter(path, verify_bases=False)  # describing needs no bases; `validate` checks them
         h = adapter.header
         info.update(generator=h.generator.name, kind_of_bases=h.generator.kind, seed=h.seed, rank=h.rank,
                     alpha=h.alpha, scaling=h.scaling, format_version=h.format_version,

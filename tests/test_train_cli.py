@@ -151,3 +151,21 @@ def test_chat_messages_use_the_template_and_train_on_the_last_answer(llama_dir, 
     bad.write_text(json.dumps({"messages": chat[:1]}) + "\n")
     assert_one_line_error(run_cli("train", llama_dir, bad, "-o", tmp_path / "o.safetensors", check=False),
                           "bad_chat.jsonl:1", "assistant")
+
+
+def test_a_directory_is_read_as_a_datasets_dir_or_refused_clearly(llama_dir, tmp_path):
+    directory = tmp_path / "saved_dataset"
+    directory.mkdir()
+    try:
+        import datasets  # noqa: F401
+    except ImportError:
+        assert_one_line_error(run_cli("train", llama_dir, directory, "-o", tmp_path / "o.safetensors", check=False),
+                              "saved_dataset", "pip install datasets")
+        return
+    from datasets import Dataset
+
+    rows = [{"input_ids": [(s + 3 * j) % 50 for j in range(40)]} for s in range(24)]
+    Dataset.from_list(rows).save_to_disk(str(directory))
+    jsonl = tmp_path / "same.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert torch.equal(load_examples(directory, 16, 128).input_ids, load_examples(jsonl, 16, 128).input_ids)

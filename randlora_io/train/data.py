@@ -4,6 +4,7 @@ Accepted, one kind per file (a file mixing kinds is refused):
 
 - JSONL rows ``{"input_ids": [...]}`` (no tokenizer needed);
 - JSONL rows ``{"text": "..."}``, or plain text (``.txt``/``.text``/``.md``, one document per line);
+- a ``datasets`` dir (``Dataset.save_to_disk``; its ``train`` split for a DatasetDict) of rows of those kinds;
 - instruction JSONL: ``{"prompt": "...", "completion": "..."}``, or ``{"messages": [{"role", "content"}, ...]}``
   ending with an assistant turn (rendered with the tokenizer's chat template). The loss is on the completion (the
   last assistant turn) only; these examples are never packed.
@@ -80,45 +81,74 @@ def _row_kind(row) -> str | None:
     return None
 
 
+def _check_kinds(path: Path, numbered_rows) -> tuple[str, list[tuple[int, object]]]:
+    """(kind, rows) of ``(line number, row dict)`` pairs, every row of one kind, or the error naming the row."""
+    rows: list[tuple[int, object]] = []
+    kind, first_line = None, 0
+    for lineno, row in numbered_rows:
+        row_kind = _row_kind(row)
+        if row_kind is None:
+            raise SourceFormatError(f"{path}:{lineno}: expected a row of input_ids, text, prompt/completion or "
+                                    "messages")
+        if kind is None:
+            kind, first_line = row_kind, lineno
+        elif row_kind != kind:
+            raise SourceFormatError(f"{path}:{lineno}: a {KINDS[row_kind]} row in a file of {KINDS[kind]} rows "
+                                    f"(line {first_line}); use one kind per file")
+        rows.append((lineno, row))
+    if kind is None:
+        raise SourceFormatError(f"{path}: no training data (the file is empty)")
+    return kind, rows
+
+
+def _jsonl_rows(path: Path, fh):
+    for lineno, line in enumerate(fh, 1):
+        if line.strip():
+            try:
+                yield lineno, json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise SourceFormatError(f"{path}:{lineno}: not valid JSON ({exc.msg}); one JSON object per "
+                                        "line") from None
+
+
+def _dataset_rows(path: Path):
+    """Rows of a ``datasets`` dir (``Dataset.save_to_disk``), numbered from 1, as dicts."""
+    try:
+        import datasets
+    except ImportError:
+        raise SourceFormatError(f"{path}: a directory is read as a datasets dir (save_to_disk), which needs the "
+                                "datasets package: pip install datasets; or give a JSONL file") from None
+    try:
+        data = datasets.load_from_disk(str(path))
+    except Exception as exc:  # noqa: BLE001 - any unreadable dir is one clear error
+        raise SourceFormatError(f"{path}: not a datasets dir ({type(exc).__name__}: {exc})") from None
+    if isinstance(data, datasets.DatasetDict):
+        if "train" not in data:
+            raise SourceFormatError(f"{path}: a DatasetDict without a 'train' split ({', '.join(data)})")
+        data = data["train"]
+    return ((i, dict(row)) for i, row in enumerate(data, 1))
+
+
 def _read_rows(path: Path) -> tuple[str, list[tuple[int, object]]]:
-    """(kind, [(line number, row)]) of a JSONL or text file; every row of one kind."""
+    """(kind, [(line number, row)]) of a JSONL or text file or a datasets dir; every row of one kind."""
+    if path.is_dir():
+        return _check_kinds(path, _dataset_rows(path))
     suffix = path.suffix.lower()
     if suffix not in TEXT_SUFFIXES + JSONL_SUFFIXES:
         raise SourceFormatError(f"{path}: {suffix or 'no suffix'} is not a training data format; give JSONL "
                                 f"({', '.join(JSONL_SUFFIXES)}) or plain text ({', '.join(TEXT_SUFFIXES)}) "
                                 "(a CSV is not read as text: convert it to JSONL rows)")
-    rows: list[tuple[int, object]] = []
-    kind = "text" if suffix in TEXT_SUFFIXES else None
-    first_line = 0
     try:
         with open(path, encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                if suffix in TEXT_SUFFIXES:
-                    rows.append((lineno, line.rstrip("\n")))
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise SourceFormatError(f"{path}:{lineno}: not valid JSON ({exc.msg}); one JSON object per "
-                                            "line") from None
-                row_kind = _row_kind(row)
-                if row_kind is None:
-                    raise SourceFormatError(f"{path}:{lineno}: expected a row of input_ids, text, prompt/completion "
-                                            "or messages")
-                if kind is None:
-                    kind, first_line = row_kind, lineno
-                elif row_kind != kind:
-                    raise SourceFormatError(f"{path}:{lineno}: a {KINDS[row_kind]} row in a file of "
-                                            f"{KINDS[kind]} rows (line {first_line}); use one kind per file")
-                rows.append((lineno, row))
+            if suffix in JSONL_SUFFIXES:
+                return _check_kinds(path, _jsonl_rows(path, fh))
+            rows = [(lineno, line.rstrip("\n")) for lineno, line in enumerate(fh, 1) if line.strip()]
     except UnicodeDecodeError as exc:
         raise SourceFormatError(f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset "
                                 f"{exc.start}); re-encode it as UTF-8") from None
-    if kind is None:
+    if not rows:
         raise SourceFormatError(f"{path}: no training data (the file is empty)")
-    return kind, rows
+    return "text", rows
 
 
 def _tokenize(path: Path, kind: str, rows, tokenizer) -> list[tuple[list[int], list[int]]]:
@@ -179,7 +209,7 @@ def load_examples(path: str | os.PathLike, seq_len: int, vocab_size: int, tokeni
     """The examples of ``path`` (see the module docstring). Plain kinds are packed into (N, seq_len) blocks unless
     ``packing`` is False; instruction kinds are one padded example per row."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise SourceFormatError(f"{path}: no such data file")
     kind, rows = _read_rows(path)
     pairs = _tokenize(path, kind, rows, tokenizer)

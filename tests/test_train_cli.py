@@ -169,3 +169,17 @@ def test_a_directory_is_read_as_a_datasets_dir_or_refused_clearly(llama_dir, tmp
     jsonl = tmp_path / "same.jsonl"
     jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert torch.equal(load_examples(directory, 16, 128).input_ids, load_examples(jsonl, 16, 128).input_ids)
+
+
+def test_tensorboard_logs_or_a_clear_error(llama_dir, tmp_path):
+    data = pattern_data(tmp_path / "d.jsonl", rows=4)
+    board = tmp_path / "runs"
+    result = run_cli("train", llama_dir, data, "-o", tmp_path / "o.safetensors", "--r", "4", "--steps", "2",
+                     "--seq-len", "16", "--tensorboard", board, check=False)
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        assert_one_line_error(result, "--tensorboard", "pip install tensorboard")
+        assert not (tmp_path / "o.safetensors").exists()
+        return
+    assert result.exit_code == 0 and any(board.iterdir())

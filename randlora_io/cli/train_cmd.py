@@ -43,6 +43,8 @@ from .errors import handle_errors
 @click.option("--resume", type=click.Path(path_type=Path), help="A checkpoint dir (step-N) to continue from.")
 @click.option("--no-packing", is_flag=True, help="One example per row (padded) instead of packed blocks.")
 @click.option("--log-every", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--tensorboard", "tensorboard_dir", type=click.Path(path_type=Path),
+              help="Also log loss, LR and eval loss to this TensorBoard dir (needs tensorboard).")
 @click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True,
               help="Seed of the bases, the data order and dropout.")
 @click.option("--targets", default="all-linear", show_default=True,
@@ -54,8 +56,8 @@ from .errors import handle_errors
 @handle_errors
 def train_command(base, data, out, rank, alpha, lr, steps, epochs, batch_size, grad_accum, seq_len, schedule,
                   warmup_steps, max_grad_norm, precision, device, gradient_checkpointing, eval_split, eval_every,
-                  save_every, checkpoint_dir, resume, no_packing, log_every, seed, targets, generator, kind, dropout,
-                  overwrite):
+                  save_every, checkpoint_dir, resume, no_packing, log_every, tensorboard_dir, seed, targets, generator,
+                  kind, dropout, overwrite):
     """Fine-tune the causal LM in BASE on DATA (JSONL input_ids / text / prompt+completion / messages, or plain
     text) and write a randlora file. Progress: a bar on a terminal, plain log lines otherwise. Under
     ``torchrun --nproc-per-node N -m randlora_io train ...`` it trains with DDP, --batch-size per process."""
@@ -70,7 +72,8 @@ def train_command(base, data, out, rank, alpha, lr, steps, epochs, batch_size, g
                            max_grad_norm=max_grad_norm, precision=precision, device=device,
                            gradient_checkpointing=gradient_checkpointing, eval_split=eval_split,
                            eval_every=eval_every, save_every=save_every, checkpoint_dir=checkpoint_dir,
-                           resume=resume, packing=not no_packing, log_every=log_every)
+                           resume=resume, packing=not no_packing, log_every=log_every,
+                           tensorboard_dir=tensorboard_dir)
     plain = not sys.stdout.isatty()
     report = train_causal_lm(base, data, out, config=config, options=options, overwrite=overwrite,
                              progress=not plain, log=click.echo if plain else None)

@@ -54,6 +54,7 @@ class TrainOptions:
     resume: Path | None = None
     packing: bool = True
     log_every: int = 10
+    tensorboard_dir: Path | None = None
 
     def __post_init__(self) -> None:
         if not (self.lr > 0 and math.isfinite(self.lr)):
@@ -179,6 +180,18 @@ def _mean_loss(model, examples: Examples, batch_size: int, device: torch.device,
     return total / max(tokens, 1)
 
 
+def _tensorboard(directory: Path | None):
+    """A SummaryWriter for ``directory``, or None; a missing tensorboard package is one clear error."""
+    if directory is None:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise SourceFormatError(f"--tensorboard {directory}: needs the tensorboard package: pip install "
+                                "tensorboard") from None
+    return SummaryWriter(log_dir=str(directory))
+
+
 def _schedule(optimizer, options: TrainOptions, steps: int):
     warmup = options.warmup_steps
 
@@ -232,6 +245,7 @@ def _train(base, data, out: Path, config: RandloraConfig, options: TrainOptions,
            dist: _Distributed, progress: bool, log: Callable[[str], None]) -> TrainReport:
     """The loop of :func:`train_causal_lm`. Under torchrun (DDP) every rank draws the same global batch of
     ``batch_size × world`` examples and trains on its slice; rank 0 logs and writes."""
+    board = _tensorboard(options.tensorboard_dir) if dist.rank == 0 else None
     model, tokenizer = load_causal_lm(base)
     vocab = model.get_input_embeddings().num_embeddings
     examples = load_examples(data, options.seq_len, vocab, tokenizer, packing=options.packing)
@@ -294,11 +308,16 @@ def _train(base, data, out: Path, config: RandloraConfig, options: TrainOptions,
             bar.update(1)
             recent = report.losses[-options.log_every:]
             bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}")
+            if board is not None:
+                board.add_scalar("train/loss", loss_sum, step)
+                board.add_scalar("train/lr", scheduler.get_last_lr()[0], step)
             if step % options.log_every == 0 or step == steps:
                 log(f"step {step}/{steps} loss {sum(recent) / len(recent):.4f} lr {scheduler.get_last_lr()[0]:.3g}")
             if eval_set is not None and options.eval_every and step % options.eval_every == 0 and step < steps:
-                log(f"step {step}/{steps} eval loss "
-                    f"{_mean_loss(model, eval_set, options.batch_size, device, options.precision):.4f}")
+                eval_loss = _mean_loss(model, eval_set, options.batch_size, device, options.precision)
+                log(f"step {step}/{steps} eval loss {eval_loss:.4f}")
+                if board is not None:
+                    board.add_scalar("eval/loss", eval_loss, step)
             if options.save_every and step % options.save_every == 0 and step < steps:
                 if dist.rank == 0:
                     path = save_checkpoint(checkpoint_dir, step, handle, optimizer, scheduler, order, scaler)
@@ -310,6 +329,10 @@ def _train(base, data, out: Path, config: RandloraConfig, options: TrainOptions,
     if eval_set is not None:
         report.eval_loss = report.loss_after
         log(f"step {step}/{steps} eval loss {report.eval_loss:.4f}")
+        if board is not None:
+            board.add_scalar("eval/loss", report.eval_loss, step)
+    if board is not None:
+        board.close()
     handle.save(out)      # rank 0 writes
     dist.barrier()
     return report

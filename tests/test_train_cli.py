@@ -129,7 +129,8 @@ def test_prompt_completion_rows_train_on_the_completion_only(llama_dir, tmp_path
     completion = len(tok("the cat sat on the mat", add_special_tokens=False)["input_ids"]) + 1   # + EOS
     assert examples.kind == "prompt" and examples.input_ids.shape == (8, 24)
     assert (examples.labels[0, :prompt] == IGNORE).all()
-    assert torch.equal(examples.labels[0, prompt: prompt + completion], examples.input_ids[0, prompt: prompt + completion])
+    answer = slice(prompt, prompt + completion)
+    assert torch.equal(examples.labels[0, answer], examples.input_ids[0, answer])
     assert (examples.labels[0, prompt + completion:] == IGNORE).all()                      # padding
     assert examples.attention_mask[0].sum() == prompt + completion
     report = train_causal_lm(llama_dir, rows, tmp_path / "sft.safetensors", config=RandloraConfig(r=4), steps=10,

@@ -1,7 +1,7 @@
 """Run by ``torchrun --nproc-per-node 2`` from tests/test_train_dist.py (CPU, gloo): train a tiny Llama with RandLoRA
 under one sharding layout for a few steps, each rank on its own half of the batch, and save the adapter the ways
-that layout allows; one process group runs the modes one after the other. ``single`` trains on the whole batch in one process: the
-reference the sharded runs must equal.
+that layout allows; one process group runs the modes one after the other. ``single`` trains on the whole batch in
+one process: the reference the sharded runs must equal.
 
 Usage: train_dist_worker.py MODE[,MODE...] OUT_DIR    (modes: single, or any of ddp, fsdp1, fsdp1_wrapped, fsdp2)
 """

@@ -8,9 +8,10 @@ is printed too, as the honest counter-case.
 
 Part 2 (cost): a Llama built in code (h=512, 4 layers, all 7 projections), batch 4×256 tokens: randlora-io RandLoRA
 vs PEFT RandLoRA at the same r, and PEFT LoRA at equal trainable parameters, each in its own process: median step
-time, the bytes autograd saves for backward (activation memory), and peak RSS.
+time, the bytes autograd saves for backward (activation memory), and peak RSS; without and with gradient
+checkpointing, ``--repeats`` rounds with the methods' order rotated each round, min / median of the speed ratios.
 
-Run: python bench/bench_train.py [--steps 600] [--threads 2] [--part 1|2|all]
+Run: python bench/bench_train.py [--steps 600] [--threads 2] [--part 1|2|all] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -111,7 +112,7 @@ def claim(dim: int, r: int, steps: int, target: str) -> dict:
 # ---------------------------------------------------------------------------------------------------------- part 2
 
 def worker(method: str, hidden: int, layers: int, r: int, lora_k: int, batch: int, seq: int, steps: int,
-           threads: int) -> None:
+           threads: int, checkpointing: bool = False) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -132,6 +133,9 @@ def worker(method: str, hidden: int, layers: int, r: int, lora_k: int, batch: in
                else LoraConfig(r=lora_k, lora_alpha=2 * lora_k, target_modules=TARGETS))
         model = get_peft_model(model, cfg)
         params, shared = [p for p in model.parameters() if p.requires_grad], []
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
     # storage that exists anyway (weights, buffers, shared bases) is not activation memory
     static = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers(), *shared]}
     opt = torch.optim.AdamW(params, lr=1e-3)
@@ -183,10 +187,13 @@ def main() -> None:
     parser.add_argument("--train-rank", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--part", choices=["1", "2", "all"], default="all")
+    parser.add_argument("--repeats", type=int, default=3, help="part 2 rounds (methods alternate)")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=256)
     args = parser.parse_args()
     if args.worker is not None:
-        m, h, l, r, k, b, s, n, t = args.worker
-        worker(m, int(h), int(l), int(r), int(k), int(b), int(s), int(n), int(t))
+        m, h, l, r, k, b, s, n, t, c = args.worker
+        worker(m, int(h), int(l), int(r), int(k), int(b), int(s), int(n), int(t), c == "1")
         return
 
     import torch
@@ -214,24 +221,34 @@ def part1(args) -> None:
 
 def part2(args) -> None:
     k = lora_rank_for(args.hidden, args.layers, args.train_rank)
-    print(f"\n## Part 2: one training step, Llama h={args.hidden}, {args.layers} layers, 7 projections, "
-          f"batch 4×256, {args.threads} threads")
-    results = {}
-    for method in ("ours", "peft-randlora", "peft-lora"):
-        results[method] = run_worker(__file__, method, str(args.hidden), str(args.layers), str(args.train_rank),
-                                     str(k), "4", "256", "5", str(args.threads))
     names = {"ours": f"randlora-io RandLoRA r={args.train_rank}", "peft-randlora": f"PEFT RandLoRA r={args.train_rank}",
              "peft-lora": f"PEFT LoRA k={k}"}
-    print(f"{'method':28s} {'trainable':>10s} {'step s':>8s} {'saved MiB':>10s} {'peak RSS MiB':>13s}")
-    for method, res in results.items():
-        print(f"{names[method]:28s} {res['trainable']:10d} {res['step_s']:8.3f} {res['saved_mib']:10.1f} "
-              f"{res['peak_rss_mib']:13.0f}")
-    o, p, lo = results["ours"], results["peft-randlora"], results["peft-lora"]
-    print(f"ours vs PEFT RandLoRA: {p['step_s'] / o['step_s']:.2f}x speed, {o['saved_mib'] / p['saved_mib']:.2f} of "
-          f"its saved activations, {o['peak_rss_mib'] / p['peak_rss_mib']:.2f} of its peak RSS")
-    print(f"ours vs PEFT LoRA:     {lo['step_s'] / o['step_s']:.2f}x speed, {o['saved_mib'] / lo['saved_mib']:.2f} of "
-          f"its saved activations, {o['peak_rss_mib'] / lo['peak_rss_mib']:.2f} of its peak RSS")
-    print(json.dumps({"part2": results}))
+    methods = list(names)
+    summary = {}
+    for checkpointing in (False, True):
+        print(f"\n## Part 2: one training step, Llama h={args.hidden}, {args.layers} layers, 7 projections, batch "
+              f"{args.batch}×{args.seq}, {args.threads} threads, gradient checkpointing "
+              f"{'on' if checkpointing else 'off'}, {args.repeats} alternating rounds")
+        runs: dict[str, list[dict]] = {m: [] for m in methods}
+        for round_ in range(args.repeats):
+            order = methods[round_ % len(methods):] + methods[: round_ % len(methods)]
+            for method in order:
+                runs[method].append(run_worker(__file__, method, str(args.hidden), str(args.layers),
+                                               str(args.train_rank), str(k), str(args.batch), str(args.seq), "5",
+                                               str(args.threads), "1" if checkpointing else "0"))
+        print(f"{'method':28s} {'trainable':>10s} {'step s (median)':>16s} {'saved MiB':>10s} {'peak RSS MiB':>13s}")
+        for method in methods:
+            res = runs[method]
+            print(f"{names[method]:28s} {res[0]['trainable']:10d} "
+                  f"{statistics.median(r['step_s'] for r in res):16.3f} {res[0]['saved_mib']:10.1f} "
+                  f"{max(r['peak_rss_mib'] for r in res):13.0f}")
+        for other in ("peft-randlora", "peft-lora"):
+            ratios = [p["step_s"] / o["step_s"] for p, o in zip(runs[other], runs["ours"])]
+            rss = max(r["peak_rss_mib"] for r in runs["ours"]) / max(r["peak_rss_mib"] for r in runs[other])
+            print(f"ours vs {names[other]}: speed ×{min(ratios):.2f} min, ×{statistics.median(ratios):.2f} median; "
+                  f"{rss:.2f} of its peak RSS")
+        summary["checkpointing" if checkpointing else "plain"] = runs
+    print(json.dumps({"part2": summary}))
 
 
 if __name__ == "__main__":

@@ -167,3 +167,17 @@ def test_t5_trains_with_the_wrapper_on_wo():
     model.train()
     model(input_ids=ids, labels=ids).loss.backward()
     assert all(p.grad is not None for p in handle.parameters())
+
+
+def test_unmerge_of_bfloat16_without_the_kept_original_is_within_one_rounding():
+    """merge() (detaching) keeps no copy of half-precision weights; unmerge then subtracts ΔW: W back to within one
+    rounding of the dtype at |W + ΔW| (the documented tolerance), never W + 2ΔW or W − ΔW."""
+    model, handle = trained(dtype=torch.bfloat16)
+    before = {k: layer.base_layer.weight.detach().float().clone() for k, layer in handle.layers.items()}
+    deltas = {k: layer.delta() for k, layer in handle.layers.items()}
+    handle.merge()
+    handle.unmerge()
+    for key, w in before.items():
+        restored = handle.layers[key].base_layer.weight.float()
+        bound = 2.0 ** -7 * torch.maximum((w + deltas[key]).abs(), w.abs())   # bf16: 8 significant bits
+        assert ((restored - w).abs() <= bound).all(), key

@@ -202,8 +202,9 @@ def test_target_modules_narrower_than_the_weights_loads_only_the_targeted_layers
 
 @pytest.mark.parametrize("method", ["randlora", "lora"])
 @pytest.mark.parametrize("changes", [{"layers_to_transform": [1]}, {"layers_to_transform": 0, "layers_pattern": "layers"},
-                                     {"exclude_modules": ["model.layers.0.mlp.gate_proj"]}],
-                         ids=["layers_to_transform", "layers_pattern", "exclude_modules"])
+                                     {"exclude_modules": ["model.layers.0.mlp.gate_proj"]},
+                                     {"target_modules": r".*layers\.1\..*(q_proj|down_proj)"}],
+                         ids=["layers_to_transform", "layers_pattern", "exclude_modules", "regex"])
 def test_layers_to_transform_pattern_and_exclusions_as_peft_loads_them(tmp_path, method, changes):
     base, peft_dir = _llama_dir(tmp_path, method)
     _edit_config(peft_dir, **changes)

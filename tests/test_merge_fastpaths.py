@@ -333,14 +333,15 @@ def test_bf16_precision_measured_against_the_correctly_rounded_result(kind):
 
 
 def test_cpu_merge_bench_smoke(tmp_path):
-    """bench/bench_merge_cpu.py at ``--size small`` (one layer, one ternary kind, PEFT and the int8 side): it builds
-    the checkpoint and both adapters, runs each side in its own process and prints the side-by-side lines."""
+    """bench/bench_merge_cpu.py at ``--size small`` (one layer, one ternary kind, our int8 side only: the PEFT side
+    costs a transformers + peft import, ~3x this test's time): it builds the checkpoint and both adapters, runs the
+    side in its own process and prints its line."""
     script = Path(__file__).resolve().parent.parent / "bench" / "bench_merge_cpu.py"
     proc = subprocess.run([sys.executable, str(script), "--size", "small", "--layers", "1", "--rank", "8",
-                           "--kinds", "sparse", "--sides", "peft,int8", "--workdir", str(tmp_path / "w")],
+                           "--kinds", "sparse", "--sides", "int8", "--workdir", str(tmp_path / "w")],
                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "-- sparse adapter (auto runs: " in proc.stdout
-    assert "PEFT merge_and_unload" in proc.stdout
-    assert "ours --precision int8" in proc.stdout and "x PEFT speed" in proc.stdout, proc.stdout
+    assert "ours --precision int8" in proc.stdout and "peak RSS" in proc.stdout, proc.stdout
+    assert (tmp_path / "w" / "peft-sparse" / "adapter_config.json").is_file()
     assert not list((tmp_path / "w").glob("out-*"))  # each side's output removed after it is measured

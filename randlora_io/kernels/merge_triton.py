@@ -202,12 +202,13 @@ def gpu_configs(capability: int) -> list[triton.Config]:
     """The autotune configs for a GPU of compute capability ``capability`` (80 = A100, 90 = H100/H200) with a
     tensor-core precision, for the layer shapes that matter (M, D from 2048 to 28672, K = r·n ≈ D). Each one is
     compiled for its target in CI (tests/test_kernel_compile.py: it compiles, uses mma/wgmma, does not spill, fits
-    in shared memory); on sm_80 the 128-wide tiles of the 6-MMA ``split`` path spill, so Ampere gets 64-row tiles."""
+    in shared memory); on sm_80 the 128-wide tiles of the 6-MMA ``split`` path spill, so Ampere gets 64-row tiles,
+    and on sm_90 so do 128×256 and 256×128 ones."""
     cfg = triton.Config
     if capability >= 90:
         return [
             cfg({"BLOCK_M": 128, "BLOCK_D": 128, "BLOCK_K": 32}, num_warps=8, num_stages=3),
-            cfg({"BLOCK_M": 128, "BLOCK_D": 256, "BLOCK_K": 32}, num_warps=8, num_stages=3),
+            cfg({"BLOCK_M": 128, "BLOCK_D": 128, "BLOCK_K": 32}, num_warps=8, num_stages=4),
             cfg({"BLOCK_M": 64, "BLOCK_D": 128, "BLOCK_K": 32}, num_warps=4, num_stages=3),
         ]
     return [

@@ -18,6 +18,7 @@ from .base_model import BaseModelInfo, base_info_from_checkpoint, layer_orientat
 from .converters.dense import is_dense_file, read_dense
 from .converters.peft_dir import PeftExtras, is_peft_dir, read_peft_config, read_peft_dir
 from .converters.peft_lora import LoraLayer, read_peft_lora
+from .converters.peft_params import ParamLoraLayer, read_param_layers
 from .converters.peft_randlora import peft_randlora_to_adapter
 from .errors import LayerTypeError, SourceFormatError, UnsafeCheckpointError
 
@@ -78,11 +79,20 @@ class RandloraSource(DeltaSource):
 
 class LoraSource(DeltaSource):
     kind = "peft-lora"
+    # saved module → a target_parameters layer (PEFT ParamWrapper); mapped onto checkpoint keys by keymap.py only
+    param_layers: Mapping[str, ParamLoraLayer] = MappingProxyType({})
+    param_config: Mapping = MappingProxyType({})
 
     def __init__(self, layers: dict[str, LoraLayer], path: str):
         self.layers, self.path = layers, path
 
     def keys(self) -> list[str]:
+        if self.param_layers:
+            first = next(iter(self.param_layers))
+            raise SourceFormatError(
+                f"{self.path}: adapts raw parameters (target_parameters, e.g. layer {first!r}), whose tensors on disk "
+                "depend on the base model (MoE experts are stored per expert): merge it into its base with "
+                "'randlora-io merge BASE ADAPTER', which maps them as transformers saves them")
         return list(self.layers)
 
     def stored_shape(self, key: str) -> tuple[int, int]:
@@ -215,6 +225,7 @@ def open_source(
     if kind == "peft-lora":
         lora_base = base if base is not None else base_info_from_config(path)
         source: DeltaSource = LoraSource(read_peft_lora(peft, lora_base, on_note), str(path))
+        source.param_layers, source.param_config = read_param_layers(peft.tensors, peft.config, str(path)), peft.config
         source.base_copies, source.replacements, source.peft_extras = peft.base_copies, peft.replacements, peft.extras
         return source
     base = base if base is not None else base_info_from_config(path)

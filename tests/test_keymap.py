@@ -79,23 +79,6 @@ def test_unknown_key_without_a_mapping_still_fails_in_one_line(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_moe_target_parameters_adapter_is_refused_naming_the_layer(tmp_path):
-    """PEFT target_parameters on fused experts: the per-expert split is not implemented, so refuse, naming the
-    layer and the reason (before: a misleading "another architecture?")."""
-    from peft import LoraConfig, get_peft_model
-
-    from tiny_models import tiny_mixtral
-
-    tiny_mixtral().save_pretrained(tmp_path / "base")
-    config = LoraConfig(r=4, target_modules=["q_proj"], target_parameters=["mlp.experts.gate_up_proj"],
-                        init_lora_weights=False)
-    get_peft_model(tiny_mixtral(), config).save_pretrained(tmp_path / "adapter")
-    result = run_cli("merge", tmp_path / "base", tmp_path / "adapter", "-o", tmp_path / "out", check=False)
-    assert_one_line_error(result, "model.layers.0.mlp.experts", "target_parameters", "per expert")
-    assert "another architecture" not in result.stderr
-    assert not (tmp_path / "out").exists()
-
-
 def test_lora_on_multihead_attention_is_refused_naming_the_layer(tmp_path):
     """PEFT LoRA on an nn.MultiheadAttention (fused in_proj_weight, nested out_proj): refused with the reason,
     not "another architecture?"."""

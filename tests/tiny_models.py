@@ -137,3 +137,29 @@ def tiny_siglip_vision(seed: int = 0, dtype: torch.dtype = torch.float32):
     config = SiglipVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
                                 image_size=16, patch_size=8)
     return SiglipVisionModel(config).to(dtype).eval()
+
+
+def tiny_qwen2_moe(seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A Qwen2MoeForCausalLM: experts fused in memory (``mlp.experts.gate_up_proj`` (E, 2I, h)), stored per expert
+    on disk (``mlp.experts.N.gate_proj/up_proj/down_proj.weight``), plus a Linear ``mlp.shared_expert``."""
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen2MoeConfig(hidden_size=32, intermediate_size=48, moe_intermediate_size=24,
+                            shared_expert_intermediate_size=40, num_experts=4, num_experts_per_tok=2,
+                            num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, vocab_size=64,
+                            max_position_embeddings=32, tie_word_embeddings=False)
+    return Qwen2MoeForCausalLM(config).to(dtype).eval()
+
+
+def tiny_gpt_oss(seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A GptOssForCausalLM: experts fused and transposed (``is_transposed``: ``mlp.experts.gate_up_proj`` (E, h, 2I)),
+    stored fused on disk too."""
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    torch.manual_seed(seed)
+    config = GptOssConfig(hidden_size=32, intermediate_size=24, num_local_experts=4, num_experts_per_tok=2,
+                          num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                          vocab_size=64, max_position_embeddings=32, tie_word_embeddings=False,
+                          layer_types=["full_attention"], rope_parameters={"rope_type": "default", "rope_theta": 1e4})
+    return GptOssForCausalLM(config).to(dtype).eval()

@@ -104,7 +104,8 @@ def read_peft_dir(path: str | os.PathLike | PeftDir, expected_type: str | None =
         tensors = _load_weights_only(path / PICKLE_WEIGHTS_FILE)
     else:
         raise SourceFormatError(f"{path}: no {WEIGHTS_FILE} next to {CONFIG_FILE}")
-    _refuse_target_parameters(path, config, tensors)
+    if config.get("peft_type") != "LORA":  # LoRA's target_parameters: converters/peft_params.py + keymap.py
+        _refuse_target_parameters(path, config, tensors)
     copies = [k for k in tensors if _is_base_copy(k) and not (_trains_bias(config) and k.endswith(BASE_LAYER + "bias"))]
     base_copies = {base_key_of(k): tensors.pop(k) for k in copies}
     replacements, extra_saved = _split_extras(path, config, tensors)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -19,6 +18,7 @@ from ..base_model import BaseModelInfo, layer_orientations
 from ..errors import AdapterShapeError, LayerTypeError, NonFiniteError, SourceFormatError
 from ..lowrank import LowRank, truncated_svd
 from .peft_dir import PEFT_PREFIX, PeftDir, PeftExtras, module_of, read_peft_dir, weight_key, write_peft_dir
+from .peft_params import param_modules, pattern_value as _pattern_value
 from .peft_targets import targeted_layers
 
 PEFT_TYPE = "LORA"
@@ -43,14 +43,6 @@ class LoraLayer:
     def stored_shape(self) -> tuple[int, int]:
         out_in = (self.up.shape[0], self.down.shape[1])
         return (out_in[1], out_in[0]) if self.fan_in_fan_out else out_in
-
-
-def _pattern_value(patterns: dict, module: str, default):
-    """PEFT's ``get_pattern_key``: the first pattern p with ``(.*\\.)?(p)$`` matching the module path."""
-    for pattern, value in patterns.items():
-        if re.match(rf"(.*\.)?({pattern})$", module):
-            return value
-    return default
 
 
 def read_peft_lora(src: str | os.PathLike | PeftDir, base: BaseModelInfo | None = None,
@@ -79,6 +71,8 @@ def read_peft_lora(src: str | os.PathLike | PeftDir, base: BaseModelInfo | None 
                 break
         else:
             raise SourceFormatError(f"{src}: unsupported tensor {key!r} (only lora_A / lora_B weights of Linear layers)")
+    params = param_modules(cfg, list(parts), str(src))  # target_parameters wrappers: peft_params, keymap
+    parts = {m: ab for m, ab in parts.items() if m not in params}
     fans = _targeted_orientations(src, cfg, list(parts), base, on_note, decide_orientation) if parts else {}
     layers = {}
     for module, ab in parts.items():
@@ -100,7 +94,7 @@ def read_peft_lora(src: str | os.PathLike | PeftDir, base: BaseModelInfo | None 
                                                magnitude=_dora_magnitude(src, module, magnitudes, up.shape[0], cfg))
     for module in set(magnitudes) - set(parts):
         raise SourceFormatError(f"{src}: {module!r} has a lora_magnitude_vector but no lora_A / lora_B")
-    if not layers:
+    if not layers and not params:
         raise SourceFormatError(f"{src}: the adapter holds no lora_A / lora_B tensors")
     return layers
 

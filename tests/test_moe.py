@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import assert_one_line_error, run_cli
-from test_merge import _compare
+from test_merge import _compare, _load_state
 from tiny_models import randomize_trainable, tiny_gpt_oss, tiny_mixtral, tiny_qwen2_moe
 
 EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
@@ -21,7 +21,7 @@ CASES = {
     "mixtral-both": (tiny_mixtral, ["q_proj", "v_proj"], EXPERTS, {}),
     "mixtral-gate_up-rslora": (tiny_mixtral, None, ["mlp.experts.gate_up_proj"], {"use_rslora": True}),
     "qwen2_moe-down-shared": (tiny_qwen2_moe, ["q_proj", "down_proj"], ["mlp.experts.down_proj"],
-                              {"rank_pattern": {"down_proj": 2}}),
+                              {"rank_pattern": {"down_proj": 2}, "bias": "all"}),  # + trained q/k/v biases
     # experts stored (E, in, out) in memory and on disk (is_transposed); a 2-D weight adapted as a raw parameter
     "gpt_oss-transposed": (tiny_gpt_oss, ["q_proj"], EXPERTS, {}),
     "mixtral-2d-param": (tiny_mixtral, ["q_proj"], ["self_attn.o_proj.weight"], {}),
@@ -66,7 +66,8 @@ def test_target_parameters_on_experts_merge_like_peft(tmp_path, case, dtype):
         parts = key.removesuffix(".weight").split(".")
         in_experts = ".experts." in key
         adapted = ((in_experts and parts[-1] in leaves) or ("o_proj" in leaves and parts[-1] == "o_proj")
-                   or (not in_experts and parts[-1] in (targets or [])))
+                   or (not in_experts and parts[-1] in (targets or []))
+                   or (extra.get("bias") == "all" and key.endswith(".bias")))
         assert (key in changed) == adapted, key
     _compare(merged, expected, dtype, base)
     if dtype == torch.float32:
@@ -106,3 +107,16 @@ def test_wrappers_that_disagree_with_target_parameters_are_refused(tmp_path):
     result = run_cli("merge", tmp_path / "base", tmp_path / "adapter", "-o", tmp_path / "out", check=False)
     assert_one_line_error(result, "model.layers.0.mlp.experts", "disagree")
     assert not (tmp_path / "out").exists()
+
+
+def test_experts_split_across_shards_merge_like_peft(tmp_path):
+    """A sharded base: one fused parameter's per-expert tensors lie in several shards, merged shard by shard."""
+    tiny_mixtral().save_pretrained(tmp_path / "base", max_shard_size="16KB")
+    assert len(list((tmp_path / "base").glob("*.safetensors"))) > 3
+    peft_model = _adapter(tiny_mixtral(), ["q_proj"], EXPERTS, {})
+    peft_model.save_pretrained(tmp_path / "adapter")
+    peft_model.merge_and_unload().save_pretrained(tmp_path / "peft_merged")
+    run_cli("merge", tmp_path / "base", tmp_path / "adapter", "-o", tmp_path / "out")
+    expected, merged = _load_state(tmp_path / "peft_merged"), _load_state(tmp_path / "out")
+    assert set(merged) == set(expected)
+    _compare(merged, expected, torch.float32)

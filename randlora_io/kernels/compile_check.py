@@ -111,14 +111,15 @@ def variants(target: int) -> list[Variant]:
 
 
 def _ptxas_stats(ptx: str, target: int) -> dict:
-    """Registers, spill bytes and stack frame of the PTX's kernel, from ``ptxas -v`` of the wheel's ptxas."""
+    """Registers, spill bytes and stack frame of the PTX's kernel, from ``ptxas -v`` of the wheel's ptxas with Triton's
+    flags (used when Triton took the kernel from its cache and ran no ptxas)."""
     from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
 
     with tempfile.TemporaryDirectory() as tmp:
         src = os.path.join(tmp, "k.ptx")
         with open(src, "w") as f:
             f.write(ptx)
-        proc = subprocess.run([get_ptxas(target).path, "-v", "--regAllocOptLevel=2",
+        proc = subprocess.run([get_ptxas(target).path, "-lineinfo", "-v", "--regAllocOptLevel=2",
                                f"--gpu-name={sm_arch_from_capability(target)}", src,
                                "-o", os.path.join(tmp, "k.o")], capture_output=True, text=True, check=True)
     return _parse_ptxas_log(proc.stdout + proc.stderr)

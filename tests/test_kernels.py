@@ -1,8 +1,9 @@
 """The Triton merge kernel against its torch reference, and its in-kernel Philox against the numpy generator, bit for
 bit: on CUDA when a GPU is present, else under TRITON_INTERPRET=1 on CPU tensors (set in conftest).
 
-Tolerances: fp32 W — the kernel and the reference sum the same fp32 products in another order: ≤ 1e-5 relative to
-the update's scale. bf16 W — both add in fp32 and round once, so they may differ only where the fp32 sums straddle a
+Tolerances: fp32 W — the kernel (default ``split`` precision: exact bf16 limb products, float32 accumulation, see
+``randlora_io.kernels.limbs``) and the reference sum the same products in another order: ≤ 1e-5 relative to the
+update's scale. bf16 W — both add in fp32 and round once, so they may differ only where the fp32 sums straddle a
 rounding boundary: at most 1 ulp of the result.
 """
 

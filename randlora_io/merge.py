@@ -24,7 +24,7 @@ import torch
 
 from .adapter import RandloraAdapter
 from .atomic import atomic_directory, check_output_path
-from .base_model import base_info_from_checkpoint
+from .base_model import BaseModelInfo, base_info_from_checkpoint
 from .distributed import Processes, share_out
 from .checkpoint import INDEX_FILE, Checkpoint, absent_weight_hint, check_base_copies, open_checkpoint
 from .fingerprint import check_fingerprint
@@ -281,7 +281,9 @@ def merge_into_state_dict(
     elif isinstance(adapter, DeltaSource):
         source = adapter
     else:
-        source = open_source(adapter, base_shapes={k: tuple(v.shape) for k, v in state_dict.items()})
+        source = open_source(adapter, base=BaseModelInfo(  # dtypes: PEFT casts RandLoRA bases to the weights' dtype
+            shapes={k: tuple(v.shape) for k, v in state_dict.items()},
+            dtypes={k: v.dtype for k, v in state_dict.items() if v.is_floating_point()}))
     source = for_checkpoint(source, state_dict.keys())  # plans the tensors it replaces (modules_to_save, biases)
     out = dict(state_dict)
     for key in source.keys():

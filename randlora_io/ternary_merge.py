@@ -76,11 +76,15 @@ class TernaryBasis:
     csr: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict, repr=False)
 
     def csr_slice(self, M: int, K: int) -> torch.Tensor:
-        """``c · b[:M, :K]`` as a float32 sparse CSR matrix (built once per shape)."""
+        """``c · b[:M, :K]`` as a float32 sparse CSR matrix (built once per shape, from the int8 ``b``: no dense float32
+        copy of the slice is ever made)."""
         if (M, K) not in self.csr:
             with warnings.catch_warnings():  # torch calls CSR support "beta"; the product is tested against float64
                 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-                self.csr[(M, K)] = (self.b[:M, :K].to(torch.float32) * self.c).to_sparse_csr()
+                signs = self.b[:M, :K].to_sparse_csr()
+                self.csr[(M, K)] = torch.sparse_csr_tensor(signs.crow_indices(), signs.col_indices(),
+                                                           signs.values().to(torch.float32) * self.c, size=(M, K),
+                                                           check_invariants=False)  # torch's own indices
         return self.csr[(M, K)]
 
 

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from .adapter import RandloraAdapter
+from .base_model import BaseModelInfo
 from .checkpoint import absent_weight_hint
 from .errors import AdapterStateError, BaseModelMismatchError, NonFiniteError
 from .keymap import for_checkpoint
@@ -135,8 +136,10 @@ def _source(adapter: AdapterArg, state: dict[str, torch.Tensor]) -> DeltaSource:
         source: DeltaSource = RandloraSource(adapter)
     elif isinstance(adapter, DeltaSource):
         source = adapter
-    else:
-        source = open_source(adapter, base_shapes={k: tuple(v.shape) for k, v in state.items()})
+    else:  # as merge_into_state_dict opens it: PEFT casts RandLoRA bases to the weights' dtype
+        source = open_source(adapter, base=BaseModelInfo(
+            shapes={k: tuple(v.shape) for k, v in state.items()},
+            dtypes={k: v.dtype for k, v in state.items() if v.is_floating_point()}))
     return for_checkpoint(source, state.keys())
 
 

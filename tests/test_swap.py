@@ -206,3 +206,17 @@ def test_backups_are_compact_and_exact_whatever_the_update_size(tmp_path):
         remove_adapter(model, tmp_path / "big.safetensors")   # by path, as it was applied
 
         assert_state_equal(model, original)
+
+
+def test_a_peft_dir_applied_by_path_equals_merge_into_state_dict_by_path(tmp_path):
+    """Opened from a path, the adapter is read as ``merge_into_state_dict`` reads it: PEFT casts its (sparse) bases to
+    the weights' dtype, so a bf16 model must get the bf16-rounded bases, bit for bit the same result."""
+    peft_dir = tmp_path / "peft-sparse"
+    peft_randlora(tiny_llama(), r=4, seed=2, sparse=True).save_pretrained(peft_dir)
+    model = tiny_llama(dtype=torch.bfloat16)
+    original = snapshot(model)
+    expected = merge_into_state_dict(model.state_dict(), peft_dir)
+    apply_adapter(model, peft_dir)
+    assert_state_equal(model, expected)
+    remove_adapter(model, peft_dir)
+    assert_state_equal(model, original)

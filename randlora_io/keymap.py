@@ -195,12 +195,16 @@ def _loaded_names(root: str, checkpoint_keys: tuple[str, ...]) -> dict[str, list
 
 
 def _meta_model(root: Path):
-    """Cached :func:`_build_meta_model` (the model is read, never changed)."""
-    return _cached_meta_model(str(root))
+    """:func:`_build_meta_model`, cached per directory and config.json state (the model is read, never changed)."""
+    try:
+        stat = (root / "config.json").stat()
+    except OSError:
+        return None
+    return _cached_meta_model(str(root), stat.st_mtime_ns, stat.st_size)
 
 
 @functools.lru_cache(maxsize=2)
-def _cached_meta_model(root: str):
+def _cached_meta_model(root: str, _mtime_ns: int, _size: int):
     return _build_meta_model(Path(root))
 
 

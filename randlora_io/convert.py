@@ -19,6 +19,7 @@ from .adapter import RandloraAdapter, build_adapter, peft_shared_dims, write_ada
 from .atomic import check_output_path
 from .base_model import BaseModelInfo, base_info_from_checkpoint, layer_orientations
 from .basis import generate_bases
+from .budget import check_layer_budget
 from .checkpoint import check_base_copies, open_checkpoint
 from .converters.dense import write_dense
 from .converters.peft_lora import lora_factors, write_peft_lora
@@ -93,7 +94,7 @@ def fit_adapter(source: DeltaSource, rank: int, seed: int, generator: str = "phi
     else:
         gen = GeneratorSpec(name="peft", kind=kind, seed=seed, draw_dtype="bfloat16" if kind == "dense" else "float32")
     alpha = float(alpha if alpha is not None else 2 * rank)
-    bases = generate_bases(gen, rank, min_dim, max_dim)
+    bases = generate_bases(gen, rank, min_dim, max_dim, source=source.path)  # a budget refusal names the file
     scaling = alpha / rank * normalisation(gen)
     lambdas, gammas = {}, {}
     for key in progress_bar(progress, iterable=keys, desc="fit", unit="layer"):
@@ -179,6 +180,7 @@ def convert(
     if base is not None:  # no output format carries PEFT's copies of base weights: they must equal BASE's
         check_base_copies(ckpt, str(src_p), source.base_copies)
     check_extras_fit(source, to)
+    check_layer_budget(str(src_p), ((k, source.stored_shape(k)) for k in source.keys()))  # before any ΔW exists
 
     if isinstance(source, DenseSource) and base_info is not None:
         source.fans = _dense_orientations(source, base_info)
@@ -195,14 +197,14 @@ def convert(
             raise ConversionError(f"{src}: fit error {report.overall_error:.4g} exceeds --max-error {max_error}; "
                                   "raise --rank or the bound")
         if to == "randlora":
-            write_adapter(adapter, dst_p)
+            write_adapter(adapter, dst_p, overwrite=overwrite)
         else:
             adapter_to_peft_randlora(adapter, dst_p, save_projection=save_projection,
                                      shared_projection_only=shared_projection_only, overwrite=overwrite,
                                      extras=source.peft_extras)
         report.params_out = adapter.trainable_parameters()
     elif to == "dense":
-        write_dense(source, dst_p, progress=progress)
+        write_dense(source, dst_p, progress=progress, overwrite=overwrite)
         report.errors = {k: 0.0 for k in source.keys()}
         report.params_out = sum(math.prod(source.stored_shape(k)) for k in source.keys())
     else:

@@ -153,7 +153,9 @@ def split_limbs(S: torch.Tensor, out: torch.Tensor | None = None) -> tuple[torch
     L0 is exact (S scaled by a power of two, rounded; the residual Q − round(Q) is exact in float32); each later
     limb's ``residual · 254`` is rounded once (relative 2^−24, far below the last limb's half unit)."""
     K, D = S.shape
-    colmax = S.abs().amax(dim=0)
+    colmax = torch.zeros(D, dtype=S.dtype, device=S.device)
+    for start in range(0, K, _SPLIT_ROWS):  # no |S| temporary of S's size
+        torch.maximum(colmax, S[start: start + _SPLIT_ROWS].abs().amax(dim=0), out=colmax)
     _, E = torch.frexp(colmax)  # colmax ∈ [2^(E−1), 2^E); E = 0 for an all-zero column
     E = E.to(torch.int32)
     # unit 2^(E−7) puts colmax in [64, 128); where it would round to 128, take the next unit up

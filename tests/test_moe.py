@@ -19,7 +19,8 @@ EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 CASES = {
     # (model, target_modules, target_parameters, extra LoraConfig kwargs)
     "mixtral-both": (tiny_mixtral, ["q_proj", "v_proj"], EXPERTS, {}),
-    "mixtral-gate_up-rslora": (tiny_mixtral, None, ["mlp.experts.gate_up_proj"], {"use_rslora": True}),
+    # a bare parameter name, matched as PEFT does (any module's parameter of that name)
+    "mixtral-gate_up-rslora": (tiny_mixtral, None, ["gate_up_proj"], {"use_rslora": True}),
     "qwen2_moe-down-shared": (tiny_qwen2_moe, ["q_proj", "down_proj"], ["mlp.experts.down_proj"],
                               {"rank_pattern": {"down_proj": 2}, "bias": "all"}),  # + trained q/k/v biases
     # experts stored (E, in, out) in memory and on disk (is_transposed); a 2-D weight adapted as a raw parameter

@@ -269,6 +269,22 @@ def _copy_side_files(ckpt: Checkpoint, dst: Path, out_dtype: torch.dtype | None)
         config.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 
 
+def source_for_state_dict(adapter: RandloraAdapter | DeltaSource | str | os.PathLike,
+                          state_dict: Mapping[str, torch.Tensor]) -> DeltaSource:
+    """``adapter`` (an adapter object, a source, or a path) as a source in ``state_dict``'s key names, opened as PEFT
+    loads it onto those weights (their shapes and dtypes: PEFT casts RandLoRA bases to the weights' dtype); it also
+    lists the tensors the adapter replaces (modules_to_save, trained biases)."""
+    if isinstance(adapter, RandloraAdapter):
+        source: DeltaSource = RandloraSource(adapter)
+    elif isinstance(adapter, DeltaSource):
+        source = adapter
+    else:
+        source = open_source(adapter, base=BaseModelInfo(
+            shapes={k: tuple(v.shape) for k, v in state_dict.items()},
+            dtypes={k: v.dtype for k, v in state_dict.items() if v.is_floating_point()}))
+    return for_checkpoint(source, state_dict.keys())
+
+
 def merge_into_state_dict(
     state_dict: Mapping[str, torch.Tensor] | dict[str, torch.Tensor],
     adapter: RandloraAdapter | DeltaSource | str | os.PathLike,
@@ -276,15 +292,7 @@ def merge_into_state_dict(
 ) -> dict[str, torch.Tensor]:
     """In-memory merge for training code: returns a new dict with ``W + weight·ΔW`` (float32 add, one rounding)
     for every adapter key; other tensors are passed through. Raises if a key is missing or a shape differs."""
-    if isinstance(adapter, RandloraAdapter):
-        source: DeltaSource = RandloraSource(adapter)
-    elif isinstance(adapter, DeltaSource):
-        source = adapter
-    else:
-        source = open_source(adapter, base=BaseModelInfo(  # dtypes: PEFT casts RandLoRA bases to the weights' dtype
-            shapes={k: tuple(v.shape) for k, v in state_dict.items()},
-            dtypes={k: v.dtype for k, v in state_dict.items() if v.is_floating_point()}))
-    source = for_checkpoint(source, state_dict.keys())  # plans the tensors it replaces (modules_to_save, biases)
+    source = source_for_state_dict(adapter, state_dict)
     out = dict(state_dict)
     for key in source.keys():
         if key not in out:

@@ -30,13 +30,12 @@ import torch
 from torch import nn
 
 from .adapter import RandloraAdapter
-from .base_model import BaseModelInfo
 from .checkpoint import absent_weight_hint
 from .errors import AdapterStateError, BaseModelMismatchError, NonFiniteError
-from .keymap import for_checkpoint
+from .merge import source_for_state_dict
 from .merge_layer import add_delta_, all_finite
 from .merge_terms import apply_term_
-from .sources import DeltaSource, RandloraSource, open_source
+from .sources import DeltaSource, RandloraSource
 
 _APPLIED = "_randlora_io_applied"  # attribute on the model: the list of applied adapters, oldest first
 
@@ -131,16 +130,8 @@ def _same(a: AdapterArg, b: AdapterArg) -> bool:
 
 
 def _source(adapter: AdapterArg, state: dict[str, torch.Tensor]) -> DeltaSource:
-    """The adapter as a DeltaSource in the model's state-dict key names (as ``merge_into_state_dict`` opens it)."""
-    if isinstance(adapter, RandloraAdapter):
-        source: DeltaSource = RandloraSource(adapter)
-    elif isinstance(adapter, DeltaSource):
-        source = adapter
-    else:  # as merge_into_state_dict opens it: PEFT casts RandLoRA bases to the weights' dtype
-        source = open_source(adapter, base=BaseModelInfo(
-            shapes={k: tuple(v.shape) for k, v in state.items()},
-            dtypes={k: v.dtype for k, v in state.items() if v.is_floating_point()}))
-    return for_checkpoint(source, state.keys())
+    """The adapter as a DeltaSource in the model's state-dict key names, opened as ``merge_into_state_dict`` does."""
+    return source_for_state_dict(adapter, state)
 
 
 def _storage(t: torch.Tensor) -> tuple:

@@ -66,7 +66,7 @@ def add_delta_(weight32: torch.Tensor, source: DeltaSource, key: str, alpha: flo
 
 
 def _add_ternary_(target: torch.Tensor, B_full: torch.Tensor, S: torch.Tensor, scale: float, workspace: Workspace,
-                  precision: str, path: object) -> bool:
+                  precision: str, source_path: object) -> bool:
     """The ``auto`` / ``int8`` choice for one layer (target (M, D) fp32, S (K, D) fp32, B_full the model-wide bases):
     adds ΔW and returns True when a ternary fast path ran; False leaves the float32 ``addmm_`` to the caller
     (dense bases under ``auto``, and a non-finite S, which the float path carries to the merge's finite check)."""
@@ -80,17 +80,17 @@ def _add_ternary_(target: torch.Tensor, B_full: torch.Tensor, S: torch.Tensor, s
     basis = ternary_basis(B_full)
     if basis is None:
         if precision == "int8":
-            raise UnsupportedPrecisionError(f"{path}: --precision int8 needs ternary bases (a sparse or very_sparse "
-                                            "adapter); these are dense: use --precision auto, fp32 or bf16")
-        return False
-    if not all_finite(S):
+            raise UnsupportedPrecisionError(f"{source_path}: --precision int8 needs ternary bases (a sparse or "
+                                            "very_sparse adapter); these are dense: use --precision auto, fp32 or bf16")
         return False
     path = "int8" if precision == "int8" else auto_path(basis)
+    if path == "fp32" or not all_finite(S):
+        return False
     if path == "csr":
         add_ternary_csr_(target, basis, S, scale)
-    elif path == "int8":
+    else:
         add_ternary_int8_(target, basis, S, scale, workspace)
-    return path != "fp32"
+    return True
 
 
 def _addmm_bf16_(target: torch.Tensor, B: torch.Tensor, S: torch.Tensor, scale: float, workspace: Workspace) -> None:

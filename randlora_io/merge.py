@@ -144,6 +144,8 @@ def _prepare(base, adapters, out, weights, device, dtype, overwrite, precision, 
     if dtype not in OUT_DTYPES:
         raise SourceFormatError(f"--dtype must be one of {', '.join(OUT_DTYPES)}")
     dev = resolve_device(device, procs.local_rank if procs.shared else None)
+    if precision == "int8" and dev.type != "cpu":
+        raise SourceFormatError("--precision int8 is a CPU path; on CUDA use --precision auto (the Triton kernel)")
     ckpt = open_checkpoint(base_p)
     sources = _open_sources(ckpt, adapters, peft_draw_dtype, on_note)
     plan = plan_merge(ckpt, sources)
@@ -170,7 +172,7 @@ def merge(
     check_finite: bool = True,
     progress: bool = False,
     kernel: str = "auto",
-    precision: str = "fp32",
+    precision: str = "auto",
     check_base_fingerprint: bool = True,
     peft_draw_dtype: str | None = None,
     on_note: Callable[[str], None] | None = None,
@@ -180,7 +182,9 @@ def merge(
     ``kernel``: ``auto`` uses the Triton kernel for RandLoRA layers on CUDA and ``addmm_`` on CPU; ``triton`` or
     ``torch`` forces one (``triton`` on CPU needs ``TRITON_INTERPRET=1`` and is for testing).
 
-    ``precision``: ``fp32`` (default; the spec's numerics) or ``bf16`` (opt-in fast CPU path, see :func:`add_delta_`).
+    ``precision`` (see :func:`add_delta_`): ``auto`` (default: the fastest float32-class path, a sparse × dense
+    product for very sparse bases, exact int8 limbs for ternary bases on AMX CPUs, else fp32), ``fp32`` (the float32
+    GEMM every other path is tested against), ``int8`` (ternary bases, CPU) or ``bf16`` (opt-in, ΔW rounded to bf16).
 
     ``subtract`` removes the same adapters (unmerge). BASE is only read; OUT appears only if everything succeeded.
     OUT may not be, contain or lie inside BASE or an adapter. ``check_base_fingerprint``: an adapter that records the

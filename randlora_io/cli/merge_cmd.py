@@ -22,9 +22,11 @@ def _options(func):
         click.option("--overwrite", is_flag=True, help="Replace an existing OUT."),
         click.option("--kernel", type=click.Choice(["auto", "triton", "torch"]), default="auto", show_default=True,
                      help="RandLoRA merge path: the Triton kernel (CUDA) or torch addmm (CPU)."),
-        click.option("--precision", type=click.Choice(list(PRECISIONS)), default="fp32", show_default=True,
-                     help="ΔW arithmetic: fp32 (exact to float32), or bf16 (a bf16 GEMM, about 2x faster on CPUs "
-                          "with bf16 units; ΔW rounded to bf16 as PEFT does)."),
+        click.option("--precision", type=click.Choice(list(PRECISIONS)), default="auto", show_default=True,
+                     help="ΔW arithmetic: auto (the fastest float32-class path: a sparse x dense product for very "
+                          "sparse bases, exact int8 limbs for ternary bases on AMX CPUs, else fp32), fp32 (the "
+                          "float32 GEMM the others are tested against), int8 (ternary bases, CPU), or bf16 (opt-in: "
+                          "a bf16 GEMM, ΔW rounded to bf16 as PEFT does)."),
         click.option("--ignore-base-fingerprint", is_flag=True,
                      help="Merge even when the adapter records a base fingerprint that BASE does not match."),
         peft_draw_dtype_option,

@@ -108,7 +108,7 @@ def test_cli_train_under_torchrun_equals_one_process_with_the_whole_batch(llama_
     from test_train_cli import pattern_data
 
     data = pattern_data(tmp_path / "d.jsonl")
-    args = ["train", str(llama_dir), str(data), "--steps", "3", "--seq-len", "16"]   # (torchrun takes --r as its own)
+    args = ["train", str(llama_dir), str(data), "--basis-rank", "4", "--steps", "3", "--seq-len", "16"]
     result = torchrun("-m", "randlora_io", *args, "-o", str(tmp_path / "ddp.safetensors"), "--batch-size", "2",
                       cwd=tmp_path)
     assert result.stdout.count("trained 3 steps") == 1, result.stdout        # one summary for the job

@@ -15,7 +15,8 @@ from .errors import handle_errors
 @click.argument("base", type=click.Path(path_type=Path))
 @click.argument("data", type=click.Path(path_type=Path))
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="The randlora file to write.")
-@click.option("--r", "rank", type=click.IntRange(min=1), default=8, show_default=True, help="Rank of each basis.")
+@click.option("--r", "--basis-rank", "rank", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Rank of each basis (--basis-rank under torchrun, which takes --r for its own options).")
 @click.option("--alpha", type=click.FloatRange(min=0, min_open=True), help="Scaling numerator (default 20·r).")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=5e-3, show_default=True)
 @click.option("--steps", type=click.IntRange(min=1), default=100, show_default=True, help="Optimizer steps.")

@@ -12,6 +12,7 @@ from .adapter import read_adapter
 from .converters.dense import read_dense
 from .converters.peft_dir import read_peft_dir
 from .converters.peft_lora import read_peft_lora
+from .converters.peft_params import read_param_layers
 from .converters.peft_randlora import PEFT_TYPE, peft_kind, peft_scale_tensors
 from .disk import path_bytes
 from .errors import NonFiniteError
@@ -49,8 +50,11 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
         info["layers"] = [_layer_row(k, None, lam.shape[0], lam.shape[1], [lam, gam])
                           for k, (lam, gam) in peft_scale_tensors(peft).items()]
     elif kind == "peft-lora":
-        layers = read_peft_lora(path, base_info_from_config(path), decide_orientation=False)
+        peft = read_peft_dir(path, expected_type="LORA")  # read once, for both kinds of layer
+        layers = read_peft_lora(peft, base_info_from_config(path), decide_orientation=False)
         info["layers"] = [_layer_row(k, l.stored_shape, l.down.shape[0], None, [l.down, l.up]) for k, l in layers.items()]
+        for module, p in read_param_layers(peft.tensors, peft.config, str(path)).items():  # target_parameters
+            info["layers"].append(_layer_row(module, None, p.down.shape[0], None, [p.down, p.up]))
     else:
         deltas = read_dense(path)
         info["layers"] = [_layer_row(k, d.shape, min(d.shape), None, [d]) for k, d in deltas.items()]
@@ -81,4 +85,9 @@ def validate(path: str | os.PathLike) -> str:
                 raise NonFiniteError(f"{path}: {key!r} scales contain NaN or Inf")
         return "PEFT RandLoRA dir (shapes vs base not checked: base model not available locally)"
     source = open_source(path)
+    params = getattr(source, "param_layers", None)
+    if params:  # target_parameters wrappers: their checkpoint tensors depend on the base (resolved by `merge`)
+        layers = getattr(source, "layers", {})
+        return (f"{kind}, {len(layers)} layers and {len(params)} target_parameters wrappers (mapped onto a base's "
+                "tensors by merge)")
     return f"{kind}, {len(source.keys())} layers"

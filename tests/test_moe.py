@@ -121,3 +121,21 @@ def test_experts_split_across_shards_merge_like_peft(tmp_path):
     expected, merged = _load_state(tmp_path / "peft_merged"), _load_state(tmp_path / "out")
     assert set(merged) == set(expected)
     _compare(merged, expected, torch.float32)
+
+
+def test_inspect_and_validate_list_target_parameters_wrappers(tmp_path):
+    """inspect counts the expert wrappers' parameters and validate accepts the dir (both refused or under-reported
+    them: validate raised 'adapts raw parameters')."""
+    from conftest import run_cli
+    from peft import LoraConfig, get_peft_model
+    from tiny_models import tiny_mixtral
+
+    model = get_peft_model(tiny_mixtral(), LoraConfig(r=2, target_parameters=["mlp.experts.down_proj"],
+                                                      init_lora_weights=False))
+    model.save_pretrained(tmp_path / "moe")
+    trainable = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    import json
+
+    info = json.loads(run_cli("inspect", tmp_path / "moe", "--json").stdout)
+    assert info["trainable_params"] == trainable
+    assert "target_parameters" in run_cli("validate", tmp_path / "moe").stdout

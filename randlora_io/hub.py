@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Iterator
 
 from .errors import HubError, OutputExistsError, RandloraError, SourceFormatError
-from .safetensors_io import atomic_directory
+from .atomic import atomic_directory
 
 HUB_PREFIX = "hub:"
 CARD_NAME = "README.md"

@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .atomic import atomic_directory, atomic_file  # noqa: F401 - re-exported: writers import them from here
+from .atomic import atomic_file
 from .errors import SafetensorsFormatError
 
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit (SPEC §1): safe_open refuses one byte more

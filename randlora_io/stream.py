@@ -20,7 +20,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 
 from .errors import NonFiniteError, SafetensorsFormatError
-from .safetensors_io import DTYPE_SIZES, SafetensorsHeader, atomic_file
+from .atomic import atomic_file
+from .safetensors_io import DTYPE_SIZES, SafetensorsHeader
 from .shard_writer import SequentialWriter, read_exact
 
 TORCH_DTYPE_OF = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,

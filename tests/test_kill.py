@@ -4,7 +4,6 @@ complete, and a re-run succeeds and leaves no temp folder behind."""
 from __future__ import annotations
 
 import hashlib
-import os
 import random
 import signal
 import subprocess

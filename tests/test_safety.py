@@ -225,7 +225,6 @@ def test_dtype_float16_never_turns_an_untouched_tensor_into_inf(models, tmp_path
 
 def test_convert_to_dense_never_writes_inf(tmp_path):
     from randlora_io.adapter import read_adapter, write_adapter
-    from randlora_io.converters.dense import write_dense  # noqa: F401 - the writer under test
 
     path = tmp_path / "a.safetensors"
     peft_randlora(tiny_llama(), r=6, seed=3).save_pretrained(tmp_path / "peft")

@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 from conftest import assert_one_line_error, run_cli
+from test_train import write_pattern_data
 
 from randlora_io.adapter import read_adapter
 from randlora_io.train import RandloraConfig
@@ -16,12 +17,8 @@ from randlora_io.train.loop import train_causal_lm
 
 
 def pattern_data(path, rows=24, length=40, vocab=50):
-    gen = torch.Generator().manual_seed(0)
-    with open(path, "w") as fh:
-        for _ in range(rows):
-            start = int(torch.randint(0, 10, (1,), generator=gen))
-            fh.write(json.dumps({"input_ids": [(start + 3 * j) % vocab for j in range(length)]}) + "\n")
-    return path
+    """JSONL rows of arithmetic token patterns (test_train's data, 24 rows by default)."""
+    return write_pattern_data(path, rows=rows, length=length, vocab=vocab)
 
 
 def word_tokenizer(directory, chat_template=None):

@@ -5,24 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_train import logits, randomise  # shared helpers
 from tiny_models import tiny_gpt2, tiny_llama
 
 from randlora_io.errors import AdapterStateError, HeaderError
 from randlora_io.train import RandloraConfig, attach
-
-IDS = torch.randint(0, 90, (2, 11), generator=torch.Generator().manual_seed(0))
-
-
-def logits(model, ids=IDS):
-    with torch.no_grad():
-        return model(ids).logits
-
-
-def randomise(handle, seed=0, scale=0.05):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in handle.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * scale)
 
 
 def weights(model):

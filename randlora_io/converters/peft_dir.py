@@ -16,7 +16,8 @@ import torch
 from ..archive_guard import check_archive_size
 from ..errors import SourceFormatError, UnsafeCheckpointError
 from .peft_config import check_peft_config
-from ..safetensors_io import atomic_directory, load_tensors
+from ..atomic import atomic_directory
+from ..safetensors_io import load_tensors
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"

@@ -481,3 +481,15 @@ def test_two_adapters_replacing_the_same_head_are_refused(tmp_path):
     result = run_cli("merge", tmp_path / "base", tmp_path / "a", tmp_path / "b", "-o", tmp_path / "out", check=False)
     assert_one_line_error(result, "score", "and so does")
     assert not (tmp_path / "out").exists()
+
+
+def test_train_out_inside_the_base_or_onto_the_data_is_refused(llama_dir, tmp_path):
+    from test_train import write_pattern_data
+
+    data = write_pattern_data(tmp_path / "d.jsonl", rows=4)
+    before = _digest(llama_dir), data.read_bytes()
+    for out in (llama_dir / "model.safetensors", llama_dir / "adapter.safetensors", data):
+        result = run_cli("train", llama_dir, data, "-o", out, "--steps", "1", "--seq-len", "16", "--overwrite",
+                         check=False)
+        assert_one_line_error(result, "input")
+    assert (_digest(llama_dir), data.read_bytes()) == before

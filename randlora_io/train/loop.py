@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from ..atomic import check_output_path
 from ..errors import OutputExistsError, SourceFormatError
 from ..progress import progress_bar
 from .attach import AttachHandle, attach
@@ -229,6 +230,7 @@ def train_causal_lm(
         raise TypeError(f"unknown training options: {', '.join(sorted(unknown))}")
     options = replace(options or TrainOptions(), **overrides)
     out = Path(out)
+    check_output_path(out, [base, data])  # never over (or inside) the base model or the training data
     if out.exists() and not overwrite:
         raise OutputExistsError(f"{out}: output exists; pass --overwrite to replace it")
     config = config or RandloraConfig()

@@ -216,7 +216,8 @@ def test_cli_train_bad_inputs_are_one_line(llama_dir, tmp_path):
     big = tmp_path / "big.jsonl"
     big.write_text('{"input_ids": [1, 2, 99999]}\n')
     assert_one_line_error(run_cli("train", llama_dir, big, "-o", out, check=False), "vocabulary")
-    assert_one_line_error(run_cli("train", tmp_path, data, "-o", out, check=False), "config.json")
+    (tmp_path / "no_model").mkdir()  # a base dir without config.json (OUT beside it, not inside: that is refused)
+    assert_one_line_error(run_cli("train", tmp_path / "no_model", data, "-o", out, check=False), "config.json")
     out.write_bytes(b"keep")
     assert_one_line_error(run_cli("train", llama_dir, data, "-o", out, check=False), "exists")
     assert out.read_bytes() == b"keep"

@@ -149,7 +149,7 @@ def _prepare(base, adapters, out, weights, device, dtype, overwrite, precision, 
     ckpt = open_checkpoint(base_p)
     sources = _open_sources(ckpt, adapters, peft_draw_dtype, on_note)
     plan = plan_merge(ckpt, sources)
-    if check_base_fingerprint:
+    if check_base_fingerprint and procs.rank == 0:  # reads every targeted weight: once per job, not per rank
         for source in sources:
             check_fingerprint(ckpt, source)
     for source in sources:  # generate (and checksum-verify) each adapter's shared bases once, before writing

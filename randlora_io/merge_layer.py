@@ -32,16 +32,15 @@ def add_delta_(weight32: torch.Tensor, source: DeltaSource, key: str, alpha: flo
 
     - ``"fp32"``: exactly the above (float32 ``addmm_``); the reference every other path is tested against.
     - ``"auto"`` (default): on the CPU, ternary bases (sparse / very_sparse kinds, ``B = c·b``) take the fastest path
-      of float32 class (:mod:`randlora_io.ternary_merge`): a CSR product for very sparse bases (density ≤ 1/28), the
-      exact int8-limb GEMMs on CPUs with AMX int8, else the float32 ``addmm_``; dense bases and CUDA as ``"fp32"``.
+      of float32 class (:mod:`randlora_io.ternary_merge`): the grouped sparse product for very sparse bases (density
+      ≤ 1/28), the exact int8-limb GEMMs on CPUs with fast int8 (AMX or AVX-512 VNNI), else the float32 ``addmm_``;
+      dense bases and CUDA as ``"fp32"``.
     - ``"int8"``: the int8-limb GEMMs (ternary bases only; CPU only): ΔW within
       ``|s·c|·nnz·2^e·0.51/254² + 5·2⁻²⁴·|ΔW|`` of the exact product (see ``ternary_merge``), any CPU.
     - ``"bf16"`` (opt-in, any device, torch path): B and S rounded to bf16, one bf16 GEMM with fp32
       accumulation, ΔW rounded to bf16 (as PEFT does for bf16 models), then added in float32. Error ≈ 2⁻⁸ of |ΔW|.
     """
     if isinstance(source, RandloraSource):
-        from .delta import scaled_A
-
         adapter = source.adapter
         layer = adapter.layers[key]
         bases = adapter.bases(weight32.device)
@@ -54,23 +53,31 @@ def add_delta_(weight32: torch.Tensor, source: DeltaSource, key: str, alpha: flo
         A, B = bases.for_layer(layer.min_dim, layer.max_dim, layer.num_bases)
         lam, gam = adapter.lambdas[key].to(weight32.device), adapter.gammas[key].to(weight32.device)
         workspace = workspace or Workspace()
-        S = scaled_A(lam, A, gam, out=workspace.take("S", (*lam.shape, A.shape[1]), torch.float32, A.device))
         stored_is_md = (layer.in_features == layer.min_dim) != layer.fan_in_fan_out
         target = weight32 if stored_is_md else weight32.T
         if precision == "bf16":
-            _addmm_bf16_(target, B, S, scale, workspace)
-        elif precision == "fp32" or not _add_ternary_(target, bases.B, S, scale, workspace, precision, source.path):
-            target.addmm_(B, S, alpha=scale)
+            _addmm_bf16_(target, B, _scaled(lam, A, gam, workspace), scale, workspace)
+        elif precision == "fp32" or not _add_ternary_(target, bases.B, lam, A, gam, scale, workspace, precision,
+                                                      source.path):
+            target.addmm_(B, _scaled(lam, A, gam, workspace), alpha=scale)
     else:
         weight32.add_(source.delta(key, weight32.device), alpha=alpha)
 
 
-def _add_ternary_(target: torch.Tensor, B_full: torch.Tensor, S: torch.Tensor, scale: float, workspace: Workspace,
-                  precision: str, source_path: object) -> bool:
-    """The ``auto`` / ``int8`` choice for one layer (target (M, D) fp32, S (K, D) fp32, B_full the model-wide bases):
-    adds ΔW and returns True when a ternary fast path ran; False leaves the float32 ``addmm_`` to the caller
-    (dense bases under ``auto``, and a non-finite S, which the float path carries to the merge's finite check)."""
-    from .ternary_merge import add_ternary_csr_, add_ternary_int8_, auto_path, ternary_basis
+def _scaled(lam: torch.Tensor, A: torch.Tensor, gam: torch.Tensor, workspace: Workspace) -> torch.Tensor:
+    """S = λ ⊗ A ⊗ γ (r·n, D) float32 in the workspace (``delta.scaled_A``)."""
+    from .delta import scaled_A
+
+    return scaled_A(lam, A, gam, out=workspace.take("S", (*lam.shape, A.shape[1]), torch.float32, A.device))
+
+
+def _add_ternary_(target: torch.Tensor, B_full: torch.Tensor, lam: torch.Tensor, A: torch.Tensor,
+                  gam: torch.Tensor, scale: float, workspace: Workspace, precision: str, source_path: object) -> bool:
+    """The ``auto`` / ``int8`` choice for one layer (target (M, D) fp32; λ (r, n), A (r, D), γ (n, D); B_full the
+    model-wide bases): adds ΔW and returns True when a ternary fast path ran; False leaves the float32 ``addmm_`` to
+    the caller (dense bases under ``auto``, and non-finite scales, which the float path carries to the merge's
+    finite check)."""
+    from .ternary_merge import add_ternary_int8_, add_ternary_sparse_, auto_path, ternary_basis
 
     if target.is_cuda:
         if precision == "int8":
@@ -84,12 +91,14 @@ def _add_ternary_(target: torch.Tensor, B_full: torch.Tensor, S: torch.Tensor, s
                                             "very_sparse adapter); these are dense: use --precision auto, fp32 or bf16")
         return False
     path = "int8" if precision == "int8" else auto_path(basis)
-    if path == "fp32" or not all_finite(S):
+    if path == "sparse":
+        return add_ternary_sparse_(target, basis, lam, A, gam, scale)
+    if path == "fp32":
         return False
-    if path == "csr":
-        add_ternary_csr_(target, basis, S, scale)
-    else:
-        add_ternary_int8_(target, basis, S, scale, workspace)
+    S = _scaled(lam, A, gam, workspace)
+    if not all_finite(S):
+        return False
+    add_ternary_int8_(target, basis, S, scale, workspace)
     return True
 
 

@@ -24,8 +24,17 @@ K·2^−24·|s·c|·Σ_k |b_mk|·|S_kj| (typically ~√K·2^−24 of it): the sa
 ~1e-6 against ~1e-7 for the float32 GEMM, on λ, γ spanning several binades). The integer sums do not depend on the
 summation order or the BLAS, so the result does not depend on how the CPU blocks the GEMM.
 
-**CSR.** For very sparse bases (density ≤ ``CSR_MAX_DENSITY`` = 1/28) ``b``'s layer slice is held as a float32 CSR
-matrix (values ±c) and multiplied by S in float32: the float32 products of the dense GEMM minus its exact zeros.
+**Grouped sparse product.** For very sparse bases (density ≤ ``SPARSE_MAX_DENSITY`` = 1/28) both factors are sparse:
+row k = i·n + b of S is λ[i, b]·A[i, :]·γ[b, :], so the n rows of group i share A's row-i zero pattern, and its nonzero
+columns J_i (about D/√min_dim of them) are all that group touches. Per group::
+
+    ΔW[:, J_i] += s · (c·b_i) @ S_i[:, J_i]        b_i = b[:M, i·n:(i+1)·n] as a float32 CSR matrix (M, n)
+
+with S_i[:, J_i] (n, |J_i|) built from λ, A, γ directly (the same float32 products as ``scaled_A``; the full S is never
+formed). The work is nnz(b)·D/√min_dim multiply-adds instead of M·K·D: 6× less than a CSR × dense product at a 7B
+shape, 3× at 1B (bench/RESULTS.md). Float32 arithmetic, the products of the reference GEMM minus its exact zeros,
+summed per group (n terms) and then over the groups touching an element (≤ r adds): the float32 GEMM's bound
+K·2⁻²⁴·|s|·Σ|B||S| holds (n + r ≤ K + 1), plus one rounding relative to |W| per group add into a nonzero W.
 
 ``torch._int_mm`` on CPU (torch 2.13) takes any shapes (checked: 5×7 @ 7×3, 1×1 @ 1×1) and non-contiguous int8
 operands, so nothing is padded. Its CUDA kernel wants K and N multiples of 8 and M > 16: this module is CPU-only
@@ -48,10 +57,10 @@ LIMB_BASE = 254  # ratio between limbs: a rounded residual is ≤ 1/2, times 254
 ROW_BLOCK = 1024  # rows of ΔW per integer GEMM: bounds the int32 scratch (ROW_BLOCK × LIMBS·D) at 12·D KiB
 # int32 safety of the exact combine P0·254 + P1: K·127·255 < 2^31; longer sums are split over K
 K_BLOCK = (2**31 - 1) // (127 * (LIMB_BASE + 1))
-# CSR vs dense float32 GEMM (bench/RESULTS.md): AMD EPYC 0.44x at density 1/3, 1.25x at 1/8, 2.4x at 1/16, 2.9x at 1/32,
-# 4x at 1/64; Intel Xeon 3.4x at 1/64 (~1.7x at 1/32 if linear). very_sparse is 1/√min_dim: min_dim ≳ 800 qualifies
-# (a measured density, so a model near the line may go either way: both paths are float32-class)
-CSR_MAX_DENSITY = 1 / 28
+# the grouped sparse product vs the dense float32 GEMM (bench/RESULTS.md): very_sparse is 1/√min_dim, so min_dim ≳ 800
+# qualifies (a measured density, so a model near the line may go either way: both paths are float32-class)
+SPARSE_MAX_DENSITY = 1 / 28
+_GROUP_COLUMNS = 4096  # columns of per-group products gathered before one scatter-add (bounds the (M, ·) buffer)
 _SPLIT_ROWS = 512  # rows of S split at a time (cache-sized temporaries)
 _CHECK_ROWS = 1024  # rows of B tested at a time by ternary_basis (bounds the boolean temporaries)
 _MIN_EXP = -100  # smallest column unit exponent: its inverse 2^100 stays a finite float32 factor
@@ -68,24 +77,27 @@ class Buffers(Protocol):
 @dataclass
 class TernaryBasis:
     """``B = c · b`` exactly: ``b`` int8 (B's shape) with values in {−1, 0, 1}, ``c`` a positive float, ``density``
-    the fraction of nonzeros; ``csr`` caches float32 CSR copies of layer slices, keyed by (M, K)."""
+    the fraction of nonzeros; ``groups`` caches the float32 CSR copies of a layer's column groups, keyed by (M, n, r)."""
 
     b: torch.Tensor
     c: float
     density: float
-    csr: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict, repr=False)
+    groups: dict[tuple[int, int, int], list[torch.Tensor]] = field(default_factory=dict, repr=False)
 
-    def csr_slice(self, M: int, K: int) -> torch.Tensor:
-        """``c · b[:M, :K]`` as a float32 sparse CSR matrix (built once per shape, from the int8 ``b``: no dense float32
-        copy of the slice is ever made)."""
-        if (M, K) not in self.csr:
+    def group_csr(self, M: int, n: int, r: int) -> list[torch.Tensor]:
+        """``c · b[:M, i·n:(i+1)·n]`` for i < r as float32 sparse CSR matrices (M, n), built once per layer shape
+        from the int8 ``b`` (no dense float32 copy of a slice is ever made)."""
+        if (M, n, r) not in self.groups:
             with warnings.catch_warnings():  # torch calls CSR support "beta"; the product is tested against float64
                 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-                signs = self.b[:M, :K].to_sparse_csr()
-                self.csr[(M, K)] = torch.sparse_csr_tensor(signs.crow_indices(), signs.col_indices(),
-                                                           signs.values().to(torch.float32) * self.c, size=(M, K),
-                                                           check_invariants=False)  # torch's own indices
-        return self.csr[(M, K)]
+                parts = []
+                for i in range(r):
+                    signs = self.b[:M, i * n: (i + 1) * n].to_sparse_csr()
+                    parts.append(torch.sparse_csr_tensor(signs.crow_indices(), signs.col_indices(),
+                                                         signs.values().to(torch.float32) * self.c, size=(M, n),
+                                                         check_invariants=False))  # torch's own indices
+            self.groups[(M, n, r)] = parts
+        return self.groups[(M, n, r)]
 
 
 def ternary_basis(B: torch.Tensor) -> TernaryBasis | None:
@@ -123,26 +135,28 @@ def _find_ternary(B: torch.Tensor) -> TernaryBasis | None:
 
 @functools.cache
 def has_fast_int8() -> bool:
-    """True when the CPU has AMX int8 tiles (Intel Sapphire Rapids and later), where ``torch._int_mm`` runs ~7× the
-    float32 GEMM rate (1820 vs 244 GFLOP/s measured at 4096³), enough for three limbs to beat one float32 GEMM.
-    With AVX-512 VNNI only (AMD Zen 4: ~3.7×) three limbs plus their combine measure no faster than float32."""
+    """True when the CPU multiplies int8 fast enough for three limbs to beat one float32 GEMM: AMX int8 tiles
+    (Intel Sapphire Rapids and later: ``torch._int_mm`` ~7× the float32 rate at 4096³) or AVX-512 VNNI (AMD Zen 4:
+    ~5× quiet, measured 734 vs 140 GFLOP/s; a whole sparse merge 1.25× faster than float32, bench/RESULTS.md).
+    Without either, int8 GEMMs run no faster than float32 ones and ``auto`` keeps float32."""
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
             for line in f:
                 if line.startswith("flags"):
-                    return "amx_int8" in line.split()
+                    flags = set(line.split())
+                    return "amx_int8" in flags or "avx512_vnni" in flags
     except OSError:
         pass
     return False
 
 
 def auto_path(basis: TernaryBasis | None) -> str:
-    """What ``precision="auto"`` runs on the CPU for these bases: ``"csr"`` (very sparse), ``"int8"`` (ternary, on a
-    CPU with AMX int8) or ``"fp32"`` (the float32 ``addmm_``)."""
+    """What ``precision="auto"`` runs on the CPU for these bases: ``"sparse"`` (very sparse: the grouped sparse
+    product), ``"int8"`` (ternary, on a CPU with fast int8) or ``"fp32"`` (the float32 ``addmm_``)."""
     if basis is None:
         return "fp32"
-    if basis.density <= CSR_MAX_DENSITY:
-        return "csr"
+    if basis.density <= SPARSE_MAX_DENSITY:
+        return "sparse"
     return "int8" if has_fast_int8() else "fp32"
 
 
@@ -205,7 +219,40 @@ def add_ternary_int8_(target: torch.Tensor, basis: TernaryBasis, S: torch.Tensor
             target[r0: r0 + n].addcmul_(acc, factor)
 
 
-def add_ternary_csr_(target: torch.Tensor, basis: TernaryBasis, S: torch.Tensor, scale: float) -> None:
-    """``target (M, D) float32 += scale · (c·b[:M, :K]) @ S`` with b's slice as a CSR matrix: float32 arithmetic,
-    only the nonzero terms. ``target`` may be a transposed view."""
-    target.addmm_(basis.csr_slice(target.shape[0], S.shape[0]), S, alpha=scale)
+def add_ternary_sparse_(target: torch.Tensor, basis: TernaryBasis, lam: torch.Tensor, A: torch.Tensor,
+                        gam: torch.Tensor, scale: float) -> bool:
+    """``target (M, D) float32 += scale · (c·b[:M, :r·n]) @ S`` with S = λ ⊗ A ⊗ γ never formed: per group i of n
+    rows, only A's nonzero columns J_i (see the module docstring). λ (r, n), A (r, D), γ (n, D) float32.
+    ``target`` may be a transposed view. Returns False, having added nothing, when λ, γ or a product λ·A·γ is not
+    finite: the float32 path then carries the NaN to the merge's finite check, as the reference does."""
+    lam, gam = lam.to(torch.float32), gam.to(torch.float32)
+    if not (bool(torch.isfinite(lam).all()) and bool(torch.isfinite(gam).all())):
+        return False
+    M = target.shape[0]
+    r, n = lam.shape
+    groups = basis.group_csr(M, n, r)
+    kept: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (group, J_i, S_i[:, J_i])
+    for i in range(r):
+        J = torch.nonzero(A[i]).squeeze(1)
+        if J.numel() == 0:
+            continue
+        S_iJ = (lam[i][:, None] * A[i, J][None, :]) * gam[:, J]      # (n, |J|): scaled_A's products, same order
+        if not bool(torch.isfinite(S_iJ).all()):
+            return False
+        kept.append((i, J, S_iJ))
+    start = 0
+    while start < len(kept):  # scatter-add the group products in batches of about _GROUP_COLUMNS columns
+        stop, width = start + 1, kept[start][1].numel()
+        while stop < len(kept) and width + kept[stop][1].numel() <= _GROUP_COLUMNS:
+            width += kept[stop][1].numel()
+            stop += 1
+        batch = kept[start:stop]
+        P = torch.cat([torch.mm(groups[i], S_iJ) for i, _, S_iJ in batch], dim=1).mul_(scale)   # (M, width)
+        J = torch.cat([J for _, J, _ in batch])
+        # scaled first: index_add_'s own alpha takes a path ~10x slower along dim 1 (torch 2.13, CPU)
+        if target.stride(1) == 1:
+            target.index_add_(1, J, P)
+        else:  # a transposed view: add rows of the row-major weight underneath
+            target.T.index_add_(0, J, P.T.contiguous())
+        start = stop
+    return True

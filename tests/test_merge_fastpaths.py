@@ -180,31 +180,31 @@ def _fp32_gemm_bound(adapter, key):
 
 
 @pytest.mark.parametrize("name", ["peft", "philox"])
-def test_csr_path_is_float32_class_and_auto_picks_it_when_very_sparse(name, monkeypatch):
-    """very_sparse bases with a model-wide min_dim of 1030 (density 1/√min_dim ≈ 1/32 ≤ 1/28): ``auto`` multiplies a
-    CSR copy of b's layer slice in float32; a layer narrower than the widest (M < max_dim, D < min_dim) uses a prefix
-    slice."""
+def test_sparse_path_is_float32_class_and_auto_picks_it_when_very_sparse(name, monkeypatch):
+    """very_sparse bases with a model-wide min_dim of 1030 (density 1/√min_dim ≈ 1/32 ≤ 1/28): ``auto`` runs the
+    grouped sparse product (CSR groups of b times A's nonzero columns of S) in float32; a layer narrower than the
+    widest (M < max_dim, D < min_dim) uses a prefix slice; both orientations and a Conv1D."""
     layers = {"big.weight": ((1100, 1030), False), "wide.weight": ((257, 310), False),
               "conv.weight": ((270, 256), True)}
     adapter = _adapter(name, "very_sparse", layers=layers, r=8, spread=1.0)
     basis = ternary_basis(adapter.bases().B)
-    assert basis.density <= ternary_merge.CSR_MAX_DENSITY
+    assert basis.density <= ternary_merge.SPARSE_MAX_DENSITY
     ran = []
     monkeypatch.setattr(ternary_merge, "add_ternary_int8_", lambda *a: ran.append("int8"))
-    real_csr = ternary_merge.add_ternary_csr_
-    monkeypatch.setattr(ternary_merge, "add_ternary_csr_", lambda *a: (ran.append("csr"), real_csr(*a)))
+    real_sparse = ternary_merge.add_ternary_sparse_
+    monkeypatch.setattr(ternary_merge, "add_ternary_sparse_", lambda *a: (ran.append("sparse"), real_sparse(*a))[1])
     for key in layers:
         exact, bound = _fp32_gemm_bound(adapter, key)
         got = _merged(adapter, key, "auto").double()
         assert bool(((got - exact).abs() <= bound).all()), key
         assert float((got - exact).norm() / exact.norm()) <= 1e-6
-    assert ran == ["csr"] * len(layers)
-    assert len(basis.csr) == len(layers)  # one CSR copy per layer shape, reused
+    assert ran == ["sparse"] * len(layers)
+    assert len(basis.groups) == len(layers)  # one set of CSR groups per layer shape, reused
 
 
 @pytest.mark.parametrize("fast_int8", [True, False])
 def test_auto_uses_int8_only_where_the_cpu_runs_it_fast(fast_int8, monkeypatch):
-    """sparse bases (density 1/3): ``auto`` takes the int8 limbs on AMX CPUs, else the float32 addmm; dense bases
+    """sparse bases (density 1/3): ``auto`` takes the int8 limbs on CPUs with fast int8, else the float32 addmm; dense bases
     always the float32 addmm. The result is float32-class either way."""
     monkeypatch.setattr(ternary_merge, "has_fast_int8", lambda: fast_int8)
     ran = []
@@ -265,15 +265,15 @@ def test_cli_merge_int8_equals_peft(tmp_path, arch, kind):
     assert not (tmp_path / "out2").exists()
 
 
-def test_library_merge_auto_csr_equals_peft(tmp_path, monkeypatch):
-    """The CSR path through the whole streaming merge (PEFT dir read directly, both orientations of a Llama's
+def test_library_merge_auto_sparse_equals_peft(tmp_path, monkeypatch):
+    """The grouped sparse path through the whole streaming merge (PEFT dir read directly, both orientations of a Llama's
     projections): equal to PEFT's merge_and_unload. The density line is lifted so a tiny model takes it."""
     from randlora_io.merge import merge
 
-    monkeypatch.setattr(ternary_merge, "CSR_MAX_DENSITY", 1.0)
+    monkeypatch.setattr(ternary_merge, "SPARSE_MAX_DENSITY", 1.0)
     ran = []
-    real_csr = ternary_merge.add_ternary_csr_
-    monkeypatch.setattr(ternary_merge, "add_ternary_csr_", lambda *a: (ran.append(1), real_csr(*a)))
+    real_sparse = ternary_merge.add_ternary_sparse_
+    monkeypatch.setattr(ternary_merge, "add_ternary_sparse_", lambda *a: (ran.append(1), real_sparse(*a))[1])
     tiny_llama().save_pretrained(tmp_path / "base")
     pm = peft_randlora(tiny_llama(), r=6, seed=3, very_sparse=True)
     pm.save_pretrained(tmp_path / "peft")
@@ -345,3 +345,54 @@ def test_cpu_merge_bench_smoke(tmp_path):
     assert "ours --precision int8" in proc.stdout and "peak RSS" in proc.stdout, proc.stdout
     assert (tmp_path / "w" / "peft-sparse" / "adapter_config.json").is_file()
     assert not list((tmp_path / "w").glob("out-*"))  # each side's output removed after it is measured
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_sparse_product_against_float64_odd_shapes(transposed):
+    """``add_ternary_sparse_`` on its own: r ∤ D, M > D, rows of A that are all zero (a group with no column), a
+    nonzero W underneath, the target a transposed view or not; within the float32 GEMM bound of float64, and exactly
+    the float32 products (no column of W outside A's nonzero columns changes)."""
+    gen = torch.Generator().manual_seed(3)
+    r, D, M = 5, 23, 41
+    n = num_bases(D, r)
+    b = torch.randint(-1, 2, (M, r * n + 3), generator=gen).to(torch.float32)
+    b[torch.rand(b.shape, generator=gen) < 0.8] = 0.0
+    c = 0.37
+    A = torch.randint(-1, 2, (r, D), generator=gen).to(torch.float32)
+    A[torch.rand(A.shape, generator=gen) < 0.7] = 0.0
+    A[1] = 0.0
+    A[:, 7] = 0.0
+    lam = torch.randn(r, n, generator=gen) * torch.exp(2 * torch.randn(r, n, generator=gen))
+    gam = torch.randn(n, D, generator=gen)
+    W = torch.randn(M, D, generator=gen)
+    basis = ternary_basis(b * c)
+    assert basis is not None
+    storage = W.T.contiguous().clone() if transposed else W.clone()
+    target = storage.T if transposed else storage
+    assert ternary_merge.add_ternary_sparse_(target, basis, lam, A, gam, 0.5)
+    S = scaled_A(lam.double(), A.double(), gam.double(), dtype=torch.float64)
+    B = (b * c).double()[:, : r * n]
+    exact = W.double() + 0.5 * (B @ S)
+    bound = (r * n + 3) * U * 0.5 * (B.abs() @ S.abs()) + 2 * r * U * exact.abs()
+    assert bool(((target.double() - exact).abs() <= bound).all())
+    assert torch.equal(target[:, 7], W[:, 7])  # a column no group touches is left bit-identical
+
+
+def test_sparse_path_refuses_non_finite_scales_even_where_A_is_zero():
+    """γ = inf in a column where A is zero: the reference S has inf·0 = NaN there, so the merge must see NaN (the
+    float path), not a finite result from skipping the zeros; likewise λ·A·γ overflowing float32."""
+    gen = torch.Generator().manual_seed(4)
+    r, D, M = 4, 12, 20
+    n = num_bases(D, r)
+    b = torch.randint(-1, 2, (M, r * n), generator=gen).to(torch.float32)
+    A = torch.randint(-1, 2, (r, D), generator=gen).to(torch.float32)
+    A[:, 5] = 0.0
+    basis = ternary_basis(b)
+    lam, gam = torch.randn(r, n, generator=gen), torch.randn(n, D, generator=gen)
+    gam[0, 5] = float("inf")
+    target = torch.zeros(M, D)
+    assert not ternary_merge.add_ternary_sparse_(target, basis, lam, A, gam, 1.0)
+    assert torch.equal(target, torch.zeros(M, D))  # nothing added before refusing
+    gam[:] = 1e30
+    lam[:] = 1e30
+    assert not ternary_merge.add_ternary_sparse_(target, basis, lam, A, gam, 1.0)

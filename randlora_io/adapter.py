@@ -7,6 +7,7 @@ when the header says ``bases.stored``, ``__bases__.A`` (r, min_dim) and ``__base
 from __future__ import annotations
 
 import os
+from collections.abc import MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import torch
 from .basis import Bases, bases_for_header, check_bases_budget
 from .delta import reference_delta
 from .errors import AdapterShapeError, BasisMismatchError, HeaderError, NonFiniteError
+from .lazy_tensors import FileTensors, can_read_lazily, peek
 from .safetensors_io import has_metadata_key, load_tensors, read_header, save_safetensors
 from .spec import (METADATA_KEY, AdapterHeader, GeneratorSpec, LayerSpec, header_from_json, num_bases, parse_header,
                    shared_dims)
@@ -35,14 +37,16 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 @dataclass
 class RandloraAdapter:
-    """Header plus scales: ``lambdas[key]`` (r, n) and ``gammas[key]`` (n, D), keyed by base weight key.
+    """Header plus scales: ``lambdas[key]`` (r, n) and ``gammas[key]`` (n, D), keyed by base weight key. Read from a
+    file, they are :class:`~randlora_io.lazy_tensors.FileTensors`: dicts whose tensors are read when first indexed
+    (in-place edits persist); code that only looks uses ``lazy_tensors.peek`` and holds one layer at a time.
 
     ``metadata``: the file's other ``__metadata__`` entries, written back unchanged (SPEC §2). ``max_bases_bytes``:
     the bases budget (SPEC §4.6) for this adapter; None means ``$RANDLORA_IO_MAX_BASES_BYTES`` or 4 GiB."""
 
     header: AdapterHeader
-    lambdas: dict[str, torch.Tensor]
-    gammas: dict[str, torch.Tensor]
+    lambdas: MutableMapping[str, torch.Tensor]
+    gammas: MutableMapping[str, torch.Tensor]
     stored: Bases | None = None
     source: str = "<memory>"
     metadata: dict[str, str] = field(default_factory=dict)
@@ -97,11 +101,11 @@ class RandloraAdapter:
         """The reference ΔW of weight ``key`` in its stored shape, float32."""
         layer = self.layers[key]
         bases = self.bases(device)
-        return reference_delta(layer, self.lambdas[key].to(device), self.gammas[key].to(device), bases.A, bases.B,
-                               self.header.scaling)
+        return reference_delta(layer, peek(self.lambdas, key).to(device), peek(self.gammas, key).to(device), bases.A,
+                               bases.B, self.header.scaling)
 
     def trainable_parameters(self) -> int:
-        return sum(t.numel() for t in self.lambdas.values()) + sum(t.numel() for t in self.gammas.values())
+        return sum(peek(table, key).numel() for table in (self.lambdas, self.gammas) for key in table)
 
 
 def validate_tensors(adapter: RandloraAdapter) -> None:
@@ -112,7 +116,7 @@ def validate_tensors(adapter: RandloraAdapter) -> None:
                                       ("gamma", adapter.gammas, (layer.num_bases, layer.min_dim))):
             if key not in table:
                 raise AdapterShapeError(f"{adapter.source}: missing tensor '{key}.{name}' for a layer in the header")
-            tensor = table[key]
+            tensor = peek(table, key)  # a lazily read file's tensors are checked one at a time, not kept
             if tuple(tensor.shape) != expected:
                 raise AdapterShapeError(
                     f"{adapter.source}: '{key}.{name}' has shape {list(tensor.shape)}, header implies {list(expected)}"
@@ -160,9 +164,15 @@ def read_adapter(path: str | os.PathLike, *, verify_bases: bool = True,
                                     "the bases as F32 (float32)")
     if not header.stored_bases:
         check_bases_budget(header.rank, header.min_dim, header.max_dim, max_bases_bytes, source=str(path))
-    tensors = load_tensors(path)
-    lambdas = {n[: -len(LAMBDA_SUFFIX)]: t for n, t in tensors.items() if n.endswith(LAMBDA_SUFFIX)}
-    gammas = {n[: -len(GAMMA_SUFFIX)]: t for n, t in tensors.items() if n.endswith(GAMMA_SUFFIX)}
+    scale_names = [n for n in names if n.endswith(LAMBDA_SUFFIX) or n.endswith(GAMMA_SUFFIX)]
+    if can_read_lazily(st, scale_names):  # the scales are read layer by layer when merged, never all at once
+        tensors = load_tensors(path, [n for n in names if n in (STORED_A, STORED_B)])
+        lambdas = FileTensors(path, st, {n[: -len(LAMBDA_SUFFIX)]: n for n in names if n.endswith(LAMBDA_SUFFIX)})
+        gammas = FileTensors(path, st, {n[: -len(GAMMA_SUFFIX)]: n for n in names if n.endswith(GAMMA_SUFFIX)})
+    else:
+        tensors = load_tensors(path)
+        lambdas = {n[: -len(LAMBDA_SUFFIX)]: t for n, t in tensors.items() if n.endswith(LAMBDA_SUFFIX)}
+        gammas = {n[: -len(GAMMA_SUFFIX)]: t for n, t in tensors.items() if n.endswith(GAMMA_SUFFIX)}
     stored = None
     if STORED_A in tensors or STORED_B in tensors:
         if not header.stored_bases or STORED_A not in tensors or STORED_B not in tensors:
@@ -183,8 +193,8 @@ def write_adapter(adapter: RandloraAdapter, path: str | os.PathLike, overwrite: 
     validate_tensors(adapter)
     tensors: dict[str, torch.Tensor] = {}
     for key in adapter.header.layers:
-        tensors[key + LAMBDA_SUFFIX] = adapter.lambdas[key].detach().cpu()
-        tensors[key + GAMMA_SUFFIX] = adapter.gammas[key].detach().cpu()
+        tensors[key + LAMBDA_SUFFIX] = peek(adapter.lambdas, key).detach().cpu()
+        tensors[key + GAMMA_SUFFIX] = peek(adapter.gammas, key).detach().cpu()
     if adapter.header.stored_bases and adapter.stored is not None:
         tensors[STORED_A] = adapter.stored.A.detach().cpu().float()
         tensors[STORED_B] = adapter.stored.B.detach().cpu().float()

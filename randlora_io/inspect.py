@@ -16,6 +16,7 @@ from .converters.peft_params import read_param_layers
 from .converters.peft_randlora import PEFT_TYPE, peft_kind, peft_scale_tensors
 from .disk import path_bytes
 from .errors import NonFiniteError
+from .lazy_tensors import peek
 from .sources import base_info_from_config, base_shapes_from_config, detect_kind, open_source
 
 
@@ -40,8 +41,8 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
                     bases={"min_dim": h.min_dim, "max_dim": h.max_dim, "sha256": h.bases_sha256,
                            "stored": h.stored_bases},
                     base_model=h.base_model)
-        info["layers"] = [_layer_row(k, l.shape, h.rank, l.num_bases, [adapter.lambdas[k], adapter.gammas[k]])
-                          for k, l in h.layers.items()]
+        info["layers"] = [_layer_row(k, l.shape, h.rank, l.num_bases,
+                                     [peek(adapter.lambdas, k), peek(adapter.gammas, k)]) for k, l in h.layers.items()]
     elif kind == "peft-randlora":
         peft = read_peft_dir(path, expected_type=PEFT_TYPE)
         cfg = peft.config

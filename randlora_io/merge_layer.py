@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import NonFiniteError, UnsupportedPrecisionError
+from .lazy_tensors import peek
 from .sources import DeltaSource, RandloraSource
 
 PRECISIONS = ("auto", "fp32", "int8", "bf16")
@@ -48,10 +49,12 @@ def add_delta_(weight32: torch.Tensor, source: DeltaSource, key: str, alpha: flo
         if precision in ("fp32", "auto") and (kernel == "triton" or (kernel == "auto" and weight32.is_cuda)):
             from .kernels.merge_triton import merge_layer_triton_
 
-            merge_layer_triton_(weight32, layer, adapter.lambdas[key], adapter.gammas[key], bases.A, bases.B, scale)
+            merge_layer_triton_(weight32, layer, peek(adapter.lambdas, key), peek(adapter.gammas, key), bases.A,
+                                bases.B, scale)
             return
         A, B = bases.for_layer(layer.min_dim, layer.max_dim, layer.num_bases)
-        lam, gam = adapter.lambdas[key].to(weight32.device), adapter.gammas[key].to(weight32.device)
+        # one layer's scales at a time (a file's are read on demand, not held: lazy_tensors)
+        lam, gam = peek(adapter.lambdas, key).to(weight32.device), peek(adapter.gammas, key).to(weight32.device)
         workspace = workspace or Workspace()
         stored_is_md = (layer.in_features == layer.min_dim) != layer.fan_in_fan_out
         target = weight32 if stored_is_md else weight32.T

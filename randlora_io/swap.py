@@ -32,6 +32,7 @@ from torch import nn
 from .adapter import RandloraAdapter
 from .checkpoint import absent_weight_hint
 from .errors import AdapterStateError, BaseModelMismatchError, NonFiniteError
+from .lazy_tensors import peek
 from .merge import source_for_state_dict
 from .merge_layer import add_delta_, all_finite
 from .merge_terms import apply_term_
@@ -175,8 +176,8 @@ def _merge_one_(tensor: torch.Tensor, source: DeltaSource, key: str, weight: flo
 
         adapter = source.adapter
         bases = adapter.bases(tensor.device)
-        merge_layer_triton_(tensor, adapter.layers[key], adapter.lambdas[key], adapter.gammas[key], bases.A,
-                            bases.B, weight * adapter.header.scaling)
+        merge_layer_triton_(tensor, adapter.layers[key], peek(adapter.lambdas, key), peek(adapter.gammas, key),
+                            bases.A, bases.B, weight * adapter.header.scaling)
         torch.autograd.graph.increment_version(tensor)
         return
     w32 = tensor.to(torch.float32, copy=True)

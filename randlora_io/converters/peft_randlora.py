@@ -18,6 +18,7 @@ from ..base_model import BaseModelInfo, half_cast_dtype, layer_orientations
 from ..basis import Bases, peft_bases_raw, peft_bases_to_spec, spec_bases_to_peft
 from ..checkpoint import absent_weight_hint
 from ..errors import AdapterShapeError, BaseModelMismatchError, BasisMismatchError, NonFiniteError, SourceFormatError
+from ..lazy_tensors import peek
 from ..spec import GeneratorSpec, num_bases, normalisation
 from .peft_dir import PEFT_PREFIX, PeftDir, PeftExtras, module_of, read_peft_dir, weight_key, write_peft_dir
 from .peft_targets import targeted_layers, weight_module
@@ -266,8 +267,8 @@ def adapter_to_peft_randlora(
     }
     tensors: dict[str, torch.Tensor] = {}
     for module, key in modules.items():
-        tensors[f"{PEFT_PREFIX}{module}.randlora_lambda"] = adapter.lambdas[key].float()
-        tensors[f"{PEFT_PREFIX}{module}.randlora_gamma"] = adapter.gammas[key].float()
+        tensors[f"{PEFT_PREFIX}{module}.randlora_lambda"] = peek(adapter.lambdas, key).float()
+        tensors[f"{PEFT_PREFIX}{module}.randlora_gamma"] = peek(adapter.gammas, key).float()
     if save_projection:
         A, B = spec_bases_to_peft(adapter.bases(), header.rank)
         tensors[SHARED_A], tensors[SHARED_B] = A, B

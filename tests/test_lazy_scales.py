@@ -1,0 +1,146 @@
+"""A randlora file's scales are read layer by layer (lazy_tensors.FileTensors): reading and merging an adapter does
+not hold all its λ/γ in memory, yet the adapter still behaves as a dict of tensors (edits persist, a file replaced
+after reading changes nothing)."""
+
+from __future__ import annotations
+
+import copy
+import os
+import pickle
+import subprocess
+import sys
+import textwrap
+
+import torch
+
+from randlora_io.adapter import build_adapter, read_adapter, write_adapter
+from randlora_io.lazy_tensors import FileTensors
+from randlora_io.merge_layer import Workspace, add_delta_
+from randlora_io.sources import RandloraSource
+from randlora_io.spec import GeneratorSpec, num_bases
+
+LAYERS = {"a.weight": ((24, 40), False), "b.weight": ((40, 24), False), "c.weight": ((17, 30), True)}
+
+
+def _adapter(scale: float = 1.0, layers=LAYERS, r: int = 4):
+    gen = torch.Generator().manual_seed(2)
+    lambdas, gammas = {}, {}
+    for key, (shape, _) in layers.items():
+        n = num_bases(min(shape), r)
+        lambdas[key] = torch.randn(r, n, generator=gen) * scale
+        gammas[key] = torch.randn(n, min(shape), generator=gen)
+    return build_adapter(generator=GeneratorSpec(name="philox", kind="dense", seed=5), rank=r, alpha=8.0,
+                         layers=layers, lambdas=lambdas, gammas=gammas)
+
+
+def _delta(adapter, key):
+    layer = adapter.layers[key]
+    shape = (layer.in_features, layer.out_features) if layer.fan_in_fan_out else (layer.out_features,
+                                                                                    layer.in_features)
+    w = torch.zeros(shape)
+    add_delta_(w, RandloraSource(adapter), key, 1.0, "auto", Workspace(), "fp32")
+    return w
+
+
+def test_scales_are_read_on_demand_and_kept_only_when_indexed(tmp_path):
+    original = _adapter()
+    write_adapter(original, tmp_path / "a.safetensors")
+    adapter = read_adapter(tmp_path / "a.safetensors")
+    assert isinstance(adapter.lambdas, FileTensors) and isinstance(adapter.gammas, FileTensors)
+    assert sorted(adapter.lambdas) == sorted(LAYERS) and len(adapter.gammas) == 3
+    for key in LAYERS:  # merging looks without keeping
+        assert torch.equal(_delta(adapter, key), _delta(original, key))
+    assert adapter.lambdas._kept == {} and adapter.gammas._kept == {}
+    lam = adapter.lambdas["a.weight"]
+    assert adapter.lambdas["a.weight"] is lam and torch.equal(lam, original.lambdas["a.weight"])
+    assert adapter.trainable_parameters() == original.trainable_parameters()
+
+
+def test_in_place_edits_and_assignments_reach_the_merge(tmp_path):
+    """``adapter.lambdas[k].mul_(2)`` on a file-backed adapter must change what is merged, as on a dict."""
+    write_adapter(_adapter(), tmp_path / "a.safetensors")
+    adapter = read_adapter(tmp_path / "a.safetensors")
+    adapter.lambdas["a.weight"].mul_(2.0)
+    adapter.gammas["b.weight"] = adapter.gammas["b.weight"] * 3.0
+    doubled = _adapter()
+    doubled.lambdas["a.weight"].mul_(2.0)
+    doubled.gammas["b.weight"] = doubled.gammas["b.weight"] * 3.0
+    for key in LAYERS:
+        assert torch.equal(_delta(adapter, key), _delta(doubled, key)), key
+    path = tmp_path / "edited.safetensors"
+    write_adapter(adapter, path)  # written back with the edits
+    again = read_adapter(path)
+    assert torch.equal(again.lambdas["a.weight"], doubled.lambdas["a.weight"])
+    assert torch.equal(again.gammas["b.weight"], doubled.gammas["b.weight"])
+
+
+def test_a_file_replaced_after_reading_changes_nothing(tmp_path):
+    """The scales come from the file that was validated: an atomic replace of the path afterwards (another run
+    writing there) is not read."""
+    path = tmp_path / "a.safetensors"
+    write_adapter(_adapter(), path)
+    adapter = read_adapter(path)
+    write_adapter(_adapter(scale=100.0), tmp_path / "other.safetensors")
+    os.replace(tmp_path / "other.safetensors", path)
+    assert torch.equal(adapter.lambdas.peek("a.weight"), _adapter().lambdas["a.weight"])
+
+
+def test_copies_and_pickles_are_plain_dicts(tmp_path):
+    write_adapter(_adapter(), tmp_path / "a.safetensors")
+    adapter = read_adapter(tmp_path / "a.safetensors")
+    for copied in (copy.copy(adapter.lambdas), copy.deepcopy(adapter.lambdas),
+                   pickle.loads(pickle.dumps(adapter.lambdas))):
+        assert type(copied) is dict and sorted(copied) == sorted(LAYERS)
+        assert all(torch.equal(copied[k], _adapter().lambdas[k]) for k in LAYERS)
+    del adapter.lambdas["c.weight"]
+    assert "c.weight" not in adapter.lambdas and len(adapter.lambdas) == 2
+
+
+def test_reading_and_merging_does_not_hold_every_layers_scales(tmp_path):
+    """Peak RSS while reading (validating) and merging every layer of an adapter with ~64 MB of scales grows by far
+    less than the scales' size (the whole file was mapped and touched before)."""
+    r, shape = 8, (512, 512)
+    layers = {f"l{i}.weight": (shape, False) for i in range(480)}
+    n = num_bases(min(shape), r)
+    gen = torch.Generator().manual_seed(0)
+    adapter = build_adapter(generator=GeneratorSpec(name="philox", kind="dense", seed=5), rank=r, alpha=8.0,
+                            layers=layers, lambdas={k: torch.randn(r, n, generator=gen) for k in layers},
+                            gammas={k: torch.randn(n, min(shape), generator=gen) for k in layers})
+    path = tmp_path / "big.safetensors"
+    write_adapter(adapter, path)
+    assert path.stat().st_size > 60e6
+    script = textwrap.dedent(f"""
+        import torch
+        from randlora_io.adapter import read_adapter
+        from randlora_io.lazy_tensors import peek
+        from randlora_io.merge_layer import Workspace, add_delta_
+        from randlora_io.sources import RandloraSource
+        def hwm():
+            for line in open("/proc/self/status"):
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+        adapter = read_adapter({str(path)!r}, verify_bases=False)
+        source, ws, w = RandloraSource(adapter), Workspace(), torch.zeros({shape})
+        add_delta_(w, source, "l0.weight", 1.0, "auto", ws, "fp32")  # bases, buffers, torch's own pools
+        before = hwm()
+        for key in adapter.layers:
+            add_delta_(w, source, key, 1.0, "auto", ws, "fp32")
+        print(hwm() - before)
+    """)
+    # the read happens before `before`: measure it too, against a process that only imports and builds the bases
+    grown = int(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                               env={**os.environ, "PYTHONPATH": os.getcwd()}).stdout.split()[-1])
+    assert grown < 16e6, grown
+    read_script = textwrap.dedent(f"""
+        from randlora_io.adapter import read_adapter
+        def rss_file():
+            for line in open("/proc/self/status"):
+                if line.startswith("RssFile:"):
+                    return int(line.split()[1]) * 1024
+        before = rss_file()
+        adapter = read_adapter({str(path)!r}, verify_bases=False)
+        print(rss_file() - before)
+    """)
+    mapped = int(subprocess.run([sys.executable, "-c", read_script], capture_output=True, text=True, check=True,
+                                env={**os.environ, "PYTHONPATH": os.getcwd()}).stdout.split()[-1])
+    assert mapped < 16e6, mapped  # the file is not mapped and touched as a whole by the read

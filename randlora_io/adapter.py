@@ -52,6 +52,7 @@ class RandloraAdapter:
     metadata: dict[str, str] = field(default_factory=dict)
     max_bases_bytes: int | None = None
     _bases: dict[str, Bases] = field(default_factory=dict, repr=False)
+    _layer_bases: dict[str, Bases] = field(default_factory=dict, repr=False)
 
     @property
     def layers(self) -> dict[str, LayerSpec]:
@@ -81,6 +82,25 @@ class RandloraAdapter:
             self._bases[key] = Bases(A=bases.A.to(device), B=bases.B.to(device))
         return self._bases[key]
 
+    def layer_bases(self, device: str | torch.device = "cpu") -> Bases:
+        """The verified bases cut to the prefix the layers read, ``A[:, :max D]`` and ``B[:max M, :max n·r]``
+        (contiguous copies), cached per device; the full bases are then dropped from the cache (``bases()``
+        regenerates them if asked again). PEFT sizes its bases from the elementwise max of every targeted shape, so a
+        7B model's B is 11008 × 11008 while its layers read 11008 × 4096 of it: 305 MB less held during a merge."""
+        key = str(torch.device(device))
+        if key not in self._layer_bases:
+            full = self.bases(device)
+            specs = list(self.layers.values())
+            D = max((s.min_dim for s in specs), default=full.A.shape[1])
+            M = max((s.max_dim for s in specs), default=full.B.shape[0])
+            K = max((s.num_bases * self.header.rank for s in specs), default=full.B.shape[1])
+            if (D, M, K) == (full.A.shape[1], full.B.shape[0], full.B.shape[1]):
+                self._layer_bases[key] = full
+            else:
+                self._layer_bases[key] = Bases(A=full.A[:, :D].contiguous(), B=full.B[:M, :K].contiguous())
+                self._bases.pop(key, None)
+        return self._layer_bases[key]
+
     def _verify(self, bases: Bases) -> None:
         actual, expected = bases.sha256(), self.header.bases_sha256
         if actual == expected:
@@ -100,7 +120,7 @@ class RandloraAdapter:
     def delta(self, key: str, device: str | torch.device = "cpu") -> torch.Tensor:
         """The reference ΔW of weight ``key`` in its stored shape, float32."""
         layer = self.layers[key]
-        bases = self.bases(device)
+        bases = self.layer_bases(device)
         return reference_delta(layer, peek(self.lambdas, key).to(device), peek(self.gammas, key).to(device), bases.A,
                                bases.B, self.header.scaling)
 

@@ -155,7 +155,7 @@ def _prepare(base, adapters, out, weights, device, dtype, overwrite, precision, 
     for source in sources:  # generate (and checksum-verify) each adapter's shared bases once, before writing
         adapter = getattr(source, "adapter", None)  # a randlora source, or a key-mapped view of one
         if isinstance(adapter, RandloraAdapter):
-            adapter.bases(dev)
+            adapter.layer_bases(dev)  # the prefix the layers read; the full bases are not held while merging
     return base_p, out_p, weights, dev, ckpt, sources, plan
 
 

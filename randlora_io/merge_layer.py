@@ -44,7 +44,7 @@ def add_delta_(weight32: torch.Tensor, source: DeltaSource, key: str, alpha: flo
     if isinstance(source, RandloraSource):
         adapter = source.adapter
         layer = adapter.layers[key]
-        bases = adapter.bases(weight32.device)
+        bases = adapter.layer_bases(weight32.device)
         scale = alpha * adapter.header.scaling
         if precision in ("fp32", "auto") and (kernel == "triton" or (kernel == "auto" and weight32.is_cuda)):
             from .kernels.merge_triton import merge_layer_triton_

@@ -1,6 +1,7 @@
-"""A randlora file's scales are read layer by layer (lazy_tensors.FileTensors): reading and merging an adapter does
-not hold all its λ/γ in memory, yet the adapter still behaves as a dict of tensors (edits persist, a file replaced
-after reading changes nothing)."""
+"""What a merge holds in memory: a randlora file's scales are read layer by layer (lazy_tensors.FileTensors), so
+reading and merging an adapter does not hold all its λ/γ, yet the adapter still behaves as a dict of tensors (edits
+persist, a file replaced after reading changes nothing); and only the prefix of the shared bases the layers read is
+kept (``RandloraAdapter.layer_bases``)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import textwrap
 import torch
 
 from randlora_io.adapter import build_adapter, read_adapter, write_adapter
+from randlora_io.delta import reference_delta
 from randlora_io.lazy_tensors import FileTensors
 from randlora_io.merge_layer import Workspace, add_delta_
 from randlora_io.sources import RandloraSource
@@ -144,3 +146,23 @@ def test_reading_and_merging_does_not_hold_every_layers_scales(tmp_path):
     mapped = int(subprocess.run([sys.executable, "-c", read_script], capture_output=True, text=True, check=True,
                                 env={**os.environ, "PYTHONPATH": os.getcwd()}).stdout.split()[-1])
     assert mapped < 16e6, mapped  # the file is not mapped and touched as a whole by the read
+
+
+def test_layer_bases_keep_only_the_prefix_the_layers_read():
+    """PEFT-sized bases (min_dim = max_dim = the elementwise max of the shapes, 40 here) for layers of D ≤ 24: the
+    merge keeps A[:, :24] and B[:40, :n·r] only, equal to the full bases' prefix; ``bases()`` still gives the full
+    ones afterwards (regenerated and verified), and ΔW is unchanged."""
+    adapter = _adapter()
+    full = adapter.bases()
+    full_A, full_B = full.A.clone(), full.B.clone()
+    deltas = {key: reference_delta(adapter.layers[key], adapter.lambdas[key], adapter.gammas[key], full_A, full_B,
+                                   adapter.header.scaling) for key in LAYERS}
+    assert adapter.header.min_dim == 40 and full_A.shape == (4, 40)
+    cut = adapter.layer_bases()
+    assert cut.A.shape == (4, 24) and cut.B.shape == (40, num_bases(24, 4) * 4)
+    assert cut.A.is_contiguous() and cut.B.is_contiguous()
+    assert torch.equal(cut.A, full_A[:, :24]) and torch.equal(cut.B, full_B[:40, : cut.B.shape[1]])
+    for key in LAYERS:
+        torch.testing.assert_close(_delta(adapter, key), deltas[key], rtol=1e-6, atol=1e-6)
+    again = adapter.bases()
+    assert torch.equal(again.A, full_A) and torch.equal(again.B, full_B)

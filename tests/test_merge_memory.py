@@ -163,6 +163,6 @@ def test_layer_bases_keep_only_the_prefix_the_layers_read():
     assert cut.A.is_contiguous() and cut.B.is_contiguous()
     assert torch.equal(cut.A, full_A[:, :24]) and torch.equal(cut.B, full_B[:40, : cut.B.shape[1]])
     for key in LAYERS:
-        torch.testing.assert_close(_delta(adapter, key), deltas[key], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(_delta(adapter, key), deltas[key], rtol=1e-5, atol=1e-5)
     again = adapter.bases()
     assert torch.equal(again.A, full_A) and torch.equal(again.B, full_B)

@@ -150,6 +150,20 @@ def _peft_kaiming(shape: tuple[int, ...], dtype: torch.dtype, gen: torch.Generat
         return torch.nn.init.kaiming_uniform_(tensor, a=math.sqrt(5), generator=gen)
 
 
+def _peft_ternary(shape: tuple[int, ...], sparsity: float, gen: torch.Generator) -> torch.Tensor:
+    """PEFT's sparse draw ``u = torch.rand(shape)``; −1 where u < 1/(2·sparsity), 1 where u > 1 − 1/(2·sparsity),
+    else 0 (float32), drawn in chunks of rows: CPU ``torch.rand`` consumes the generator serially, so the chunks are
+    the one call's values (tested), without its shape-sized float32 and boolean temporaries (a 7B model's B is
+    11008 × 11008: ~1.5 GB of them)."""
+    out = torch.zeros(shape)
+    for start in range(0, shape[0], _ROW_CHUNK):
+        u = torch.rand((min(_ROW_CHUNK, shape[0] - start), *shape[1:]), generator=gen)
+        rows = out[start: start + u.shape[0]]
+        rows[u < 1 / (2 * sparsity)] = -1
+        rows[u > 1 - 1 / (2 * sparsity)] = 1
+    return out
+
+
 def peft_bases_raw(generator: GeneratorSpec, rank: int, min_dim: int, max_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """PEFT's buffers exactly as it builds them: A (r, 1, min_dim), B (max_dim, N_total, r), in the draw dtype,
     then cast to ``cast_dtype`` when set. The torch call sequence mirrors ``RandLoraModel._init_randlora_A_randlora_B``
@@ -165,13 +179,9 @@ def peft_bases_raw(generator: GeneratorSpec, rank: int, min_dim: int, max_dim: i
         A, B = A / A.std(), B.div_(B.std())
     else:
         sparsity = 3 if generator.kind == "sparse" else math.sqrt(min_dim)
-        A_u = torch.rand((rank, 1, min_dim), generator=gen)
-        B_u = torch.rand((max_dim, n_total, rank), generator=gen)
-        A, B = torch.zeros(A_u.shape), torch.zeros(B_u.shape)
-        for dst, src in ((A, A_u), (B, B_u)):
-            dst[src < 1 / (2 * sparsity)] = -1
-            dst[src > 1 - 1 / (2 * sparsity)] = 1
-        A, B = A / A.std(), B / B.std()
+        A = _peft_ternary((rank, 1, min_dim), sparsity, gen)
+        B = _peft_ternary((max_dim, n_total, rank), sparsity, gen)
+        A, B = A / A.std(), B.div_(B.std())
     if generator.cast_dtype is not None:
         A, B = A.to(_TORCH_DTYPES[generator.cast_dtype]), B.to(_TORCH_DTYPES[generator.cast_dtype])
     return A, B

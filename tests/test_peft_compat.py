@@ -68,3 +68,25 @@ def test_bf16_model_bases_are_cast_like_peft():
     assert torch.equal(A.float(), A_peft) and torch.equal(B.float(), B_peft)
     uncast, _ = peft_bases_raw(GeneratorSpec(name="peft", kind="very_sparse", seed=3, draw_dtype="float32"), 8, 96, 96)
     assert not torch.equal(uncast, A_peft)  # the cast is real: without it the bases differ
+
+
+@pytest.mark.parametrize("kind", ["sparse", "very_sparse"])
+def test_chunked_sparse_draw_equals_peft_at_more_rows_than_a_chunk(kind):
+    """Our sparse draw takes torch.rand in chunks of rows (bounded memory); PEFT draws B in one call. With
+    max_dim = 1100 (> two chunks, not a multiple) PEFT's own ``_init_randlora_A_randlora_B_sparse`` gives the same
+    bits."""
+    import math
+    from types import SimpleNamespace
+
+    from peft import RandLoraConfig
+    from peft.tuners.randlora.model import RandLoraModel
+
+    out_dim, in_dim, r, seed = 1100, 70, 6, 17
+    fake = SimpleNamespace(_find_dim=lambda config: (out_dim, in_dim))
+    config = RandLoraConfig(r=r, projection_prng_key=seed)
+    RandLoraModel._init_randlora_A_randlora_B_sparse(
+        fake, config, "default", sparsity=3 if kind == "sparse" else math.sqrt(in_dim))
+    A, B = peft_bases_raw(GeneratorSpec(name="peft", kind=kind, seed=seed, draw_dtype="float32"), r, in_dim, out_dim)
+    assert B.shape == fake.randlora_B["default"].shape and B.shape[0] > 2 * 512
+    assert torch.equal(A.view(torch.int32), fake.randlora_A["default"].view(torch.int32))
+    assert torch.equal(B.view(torch.int32), fake.randlora_B["default"].view(torch.int32))

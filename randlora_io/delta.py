@@ -24,7 +24,7 @@ def scaled_A(lam: torch.Tensor, A: torch.Tensor, gam: torch.Tensor, dtype: torch
     r, n = lam.shape
     lam, A, gam = lam.to(dtype), A.to(dtype), gam.to(dtype)
     if out is None:
-        S = lam[:, :, None] * A[:, None, :] * gam[None, :, :]
+        S = (lam[:, :, None] * A[:, None, :]).mul_(gam[None, :, :])     # (λ·A)·γ, one temporary
     else:
         S = torch.mul(lam[:, :, None], A[:, None, :], out=out).mul_(gam[None, :, :])
     return S.reshape(r * n, A.shape[1])

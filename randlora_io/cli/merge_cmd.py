@@ -23,8 +23,9 @@ def _options(func):
         click.option("--kernel", type=click.Choice(["auto", "triton", "torch"]), default="auto", show_default=True,
                      help="RandLoRA merge path: the Triton kernel (CUDA) or torch addmm (CPU)."),
         click.option("--precision", type=click.Choice(list(PRECISIONS)), default="auto", show_default=True,
-                     help="ΔW arithmetic: auto (the fastest float32-class path: a sparse x dense product for very "
-                          "sparse bases, exact int8 limbs for ternary bases on AMX CPUs, else fp32), fp32 (the "
+                     help="ΔW arithmetic: auto (the fastest float32-class path: a grouped sparse product for very "
+                          "sparse bases, exact int8 limbs for ternary bases on CPUs with AMX or AVX-512 VNNI, else "
+                          "fp32), fp32 (the "
                           "float32 GEMM the others are tested against), int8 (ternary bases, CPU), or bf16 (opt-in: "
                           "a bf16 GEMM, ΔW rounded to bf16 as PEFT does)."),
         click.option("--ignore-base-fingerprint", is_flag=True,

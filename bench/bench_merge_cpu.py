@@ -9,7 +9,8 @@ its peak RSS.
 
 Run: python bench/bench_merge_cpu.py [--size small|1b|7b] [--kinds dense,sparse,very_sparse]
      [--sides peft,fp32,auto,int8,bf16] [--repeat N] [--workdir DIR] [--rank 32] [--layers L]
-``--size 1b`` (default) is h 2048, i 5632, 12 layers (1.2 GB); ``7b`` is Llama-2-7B's shape (h 4096, i 11008, 32
+A ``--workdir`` that already holds a build (base/ and the kinds' adapters) is reused as it is, so it must come from a
+run with the same --size, --layers and --rank. ``--size 1b`` (default) is h 2048, i 5632, 12 layers (1.2 GB); ``7b`` is Llama-2-7B's shape (h 4096, i 11008, 32
 layers, vocab 32000, 13.5 GB, 10 GB shards: needs ~30 GB of disk and, for PEFT, ~30 GB of RAM); ``small`` is a
 seconds-long smoke run (tests/test_merge_fastpaths.py runs it).
 """
@@ -146,8 +147,13 @@ def main() -> None:
         return worker(args.worker, Path(args.workdir), args.kinds[0])
     with workdir(args.workdir, "bench-merge-") as work:
         common_args = ["--size", args.size, "--layers", str(args.layers), "--rank", str(args.rank)]
-        subprocess.run([sys.executable, __file__, "--worker", "build", *work_arg, str(work), *common_args,
-                        "--kinds", ",".join(args.kinds)], check=True)  # own process: its RSS is not counted
+        built = (work / "base" / "config.json").exists() and all(
+            (work / f"adapter-{kind}.safetensors").exists() and (work / f"peft-{kind}").is_dir() for kind in args.kinds)
+        if built:  # a --workdir kept from an earlier run of the same --size/--layers/--rank (a 7b build takes minutes)
+            print(f"reusing the checkpoint and adapters in {work}")
+        else:
+            subprocess.run([sys.executable, __file__, "--worker", "build", *work_arg, str(work), *common_args,
+                            "--kinds", ",".join(args.kinds)], check=True)  # own process: its RSS is not counted
         print(machine_line())
         ratios: dict[tuple[str, str], list[tuple[float, float]]] = {}
         for run in range(1, args.repeat + 1):  # the sides alternate, so drift of the machine hits all of them

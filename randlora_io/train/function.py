@@ -69,7 +69,7 @@ def forward_merged(T: int, out_f: int, in_f: int) -> bool:
 def backward_cost(plan_grad_x: str | None, plan_dS: str | None, T: int, out_f: int, in_f: int, K: int) -> int:
     """Multiply-adds of the backward beyond the base gradient g W (T·M·D, paid by every plan or by none)."""
     M, D = max(out_f, in_f), min(out_f, in_f)
-    cost = {"merged": M * K * D, "factored": T * K * (M + D), None: 0}[plan_grad_x]
+    cost = M * K * D if plan_grad_x == "merged" else T * K * (M + D) if plan_grad_x == "factored" else 0
     if plan_dS == "gram":
         cost += T * M * D + M * K * D
     elif plan_dS == "projected":  # g U_B (T·M·K) is the factored input gradient's first product when in ≤ out
@@ -80,14 +80,14 @@ def backward_cost(plan_grad_x: str | None, plan_dS: str | None, T: int, out_f: i
 def choose_backward(mode: str | Plan, can_merge: bool, need_x: bool, need_scales: bool, T: int, out_f: int,
                     in_f: int, K: int) -> tuple[str | None, str | None]:
     """The backward's (grad_x, dS) plan: forced by ``mode`` where possible, else the fewest multiply-adds."""
-    xs = (["merged"] if can_merge else []) + ["factored"] if need_x else [None]
+    xs = ((["merged"] if can_merge else []) + ["factored"]) if need_x else [None]
     ds = ["gram", "projected"] if need_scales else [None]
     if isinstance(mode, Plan):
         xs = [mode.grad_x] if mode.grad_x in xs else xs
         ds = [mode.dS] if mode.dS in ds else ds
-    elif mode == "merged":
+    elif mode == "merged" and can_merge:      # W + s·ΔW for the input gradient, dS = U_Bᵀ (gᵀ x)
         xs, ds = xs[:1], ds[:1]
-    elif mode == "factored":
+    elif mode in ("merged", "factored"):      # ΔW never formed; dS the cheaper way
         xs = xs[-1:]
     best, best_cost = (xs[0], ds[0]), backward_cost(xs[0], ds[0], T, out_f, in_f, K)
     for x in xs:  # a plain loop (torch.compile traces it; min(key=...) would break its graph)

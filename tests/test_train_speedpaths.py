@@ -176,30 +176,24 @@ def test_auto_skips_the_gradients_nobody_wants(requires):
     assert part < full
 
 
-def test_an_attached_llama_step_equals_the_reference_layer():
+def test_an_attached_llama_step_equals_the_reference_layer(monkeypatch):
     """The whole model: a training step through the attached layers (auto plans: merged forward, mixed backward at
     these shapes) gives the same loss and λ/γ gradients as the same model run through the reference formula."""
+    from test_train import randomise
     from tiny_models import tiny_llama
 
     import randlora_io.train.layer as layer_module
 
     ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(0))
     results = []
-    for fn in (layer_module.randlora_linear, None):
+    for reference in (False, True):
         model = tiny_llama()
         handle = attach(model, RandloraConfig(r=4, seed=1))
-        gen = torch.Generator().manual_seed(3)
-        with torch.no_grad():
-            for p in handle.parameters():
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
-        saved = layer_module.randlora_linear
-        if fn is None:  # the reference formula in every layer (a mode argument it does not take is dropped)
-            layer_module.randlora_linear = lambda *a, **k: randlora_linear_reference(*a[:9])
-        try:
-            loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
-        finally:
-            layer_module.randlora_linear = saved
+        randomise(handle, seed=3)
+        if reference:  # the reference formula in every layer (the mode argument it does not take is dropped)
+            monkeypatch.setattr(layer_module, "randlora_linear", lambda *a, **k: randlora_linear_reference(*a[:9]))
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
         results.append((loss.detach(), [p.grad.clone() for p in handle.parameters()]))
     (loss, got), (ref_loss, expected) = results
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)

@@ -4,6 +4,8 @@ checkpoints, plain-line logs, instruction data with the loss on the completion o
 from __future__ import annotations
 
 import json
+import math
+import sys
 
 import pytest
 import torch
@@ -151,33 +153,78 @@ def test_chat_messages_use_the_template_and_train_on_the_last_answer(llama_dir, 
                           "bad_chat.jsonl:1", "assistant")
 
 
-def test_a_directory_is_read_as_a_datasets_dir_or_refused_clearly(llama_dir, tmp_path):
-    directory = tmp_path / "saved_dataset"
-    directory.mkdir()
-    try:
-        import datasets  # noqa: F401
-    except ImportError:
-        assert_one_line_error(run_cli("train", llama_dir, directory, "-o", tmp_path / "o.safetensors", check=False),
-                              "saved_dataset", "pip install datasets")
-        return
-    from datasets import Dataset
+def test_a_datasets_dir_is_read_as_its_rows(llama_dir, tmp_path):
+    """A ``save_to_disk`` dir gives the same examples as the JSONL file of its rows; a DatasetDict's ``train`` split
+    is the one read (its ``test`` split is not trained on); a dir without one is one line."""
+    from datasets import Dataset, DatasetDict
 
     rows = [{"input_ids": [(s + 3 * j) % 50 for j in range(40)]} for s in range(24)]
+    directory = tmp_path / "saved_dataset"
     Dataset.from_list(rows).save_to_disk(str(directory))
     jsonl = tmp_path / "same.jsonl"
     jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert torch.equal(load_examples(directory, 16, 128).input_ids, load_examples(jsonl, 16, 128).input_ids)
+    split = tmp_path / "split"
+    DatasetDict({"train": Dataset.from_list(rows), "test": Dataset.from_list(rows[:2])}).save_to_disk(str(split))
+    assert torch.equal(load_examples(split, 16, 128).input_ids, load_examples(jsonl, 16, 128).input_ids)
+    no_train = tmp_path / "no_train"
+    DatasetDict({"validation": Dataset.from_list(rows)}).save_to_disk(str(no_train))
+    assert_one_line_error(run_cli("train", llama_dir, no_train, "-o", tmp_path / "o.safetensors", check=False),
+                          "no_train", "'train' split")
+    empty = tmp_path / "empty_dir"
+    empty.mkdir()
+    assert_one_line_error(run_cli("train", llama_dir, empty, "-o", tmp_path / "o.safetensors", check=False),
+                          "empty_dir", "not a datasets dir")
+    assert not (tmp_path / "o.safetensors").exists()
 
 
-def test_tensorboard_logs_or_a_clear_error(llama_dir, tmp_path):
-    data = pattern_data(tmp_path / "d.jsonl", rows=4)
+def test_a_datasets_dir_of_prompt_completion_rows_trains_through_the_cli(llama_dir, tmp_path):
+    from datasets import Dataset
+
+    word_tokenizer(llama_dir)
+    directory = tmp_path / "sft_dataset"
+    Dataset.from_list([{"prompt": "what did the cat do ?", "completion": "the cat sat on the mat"}] * 8
+                      ).save_to_disk(str(directory))
+    out = tmp_path / "sft.safetensors"
+    run_cli("train", llama_dir, directory, "-o", out, "--r", "4", "--steps", "3", "--seq-len", "24")
+    assert read_adapter(out).layers
+
+
+def test_without_the_datasets_package_a_directory_is_one_line(llama_dir, tmp_path, monkeypatch):
+    directory = tmp_path / "saved_dataset"
+    directory.mkdir()
+    monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets → ImportError, as when not installed
+    assert_one_line_error(run_cli("train", llama_dir, directory, "-o", tmp_path / "o.safetensors", check=False),
+                          "saved_dataset", "pip install datasets")
+
+
+def test_tensorboard_logs_loss_lr_and_eval_loss(llama_dir, tmp_path):
+    """The event file holds one train/loss and train/lr point per step (the values the plain log prints) and the
+    final eval loss."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    data = pattern_data(tmp_path / "d.jsonl", rows=8)
     board = tmp_path / "runs"
-    result = run_cli("train", llama_dir, data, "-o", tmp_path / "o.safetensors", "--r", "4", "--steps", "2",
-                     "--seq-len", "16", "--tensorboard", board, check=False)
-    try:
-        import tensorboard  # noqa: F401
-    except ImportError:
-        assert_one_line_error(result, "--tensorboard", "pip install tensorboard")
-        assert not (tmp_path / "o.safetensors").exists()
-        return
-    assert result.exit_code == 0 and any(board.iterdir())
+    result = run_cli("train", llama_dir, data, "-o", tmp_path / "o.safetensors", "--r", "4", "--steps", "3",
+                     "--seq-len", "16", "--log-every", "1", "--eval-split", "0.25", "--tensorboard", board)
+    events = EventAccumulator(str(board))
+    events.Reload()
+    assert {"train/loss", "train/lr", "eval/loss"} <= set(events.Tags()["scalars"])
+    losses = events.Scalars("train/loss")
+    assert [e.step for e in losses] == [1, 2, 3]
+    logged = [float(line.split(" loss ")[1].split()[0]) for line in result.output.splitlines()
+              if line.startswith("step ") and " loss " in line and "eval" not in line]
+    assert logged == pytest.approx([e.value for e in losses], abs=1e-4)
+    assert all(math.isfinite(e.value) for e in events.Scalars("eval/loss"))
+
+
+def test_tensorboard_missing_or_unwritable_is_one_line(llama_dir, tmp_path, monkeypatch):
+    data = pattern_data(tmp_path / "d.jsonl", rows=4)
+    out = tmp_path / "o.safetensors"
+    args = ("train", llama_dir, data, "-o", out, "--r", "4", "--steps", "2", "--seq-len", "16", "--tensorboard")
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a dir")
+    assert_one_line_error(run_cli(*args, blocker, check=False), "a_file")
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as when tensorboard is not installed
+    assert_one_line_error(run_cli(*args, tmp_path / "runs", check=False), "--tensorboard", "pip install tensorboard")
+    assert not out.exists()

@@ -24,8 +24,10 @@ _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF
 
 
 def can_read_lazily(header: SafetensorsHeader, names: list[str]) -> bool:
-    """True when every named tensor is a float dtype this module reads byte for byte (little-endian host)."""
-    return sys.byteorder == "little" and all(header.tensors[n].dtype in _DTYPES for n in names)
+    """True when every named tensor is a float dtype this module reads byte for byte (a little-endian host with
+    positional reads; elsewhere the caller loads the file whole, as before)."""
+    return (sys.byteorder == "little" and hasattr(os, "preadv")
+            and all(header.tensors[n].dtype in _DTYPES for n in names))
 
 
 class FileTensors(MutableMapping):

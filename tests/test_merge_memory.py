@@ -166,3 +166,17 @@ def test_layer_bases_keep_only_the_prefix_the_layers_read():
         torch.testing.assert_close(_delta(adapter, key), deltas[key], rtol=1e-5, atol=1e-5)
     again = adapter.bases()
     assert torch.equal(again.A, full_A) and torch.equal(again.B, full_B)
+
+
+def test_hosts_without_positional_reads_load_the_file_whole(tmp_path, monkeypatch):
+    """Where the lazy read is not available (no os.preadv, a big-endian host) the scales are loaded as plain dicts
+    and merge to the same ΔW."""
+    import randlora_io.adapter as adapter_module
+
+    write_adapter(_adapter(), tmp_path / "a.safetensors")
+    lazy = read_adapter(tmp_path / "a.safetensors")
+    monkeypatch.setattr(adapter_module, "can_read_lazily", lambda header, names: False)
+    eager = read_adapter(tmp_path / "a.safetensors")
+    assert type(eager.lambdas) is dict and isinstance(lazy.lambdas, FileTensors)
+    for key in LAYERS:
+        assert torch.equal(_delta(eager, key), _delta(lazy, key))

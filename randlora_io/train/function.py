@@ -128,16 +128,13 @@ class RandloraLinearFunction(torch.autograd.Function):
         in_is_min = in_f <= out_f
         if merged:  # W + s·ΔW formed transiently: one GEMM over the tokens instead of three
             return F.linear(x, _merged_weight(weight, U, S, in_is_min), bias)
-        # the adapter's last product accumulates onto the base output (one pass over (T, out), no temporary)
-        if weight is None:
-            y = torch.zeros(T, out_f, dtype=dt, device=xf.device)
-        else:
-            y = F.linear(x, weight, bias).reshape(T, out_f).to(dt)
-        if in_is_min:   # D = in: y += (xd (sS)ᵀ) U_Bᵀ
-            y.addmm_(xf @ S.T, U.T)
-        else:           # D = out: y += (xd U_B) (sS)
-            y.addmm_(xf @ U, S)
-        return y.reshape(*x.shape[:-1], out_f).to(x.dtype if weight is not None else dt)
+        # D = in: (xd (sS)ᵀ) U_Bᵀ;  D = out: (xd U_B) (sS). The last product accumulates onto the base output (one
+        # pass over (T, out), no temporary)
+        left, right = (xf @ S.T, U.T) if in_is_min else (xf @ U, S)
+        if weight is None:  # the adapter path alone, float32
+            return (left @ right).reshape(*x.shape[:-1], out_f)
+        y = F.linear(x, weight, bias).reshape(T, out_f).to(dt).addmm_(left, right)
+        return y.reshape(*x.shape[:-1], out_f).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):

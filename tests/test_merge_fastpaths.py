@@ -396,3 +396,38 @@ def test_sparse_path_refuses_non_finite_scales_even_where_A_is_zero():
     gam[:] = 1e30
     lam[:] = 1e30
     assert not ternary_merge.add_ternary_sparse_(target, basis, lam, A, gam, 1.0)
+
+
+@pytest.mark.parametrize("case", range(12))
+def test_sparse_path_on_random_layer_sets(case, monkeypatch):
+    """Random layer sets (shapes, orientation, Conv1D, rank, generator, kind, λ/γ spread): every layer through the
+    grouped sparse path (density line lifted) within the float32 GEMM bound of float64, element by element; and
+    through ``auto`` with the model's real line (int8 limbs on a CPU with fast int8, else float32 here: tiny models
+    are not very sparse) within float32 class of it (relative Frobenius error ≤ 16× the float32 GEMM's: the limbs'
+    bound is relative to each column's largest term, test_int8_limbs_within_the_stated_bound_of_float64)."""
+    gen = torch.Generator().manual_seed(100 + case)
+
+    def randint(low, high):
+        return int(torch.randint(low, high + 1, (1,), generator=gen))
+
+    layers = {}
+    for i in range(randint(1, 4)):
+        out_f, in_f = randint(1, 70), randint(1, 70)
+        layers[f"l{i}.weight"] = ((out_f, in_f), bool(randint(0, 1)))
+    r = randint(1, min(min(shape) for shape, _ in layers.values()))
+    name = ("peft", "philox")[case % 2]
+    kind = ("very_sparse", "sparse")[(case // 2) % 2]
+    adapter = _adapter(name, kind, layers=layers, r=r, spread=float(randint(0, 3)))
+    if ternary_basis(adapter.bases().B) is None:
+        pytest.skip("bases drew no nonzero")  # an all-zero tiny very_sparse basis
+    auto = {key: _merged(adapter, key, "auto") for key in layers}
+    monkeypatch.setattr(ternary_merge, "SPARSE_MAX_DENSITY", 1.0)
+    for key in layers:
+        exact, bound = _fp32_gemm_bound(adapter, key)
+        got = _merged(adapter, key, "auto").double()
+        assert bool(((got - exact).abs() <= bound).all()), key
+        fp32 = _merged(adapter, key, "fp32").double()
+        norm = float(exact.norm())
+        if norm > 0:
+            rel_auto = float((auto[key].double() - exact).norm()) / norm
+            assert rel_auto <= max(16 * float((fp32 - exact).norm()) / norm, 2**-21), key

@@ -31,8 +31,8 @@ columns J_i (about D/√min_dim of them) are all that group touches. Per group::
     ΔW[:, J_i] += s · (c·b_i) @ S_i[:, J_i]        b_i = b[:M, i·n:(i+1)·n] as a float32 CSR matrix (M, n)
 
 with S_i[:, J_i] (n, |J_i|) built from λ, A, γ directly (the same float32 products as ``scaled_A``; the full S is never
-formed). The work is nnz(b)·D/√min_dim multiply-adds instead of M·K·D: 6× less than a CSR × dense product at a 7B
-shape, 3× at 1B (bench/RESULTS.md). Float32 arithmetic, the products of the reference GEMM minus its exact zeros,
+formed). The work is nnz(b)·D/√min_dim multiply-adds instead of M·K·D: one layer takes 1/17 (1B shape) to 1/34
+(7B shape) of the float32 GEMM's time, and 1/3 to 1/6 of a CSR × dense S product's (bench/RESULTS.md). Float32 arithmetic, the products of the reference GEMM minus its exact zeros,
 summed per group (n terms) and then over the groups touching an element (≤ r adds): the float32 GEMM's bound
 K·2⁻²⁴·|s|·Σ|B||S| holds (n + r ≤ K + 1), plus one rounding relative to |W| per group add into a nonzero W.
 

@@ -16,7 +16,7 @@ import torch
 from .basis import Bases, bases_for_header, check_bases_budget
 from .delta import reference_delta
 from .errors import AdapterShapeError, BasisMismatchError, HeaderError, NonFiniteError
-from .lazy_tensors import FileTensors, can_read_lazily, peek
+from .lazy_tensors import FileTensors, can_read_lazily, numel, peek
 from .safetensors_io import has_metadata_key, load_tensors, read_header, save_safetensors
 from .spec import (METADATA_KEY, AdapterHeader, GeneratorSpec, LayerSpec, header_from_json, num_bases, parse_header,
                    shared_dims)
@@ -125,7 +125,7 @@ class RandloraAdapter:
                                bases.B, self.header.scaling)
 
     def trainable_parameters(self) -> int:
-        return sum(peek(table, key).numel() for table in (self.lambdas, self.gammas) for key in table)
+        return sum(numel(table, key) for table in (self.lambdas, self.gammas) for key in table)
 
 
 def validate_tensors(adapter: RandloraAdapter) -> None:

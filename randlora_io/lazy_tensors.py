@@ -10,6 +10,7 @@ atomic rename) does not change what is read. Copies and pickles of the mapping a
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import weakref
@@ -102,6 +103,15 @@ class FileTensors(MutableMapping):
 
     def __reduce__(self):
         return (dict, (dict(self.items()),))
+
+
+def numel(table: Mapping[str, torch.Tensor], key: str) -> int:
+    """The number of elements of ``table[key]``, from the file's header when the tensor has not been read."""
+    if isinstance(table, FileTensors) and key not in table._kept:
+        if key not in table._entries:
+            raise KeyError(key)
+        return math.prod(table._entries[key].shape)
+    return table[key].numel()
 
 
 def peek(table: Mapping[str, torch.Tensor], key: str) -> torch.Tensor:

@@ -56,6 +56,8 @@ def test_scales_are_read_on_demand_and_kept_only_when_indexed(tmp_path):
     lam = adapter.lambdas["a.weight"]
     assert adapter.lambdas["a.weight"] is lam and torch.equal(lam, original.lambdas["a.weight"])
     assert adapter.trainable_parameters() == original.trainable_parameters()
+    adapter.lambdas["b.weight"] = torch.zeros(1)  # an assigned tensor is counted as it is now
+    assert adapter.trainable_parameters() == original.trainable_parameters() - original.lambdas["b.weight"].numel() + 1
 
 
 def test_in_place_edits_and_assignments_reach_the_merge(tmp_path):

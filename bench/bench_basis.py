@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from randlora_io.basis import generate_bases
-from randlora_io.spec import GeneratorSpec, num_bases
+from randlora_io.format.basis import generate_bases
+from randlora_io.format.spec import GeneratorSpec, num_bases
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import machine_line  # noqa: E402

@@ -33,9 +33,9 @@ def meta_shapes(layers: int) -> dict[str, tuple[int, ...]]:
 def build(work: Path, layers: int, rank: int) -> None:
     import torch
 
-    from randlora_io.adapter import build_adapter
-    from randlora_io.converters.peft_randlora import adapter_to_peft_randlora
-    from randlora_io.spec import GeneratorSpec, num_bases
+    from randlora_io.format.adapter import build_adapter
+    from randlora_io.sources.peft_randlora import adapter_to_peft_randlora
+    from randlora_io.format.spec import GeneratorSpec, num_bases
 
     shapes = meta_shapes(layers)
     gen = torch.Generator().manual_seed(0)
@@ -50,12 +50,12 @@ def build(work: Path, layers: int, rank: int) -> None:
 def worker(kind: str, work: Path, layers: int) -> None:
     start = time.perf_counter()
     if kind == "peft_to_randlora":
-        from randlora_io.adapter import write_adapter
-        from randlora_io.converters.peft_randlora import peft_randlora_to_adapter
+        from randlora_io.format.adapter import write_adapter
+        from randlora_io.sources.peft_randlora import peft_randlora_to_adapter
 
         write_adapter(peft_randlora_to_adapter(work / "peft", meta_shapes(layers)), work / "a.safetensors")
     elif kind == "randlora_to_dense":
-        from randlora_io.convert import convert
+        from randlora_io.convert.run import convert
 
         convert(work / "a.safetensors", work / "dense.safetensors", "dense")
     else:

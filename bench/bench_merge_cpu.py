@@ -85,9 +85,9 @@ def build_adapters(work: Path, shapes: dict[str, tuple[int, ...]], rank: int, ki
     generator; ternary bases cast to bf16 as PEFT does on a bf16 model)."""
     import torch
 
-    from randlora_io.adapter import build_adapter, write_adapter
-    from randlora_io.converters.peft_randlora import adapter_to_peft_randlora
-    from randlora_io.spec import GeneratorSpec, num_bases
+    from randlora_io.format.adapter import build_adapter, write_adapter
+    from randlora_io.sources.peft_randlora import adapter_to_peft_randlora
+    from randlora_io.format.spec import GeneratorSpec, num_bases
 
     layers = {k: (s, False) for k, s in shapes.items() if any(f".{t}." in k for t in TARGETS) and k.endswith("weight")}
     gen = torch.Generator().manual_seed(1)
@@ -108,8 +108,8 @@ def build_adapters(work: Path, shapes: dict[str, tuple[int, ...]], rank: int, ki
 
 def auto_choice(work: Path, kind: str) -> str:
     """What ``--precision auto`` runs for this kind on this CPU (``ternary_merge.auto_path``)."""
-    from randlora_io.adapter import read_adapter
-    from randlora_io.ternary_merge import auto_path, ternary_basis
+    from randlora_io.format.adapter import read_adapter
+    from randlora_io.merge.ternary import auto_path, ternary_basis
 
     return auto_path(ternary_basis(read_adapter(work / f"adapter-{kind}.safetensors").bases().B))
 
@@ -128,7 +128,7 @@ def worker(side: str, work: Path, kind: str) -> None:
         model = PeftModel.from_pretrained(model, work / f"peft-{kind}").merge_and_unload()
         model.save_pretrained(out, max_shard_size="400MB")
     else:
-        from randlora_io.merge import merge
+        from randlora_io.merge.plan import merge
 
         merge(work / "base", [work / f"adapter-{kind}.safetensors"], out, device="cpu", precision=side)
     inner = time.perf_counter() - start

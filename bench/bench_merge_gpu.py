@@ -67,10 +67,10 @@ def peft_linear(out_f: int, in_f: int, r: int, device: torch.device):
 def bench_layer(out_f: int, in_f: int, r: int, device: torch.device,
                 repeats: int) -> tuple[dict[str, tuple[float, float]], float]:
     """{method: (median s, peak extra MiB)} for one bf16 layer, and the GEMM's FLOP count 2·M·K·D."""
-    from randlora_io.basis import generate_bases
-    from randlora_io.delta import scaled_A
+    from randlora_io.format.basis import generate_bases
+    from randlora_io.format.delta import scaled_A
     from randlora_io.kernels.merge_triton import PRECISIONS, merge_layer_reference_, merge_layer_triton_
-    from randlora_io.spec import GeneratorSpec, LayerSpec, num_bases
+    from randlora_io.format.spec import GeneratorSpec, LayerSpec, num_bases
 
     D, M = min(out_f, in_f), max(out_f, in_f)
     n = num_bases(D, r)
@@ -139,7 +139,7 @@ def bench_model_swap(shapes: dict[str, tuple[int, int]], r: int, device: torch.d
     """``apply_adapter`` + ``remove_adapter`` of a philox RandLoRA adapter on all projections of a bf16 model made of
     bare ``nn.Linear`` layers of ``shapes``: median seconds of each, peak extra device memory, exact restore check."""
     from randlora_io import apply_adapter, build_adapter, remove_adapter
-    from randlora_io.spec import GeneratorSpec, num_bases
+    from randlora_io.format.spec import GeneratorSpec, num_bases
 
     model = torch.nn.Module()
     for key, (out_f, in_f) in shapes.items():

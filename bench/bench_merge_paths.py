@@ -23,9 +23,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent.parent))
 from common import machine_line  # noqa: E402
 
-from randlora_io.delta import scaled_A  # noqa: E402
-from randlora_io.merge_layer import Workspace, _addmm_bf16_  # noqa: E402
-from randlora_io.ternary_merge import add_ternary_int8_, add_ternary_sparse_, ternary_basis  # noqa: E402
+from randlora_io.format.delta import scaled_A  # noqa: E402
+from randlora_io.merge.layer import Workspace, _addmm_bf16_  # noqa: E402
+from randlora_io.merge.ternary import add_ternary_int8_, add_ternary_sparse_, ternary_basis  # noqa: E402
 
 SHAPES = {"1b": (5632, 2048, 5632), "7b": (11008, 4096, 11008)}  # (M, D, model-wide min_dim)
 

@@ -59,7 +59,8 @@ def claim(dim: int, r: int, steps: int, target: str) -> dict:
     import torch
     from peft import LoraConfig, RandLoraConfig, get_peft_model
 
-    from randlora_io.train import RandloraConfig, attach
+    from randlora_io.train import RandloraConfig
+    from randlora_io.train import attach
 
     gen = torch.Generator().manual_seed(42)
     teacher = mlp(dim)
@@ -124,7 +125,8 @@ def worker(method: str, hidden: int, layers: int, r: int, lora_k: int, batch: in
                          num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64, vocab_size=4096)
     model = LlamaForCausalLM(config)
     if method == "ours":
-        from randlora_io.train import RandloraConfig, attach
+        from randlora_io.train import RandloraConfig
+        from randlora_io.train import attach
 
         handle = attach(model, RandloraConfig(r=r, target_modules=TARGETS))
         params, shared = handle.parameters(), [handle.shared.on("cpu").A, handle.shared.on("cpu").B]

@@ -13,7 +13,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from randlora_io.train import RandloraConfig, attach, load_into
+from randlora_io.train import RandloraConfig, load_into
+from randlora_io.train import attach
 
 from train_torch_loop import batches, example_args, tiny_llama  # noqa: E402  (shared with the plain-loop example)
 

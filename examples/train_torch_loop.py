@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from randlora_io.train import RandloraConfig, attach, load_into
+from randlora_io.train import RandloraConfig, load_into
+from randlora_io.train import attach
 
 
 def tiny_llama() -> LlamaForCausalLM:

@@ -13,7 +13,8 @@ import tempfile
 import torch
 from transformers import TrainingArguments
 
-from randlora_io.train import RandloraConfig, RandloraTrainer, attach
+from randlora_io.train import RandloraConfig, RandloraTrainer
+from randlora_io.train import attach
 
 from train_torch_loop import example_args, tiny_llama  # noqa: E402  (shared with the plain-loop example)
 

@@ -1,12 +1,12 @@
 """randlora-io: a compact, bit-exact file format for RandLoRA adapters, and the tools around it."""
 
-from .adapter import RandloraAdapter, build_adapter, read_adapter, write_adapter
-from .basis import Bases, generate_bases
-from .delta import reference_delta
+from .format.adapter import RandloraAdapter, build_adapter, read_adapter, write_adapter
+from .format.basis import Bases, generate_bases
+from .format.delta import reference_delta
 from .errors import RandloraError
-from .merge import merge, merge_into_state_dict
-from .spec import AdapterHeader, GeneratorSpec, LayerSpec
-from .swap import apply_adapter, remove_adapter
+from .merge.plan import merge, merge_into_state_dict
+from .format.spec import AdapterHeader, GeneratorSpec, LayerSpec
+from .merge.swap import apply_adapter, remove_adapter
 
 __all__ = [
     "AdapterHeader", "Bases", "GeneratorSpec", "LayerSpec", "RandloraAdapter", "RandloraError", "apply_adapter",

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Iterator
 
 from .errors import HubError, OutputExistsError, RandloraError, SourceFormatError
-from .atomic import atomic_directory
+from .checkpoint.atomic import atomic_directory
 
 HUB_PREFIX = "hub:"
 CARD_NAME = "README.md"
@@ -151,7 +151,7 @@ def model_card(path: str | os.PathLike, repo_id: str) -> str:
     if isinstance(info.get("base_model"), dict):
         base = info["base_model"].get("id")
     if base is None and kind.startswith("peft-"):
-        from .converters.peft_dir import read_peft_config
+        from .sources.peft_dir import read_peft_config
 
         name = read_peft_config(path).get("base_model_name_or_path")
         base = name if isinstance(name, str) and name and not Path(name).is_absolute() else None
@@ -265,7 +265,7 @@ def _verify_snapshot(api, repo_id: str, commit: str, snapshot: Path, where: str)
 
 def find_adapter(folder: str | os.PathLike) -> Path:
     """The adapter in a downloaded repo: the folder itself when it is a PEFT dir, else its one adapter file."""
-    from .sources import detect_kind
+    from .sources.registry import detect_kind
 
     folder = Path(folder)
     if (folder / "adapter_config.json").is_file():

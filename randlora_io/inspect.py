@@ -8,16 +8,16 @@ from typing import Any
 
 import torch
 
-from .adapter import read_adapter
-from .converters.dense import read_dense
-from .converters.peft_dir import read_peft_dir
-from .converters.peft_lora import read_peft_lora
-from .converters.peft_params import read_param_layers
-from .converters.peft_randlora import PEFT_TYPE, peft_kind, peft_scale_tensors
-from .disk import path_bytes
+from .format.adapter import read_adapter
+from .sources.dense import read_dense
+from .sources.peft_dir import read_peft_dir
+from .sources.peft_lora import read_peft_lora
+from .sources.peft_params import read_param_layers
+from .sources.peft_randlora import PEFT_TYPE, peft_kind, peft_scale_tensors
+from .checkpoint.disk import path_bytes
 from .errors import NonFiniteError
-from .lazy_tensors import peek
-from .sources import base_info_from_config, base_shapes_from_config, detect_kind, open_source
+from .checkpoint.lazy_tensors import peek
+from .sources.registry import base_info_from_config, base_shapes_from_config, detect_kind, open_source
 
 
 def _layer_row(key: str, shape, r: int, n: int | None, tensors: list[torch.Tensor]) -> dict[str, Any]:

@@ -10,9 +10,9 @@ import torch
 from conftest import assert_one_line_error, run_cli
 from tiny_models import peft_layer_deltas, peft_lora, peft_randlora, tiny_gpt2, tiny_llama
 
-from randlora_io.adapter import build_adapter, read_adapter
-from randlora_io.converters.dense import read_dense, write_dense
-from randlora_io.sources import RandloraSource
+from randlora_io.format.adapter import build_adapter, read_adapter
+from randlora_io.sources.dense import read_dense, write_dense
+from randlora_io.sources.registry import RandloraSource
 
 GPT2_TARGETS = ["c_attn", "c_fc", "c_proj"]
 
@@ -130,7 +130,7 @@ def test_random_full_rank_fit_reports_the_measured_error(tmp_path):
     g = torch.Generator().manual_seed(3)
     deltas = {"a.weight": torch.randn(32, 20, generator=g), "b.weight": torch.randn(20, 20, generator=g)}
     write_dense(deltas, tmp_path / "d.safetensors")
-    from randlora_io.convert import convert
+    from randlora_io.convert.run import convert
 
     report = convert(tmp_path / "d.safetensors", tmp_path / "f.safetensors", "randlora", rank=4, seed=1)
     fitted = read_adapter(tmp_path / "f.safetensors")
@@ -150,13 +150,13 @@ def test_to_peft_lora_is_within_1pct_of_eckart_young(tmp_path):
 
     shapes = {"model.a.weight": ((48, 32), False), "model.b.weight": ((32, 48), False)}
     adapter = make_adapter(seed=2, r=4, shapes=shapes)
-    from randlora_io.adapter import write_adapter
+    from randlora_io.format.adapter import write_adapter
 
     write_adapter(adapter, tmp_path / "a.safetensors")
     k = 6
     result = run_cli("convert", tmp_path / "a.safetensors", tmp_path / "lora", "--to", "peft-lora", "--rank", k)
     assert "kept energy" in result.output
-    from randlora_io.converters.peft_lora import read_peft_lora
+    from randlora_io.sources.peft_lora import read_peft_lora
 
     lora = read_peft_lora(tmp_path / "lora")
     for key in shapes:
@@ -170,7 +170,7 @@ def test_to_peft_lora_is_within_1pct_of_eckart_young(tmp_path):
 def test_randlora_file_to_dense_matches_reference(tmp_path):
     from test_format import make_adapter
 
-    from randlora_io.adapter import write_adapter
+    from randlora_io.format.adapter import write_adapter
 
     adapter = make_adapter(seed=4, r=3)
     write_adapter(adapter, tmp_path / "a.safetensors")
@@ -276,7 +276,7 @@ def test_existing_output_is_refused_and_untouched(tmp_path, peft_dir_and_base):
 
 def test_build_adapter_refuses_bad_rank():
     from randlora_io.errors import HeaderError
-    from randlora_io.spec import GeneratorSpec
+    from randlora_io.format.spec import GeneratorSpec
 
     with pytest.raises(HeaderError, match="rank"):
         build_adapter(generator=GeneratorSpec(name="philox", kind="dense", seed=0), rank=0, alpha=1.0,
@@ -314,7 +314,7 @@ def fp16_drawn(monkeypatch):
 
 
 def test_peft_dense_bases_drawn_in_float16_need_and_take_the_draw_dtype(tmp_path, fp16_drawn):
-    from randlora_io.convert import convert
+    from randlora_io.convert.run import convert
     from test_merge import _compare, _load_state, _peft_merged_state
 
     base = _save_base(tiny_llama(), tmp_path / "base")
@@ -407,7 +407,7 @@ def test_peft_dir_with_only_the_shared_bases_reads_and_can_be_written(tmp_path):
 
 def test_merge_into_state_dict_casts_sparse_bases_to_the_state_dict_dtype(tmp_path):
     """The library merge of a PEFT dir into a bf16 state dict: W + ΔW rounded once, ΔW with PEFT's bf16 bases."""
-    from randlora_io.merge import merge_into_state_dict
+    from randlora_io.merge.plan import merge_into_state_dict
 
     pm = peft_randlora(tiny_llama(dtype=torch.bfloat16), r=6, seed=13, sparse=True)
     pm.save_pretrained(tmp_path / "peft")

@@ -52,11 +52,11 @@ def test_two_processes_write_the_same_bytes_as_one(sharded, tmp_path):
 def test_a_failure_in_one_process_fails_all_and_leaves_nothing(sharded, tmp_path):
     """A NaN in a weight of the last shard (rank 0 takes the largest shards first, so its owner varies): every
     process fails, OUT never appears, the temp dir is gone, and the reason is printed once."""
-    from randlora_io.converters.dense import METADATA_KEY
+    from randlora_io.sources.dense import METADATA_KEY
 
     index = json.loads((sharded / "base" / "model.safetensors.index.json").read_text())
     proj = {s: k for k, s in sorted(index["weight_map"].items(), reverse=True) if k.endswith("proj.weight")}
-    from randlora_io.distributed import share_out
+    from randlora_io.merge.distributed import share_out
 
     split = share_out({s: (sharded / "base" / s).stat().st_size for s in sorted(set(index["weight_map"].values()))}, 2)
     picks = [next(s for s in split[rank] if s in proj) for rank in (0, 1)]  # one shard owned by each rank

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from conftest import assert_one_line_error, run_cli
 from tiny_models import tiny_gpt2, tiny_llama
-from randlora_io.dora import dora_merge_, dora_reference
+from randlora_io.merge.dora import dora_merge_, dora_reference
 
 
 def _dora(model, targets, fan_in_fan_out=False, seed=5):

@@ -12,9 +12,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-from randlora_io.adapter import build_adapter, read_adapter, write_adapter
+from randlora_io.format.adapter import build_adapter, read_adapter, write_adapter
 from randlora_io.errors import HeaderError, RandloraError
-from randlora_io.spec import METADATA_KEY, SPARSE_THRESHOLD, GeneratorSpec, num_bases
+from randlora_io.format.spec import METADATA_KEY, SPARSE_THRESHOLD, GeneratorSpec, num_bases
 
 
 def make_adapter(seed=0, r=4, shapes=None, kind="dense", generator="philox", alpha=8.0, dtype=torch.float32,

@@ -120,8 +120,8 @@ def _json_paths(obj, prefix=()):
 def test_fuzz_randlora_header_values(seeds, tmp_path_factory, data):
     """The randlora header (a JSON string inside the safetensors metadata) with one value replaced or dropped at any
     depth: validate and convert refuse in one line or work; the tensors themselves are left as they are."""
-    from randlora_io.adapter import METADATA_KEY
-    from randlora_io.safetensors_io import load_tensors, read_header
+    from randlora_io.format.adapter import METADATA_KEY
+    from randlora_io.checkpoint.safetensors_io import load_tensors, read_header
     from safetensors.torch import save_file
 
     src = seeds / "a.safetensors"

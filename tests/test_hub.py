@@ -76,7 +76,7 @@ def test_push_then_pull_is_bit_identical_with_a_model_card(hub, adapter_file, tm
 
 
 def test_card_is_kept_when_the_folder_has_one_and_revisions_are_branches(hub, tmp_path):
-    from randlora_io.converters.peft_randlora import adapter_to_peft_randlora
+    from randlora_io.sources.peft_randlora import adapter_to_peft_randlora
 
     peft_dir = tmp_path / "peft"
     adapter_to_peft_randlora(make_adapter(seed=1, generator="peft"), peft_dir)
@@ -92,7 +92,7 @@ def test_card_is_kept_when_the_folder_has_one_and_revisions_are_branches(hub, tm
 
 def test_a_pushed_peft_dir_loads_in_peft_from_the_hub(hub, tmp_path):
     """PEFT users can PeftModel.from_pretrained(repo) on what `convert --to peft-randlora` + push uploaded."""
-    from randlora_io.convert import convert
+    from randlora_io.convert.run import convert
 
     from tiny_models import peft_randlora, tiny_llama
 
@@ -135,8 +135,8 @@ def test_offline_with_a_warm_cache_works_and_a_cold_cache_says_so(hub, adapter_f
 
 
 def test_merge_and_convert_accept_hub_sources(hub, tmp_path):
-    from randlora_io.convert import convert
-    from randlora_io.merge import merge
+    from randlora_io.convert.run import convert
+    from randlora_io.merge.plan import merge
 
     from tiny_models import tiny_llama
 

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from randlora_io.basis import generate_bases, philox_block_numpy
+from randlora_io.format.basis import generate_bases, philox_block_numpy
 from randlora_io.kernels.merge_triton import merge_layer_reference_, merge_layer_triton_, philox_block_triton
-from randlora_io.philox import MATRIX_A, MATRIX_B
-from randlora_io.spec import SPARSE_THRESHOLD, GeneratorSpec, LayerSpec, very_sparse_threshold
+from randlora_io.format.philox import MATRIX_A, MATRIX_B
+from randlora_io.format.spec import SPARSE_THRESHOLD, GeneratorSpec, LayerSpec, very_sparse_threshold
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -142,7 +142,7 @@ def test_split_limb_arithmetic_error_is_within_its_stated_bound(u_kind):
 
 def _w0_merge(B: torch.Tensor, precision: str = "split", gen: GeneratorSpec | None = None):
     """ΔW = U·S through the kernel on a zero fp32 weight (scaling 1), its float64 value, and U, S."""
-    from randlora_io.delta import scaled_A
+    from randlora_io.format.delta import scaled_A
 
     r, D, M = 4, 24, 40
     n = -(-D // r)

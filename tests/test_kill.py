@@ -15,8 +15,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from randlora_io.adapter import build_adapter, write_adapter
-from randlora_io.spec import GeneratorSpec
+from randlora_io.format.adapter import build_adapter, write_adapter
+from randlora_io.format.spec import GeneratorSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -12,7 +12,7 @@ from conftest import assert_one_line_error, run_cli
 from safetensors.torch import load_file
 from tiny_models import peft_lora, peft_randlora, tiny_gpt2, tiny_llama
 
-from randlora_io.adapter import read_adapter
+from randlora_io.format.adapter import read_adapter
 
 GPT2_TARGETS = ["c_attn", "c_fc", "c_proj"]
 
@@ -203,7 +203,7 @@ def test_two_adapters_weighted_and_unmerge(tmp_path):
 
 
 def test_merge_into_state_dict_matches_the_cli(tmp_path):
-    from randlora_io.merge import merge_into_state_dict
+    from randlora_io.merge.plan import merge_into_state_dict
 
     base = tmp_path / "base"
     model = tiny_llama()
@@ -253,13 +253,13 @@ def test_shape_mismatch(tmp_path, setup):
 
 def test_nan_result_is_refused(tmp_path, setup):
     base, _ = setup
-    from randlora_io.converters.dense import write_dense
+    from randlora_io.sources.dense import write_dense
 
     state = _load_state(base)
     key = "model.layers.0.self_attn.q_proj.weight"
     from safetensors.torch import save_file
 
-    from randlora_io.converters.dense import METADATA_KEY
+    from randlora_io.sources.dense import METADATA_KEY
 
     save_file({key: torch.full_like(state[key], float("inf"))}, str(tmp_path / "inf.safetensors"),  # write_dense refuses
               metadata={METADATA_KEY: json.dumps({"format_version": "1.0"})})

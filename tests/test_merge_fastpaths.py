@@ -14,15 +14,15 @@ from conftest import assert_one_line_error, run_cli
 from safetensors.torch import load_file
 from tiny_models import peft_randlora, tiny_gpt2, tiny_llama
 
-from randlora_io import ternary_merge
-from randlora_io.adapter import build_adapter
-from randlora_io.basis import peft_bases_raw
-from randlora_io.delta import scaled_A, to_stored_orientation
+from randlora_io.merge import ternary as ternary_merge
+from randlora_io.format.adapter import build_adapter
+from randlora_io.format.basis import peft_bases_raw
+from randlora_io.format.delta import scaled_A, to_stored_orientation
 from randlora_io.errors import UnsupportedPrecisionError
-from randlora_io.merge_layer import PRECISIONS, Workspace, add_delta_
-from randlora_io.sources import RandloraSource
-from randlora_io.spec import SPARSE_THRESHOLD, GeneratorSpec, num_bases, very_sparse_threshold
-from randlora_io.ternary_merge import LIMB_BASE, LIMBS, limb_bound, split_limbs, ternary_basis
+from randlora_io.merge.layer import PRECISIONS, Workspace, add_delta_
+from randlora_io.sources.registry import RandloraSource
+from randlora_io.format.spec import SPARSE_THRESHOLD, GeneratorSpec, num_bases, very_sparse_threshold
+from randlora_io.merge.ternary import LIMB_BASE, LIMBS, limb_bound, split_limbs, ternary_basis
 
 U = 2.0**-24  # float32 unit roundoff
 
@@ -268,7 +268,7 @@ def test_cli_merge_int8_equals_peft(tmp_path, arch, kind):
 def test_library_merge_auto_sparse_equals_peft(tmp_path, monkeypatch):
     """The grouped sparse path through the whole streaming merge (PEFT dir read directly, both orientations of a Llama's
     projections): equal to PEFT's merge_and_unload. The density line is lifted so a tiny model takes it."""
-    from randlora_io.merge import merge
+    from randlora_io.merge.plan import merge
 
     monkeypatch.setattr(ternary_merge, "SPARSE_MAX_DENSITY", 1.0)
     ran = []

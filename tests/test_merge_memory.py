@@ -14,12 +14,12 @@ import textwrap
 
 import torch
 
-from randlora_io.adapter import build_adapter, read_adapter, write_adapter
-from randlora_io.delta import reference_delta
-from randlora_io.lazy_tensors import FileTensors
-from randlora_io.merge_layer import Workspace, add_delta_
-from randlora_io.sources import RandloraSource
-from randlora_io.spec import GeneratorSpec, num_bases
+from randlora_io.format.adapter import build_adapter, read_adapter, write_adapter
+from randlora_io.format.delta import reference_delta
+from randlora_io.checkpoint.lazy_tensors import FileTensors
+from randlora_io.merge.layer import Workspace, add_delta_
+from randlora_io.sources.registry import RandloraSource
+from randlora_io.format.spec import GeneratorSpec, num_bases
 
 LAYERS = {"a.weight": ((24, 40), False), "b.weight": ((40, 24), False), "c.weight": ((17, 30), True)}
 
@@ -115,10 +115,10 @@ def test_reading_and_merging_does_not_hold_every_layers_scales(tmp_path):
     assert path.stat().st_size > 60e6
     script = textwrap.dedent(f"""
         import torch
-        from randlora_io.adapter import read_adapter
-        from randlora_io.lazy_tensors import peek
-        from randlora_io.merge_layer import Workspace, add_delta_
-        from randlora_io.sources import RandloraSource
+        from randlora_io.format.adapter import read_adapter
+        from randlora_io.checkpoint.lazy_tensors import peek
+        from randlora_io.merge.layer import Workspace, add_delta_
+        from randlora_io.sources.registry import RandloraSource
         def hwm():
             for line in open("/proc/self/status"):
                 if line.startswith("VmHWM:"):
@@ -136,7 +136,7 @@ def test_reading_and_merging_does_not_hold_every_layers_scales(tmp_path):
                                env={**os.environ, "PYTHONPATH": os.getcwd()}).stdout.split()[-1])
     assert grown < 16e6, grown
     read_script = textwrap.dedent(f"""
-        from randlora_io.adapter import read_adapter
+        from randlora_io.format.adapter import read_adapter
         def rss_file():
             for line in open("/proc/self/status"):
                 if line.startswith("RssFile:"):
@@ -173,7 +173,7 @@ def test_layer_bases_keep_only_the_prefix_the_layers_read():
 def test_hosts_without_positional_reads_load_the_file_whole(tmp_path, monkeypatch):
     """Where the lazy read is not available (no os.preadv, a big-endian host) the scales are loaded as plain dicts
     and merge to the same ΔW."""
-    import randlora_io.adapter as adapter_module
+    from randlora_io.format import adapter as adapter_module
 
     write_adapter(_adapter(), tmp_path / "a.safetensors")
     lazy = read_adapter(tmp_path / "a.safetensors")

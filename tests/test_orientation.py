@@ -16,7 +16,7 @@ from test_merge import _compare, _load_state
 from tiny_archs import ARCHS, bert2gpt2, untied_gpt2
 from tiny_models import peft_lora, peft_randlora, tiny_llama
 
-from randlora_io.adapter import read_adapter, write_adapter
+from randlora_io.format.adapter import read_adapter, write_adapter
 
 
 def _peft_loaded_merge(make_model, adapter_dir) -> dict[str, torch.Tensor]:
@@ -76,7 +76,7 @@ def test_gpt2_saved_projection_and_lora_to_dense_take_orientation_from_the_base(
     pm.save_pretrained(tmp_path / "peft")
     from tiny_models import peft_layer_deltas
 
-    from randlora_io.converters.dense import read_dense
+    from randlora_io.sources.dense import read_dense
 
     expected = peft_layer_deltas(pm)
     run_cli("convert", tmp_path / "peft", tmp_path / "d.safetensors", "--to", "dense", "--base", base)
@@ -143,7 +143,7 @@ def test_randlora_file_with_a_wrong_orientation_is_refused(tmp_path):
     peft_randlora(untied_gpt2(), r=6, seed=3, targets=["attn.c_proj"]).save_pretrained(tmp_path / "peft")
     run_cli("convert", tmp_path / "peft", tmp_path / "a.safetensors", "--to", "randlora", "--base", base)
     adapter = read_adapter(tmp_path / "a.safetensors")
-    from randlora_io.adapter import build_adapter
+    from randlora_io.format.adapter import build_adapter
 
     wrong = build_adapter(generator=adapter.header.generator, rank=adapter.header.rank, alpha=adapter.header.alpha,
                           layers={k: (l.shape, False) for k, l in adapter.layers.items()}, lambdas=adapter.lambdas,
@@ -158,7 +158,7 @@ def test_conv1d_table_covers_every_transformers_architecture_that_builds_conv1d(
     builds a Conv1D, with exactly the leaf names it builds them under."""
     import transformers
 
-    from randlora_io.base_model import CONV1D_LAYERS
+    from randlora_io.checkpoint.base_model import CONV1D_LAYERS
 
     models = Path(transformers.__file__).parent / "models"
     users = {}

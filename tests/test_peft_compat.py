@@ -6,10 +6,10 @@ import pytest
 import torch
 from tiny_models import peft_layer_deltas, peft_randlora, tiny_gpt2, tiny_llama
 
-from randlora_io.adapter import peft_shared_dims
-from randlora_io.basis import peft_bases_raw
-from randlora_io.delta import reference_delta
-from randlora_io.spec import GeneratorSpec, LayerSpec, num_bases
+from randlora_io.format.adapter import peft_shared_dims
+from randlora_io.format.basis import peft_bases_raw
+from randlora_io.format.delta import reference_delta
+from randlora_io.format.spec import GeneratorSpec, LayerSpec, num_bases
 
 GPT2_TARGETS = ["c_attn", "c_fc", "c_proj"]
 

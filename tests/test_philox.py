@@ -11,9 +11,9 @@ from conftest import ROOT
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from randlora_io.basis import generate_bases, philox_block_numpy, philox_block_torch
-from randlora_io.philox import basis_bits_numpy, philox4x32_numpy, philox4x32_torch
-from randlora_io.spec import SPARSE_THRESHOLD, GeneratorSpec
+from randlora_io.format.basis import generate_bases, philox_block_numpy, philox_block_torch
+from randlora_io.format.philox import basis_bits_numpy, philox4x32_numpy, philox4x32_torch
+from randlora_io.format.spec import SPARSE_THRESHOLD, GeneratorSpec
 
 GOLDEN = json.loads((ROOT / "spec" / "vectors" / "golden.json").read_text())
 
@@ -50,15 +50,15 @@ def test_golden_basis_elements():
 
 
 def test_golden_delta_probes():
-    from randlora_io.delta import reference_delta
-    from randlora_io.spec import LayerSpec, num_bases
+    from randlora_io.format.delta import reference_delta
+    from randlora_io.format.spec import LayerSpec, num_bases
 
     for entry in GOLDEN["delta_probes"]:
         gen = _gen(entry)
         shape, fan, r = tuple(entry["shape"]), entry["fan_in_fan_out"], entry["rank"]
         layer = LayerSpec(key="w", shape=shape, fan_in_fan_out=fan, num_bases=num_bases(min(shape), r))
         bases = generate_bases(gen, r, min(shape), max(shape))
-        from randlora_io.spec import normalisation
+        from randlora_io.format.spec import normalisation
 
         scaling = entry["alpha"] / r * normalisation(gen)
         delta = reference_delta(layer, torch.tensor(entry["lambda"]), torch.tensor(entry["gamma"]), bases.A, bases.B,

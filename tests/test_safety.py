@@ -80,7 +80,7 @@ def test_out_that_appears_during_the_merge_is_never_replaced(models, tmp_path, m
     """Two merges into one OUT without --overwrite: the second to finish fails and the first's OUT stays."""
     import sys
 
-    merge_mod = sys.modules["randlora_io.merge"]  # the package exports the function under the module's name
+    merge_mod = sys.modules["randlora_io.merge.plan"]  # the package exports the function under the module's name
     out = tmp_path / "out"
     real = merge_mod.stream_rewrite
 
@@ -99,7 +99,7 @@ def test_out_that_appears_during_the_merge_is_never_replaced(models, tmp_path, m
 
 def test_overwrite_swaps_in_one_step(models, tmp_path, monkeypatch):
     """With --overwrite there is no moment without OUT: the old one is never moved away before the new one is in."""
-    import randlora_io.atomic as atomic
+    from randlora_io.checkpoint import atomic as atomic
 
     out = tmp_path / "out"
     run_cli("merge", models / "base", models / "a.safetensors", "-o", out)
@@ -170,7 +170,8 @@ def test_non_finite_or_out_of_range_weight_is_refused(models, tmp_path, weight):
 
 
 def _trained_adapter(tmp_path, model):
-    from randlora_io.train import RandloraConfig, attach
+    from randlora_io.train import RandloraConfig
+    from randlora_io.train import attach
 
     handle = attach(model, RandloraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     with torch.no_grad():
@@ -198,7 +199,7 @@ def test_base_fingerprint_is_checked_on_merge(tmp_path):
 
 
 def test_stale_single_file_beside_shards_is_refused(tmp_path, models):
-    from randlora_io.checkpoint import open_checkpoint
+    from randlora_io.checkpoint.directory import open_checkpoint
 
     sharded = tmp_path / "sharded"
     tiny_llama().save_pretrained(sharded, max_shard_size="100KB")
@@ -224,7 +225,7 @@ def test_dtype_float16_never_turns_an_untouched_tensor_into_inf(models, tmp_path
 
 
 def test_convert_to_dense_never_writes_inf(tmp_path):
-    from randlora_io.adapter import read_adapter, write_adapter
+    from randlora_io.format.adapter import read_adapter, write_adapter
 
     path = tmp_path / "a.safetensors"
     peft_randlora(tiny_llama(), r=6, seed=3).save_pretrained(tmp_path / "peft")
@@ -241,7 +242,7 @@ def test_convert_to_dense_never_writes_inf(tmp_path):
 
 
 def test_zero_size_dense_delta_is_refused(tmp_path):
-    from randlora_io.converters.dense import METADATA_KEY
+    from randlora_io.sources.dense import METADATA_KEY
 
     path = tmp_path / "z.safetensors"
     save_file({KEY: torch.zeros(0, 45000)}, str(path), metadata={METADATA_KEY: json.dumps({"format_version": "1.0"})})
@@ -323,7 +324,7 @@ def test_library_warnings_do_not_add_lines_to_a_refusal(models, tmp_path, monkey
 
     from randlora_io.errors import SourceFormatError
 
-    merge_mod = sys.modules["randlora_io.merge"]
+    merge_mod = sys.modules["randlora_io.merge.plan"]
 
     def noisy(path, *args, **kwargs):
         warnings.warn("The given buffer is not writable", UserWarning)
@@ -375,7 +376,7 @@ def test_projection_prng_key_true_is_refused(tmp_path, models):
 
 @pytest.mark.parametrize("to", ["randlora", "dense"])
 def test_convert_never_replaces_a_file_that_appeared_meanwhile(models, tmp_path, monkeypatch, to):
-    import randlora_io.atomic as atomic
+    from randlora_io.checkpoint import atomic as atomic
 
     dst = tmp_path / f"{to}.safetensors"
     real = atomic._install_new
@@ -411,7 +412,7 @@ def test_lora_factors_declaring_a_huge_layer_are_refused_before_allocating(tmp_p
 def test_atomic_outputs_with_and_without_renameat2(tmp_path, monkeypatch, renameat2):
     """Where the file system lacks renameat2 (old kernels, some network file systems) the fallbacks keep the same
     promises: a new entry never replaces one that appeared, --overwrite replaces, failures leave nothing."""
-    import randlora_io.atomic as atomic
+    from randlora_io.checkpoint import atomic as atomic
     from randlora_io.errors import OutputExistsError
 
     if not renameat2:
@@ -449,7 +450,8 @@ def test_fingerprint_of_an_adapter_trained_under_in_memory_names_is_checked_in_c
     checkpoint saved under others (vit.encoder.layer.N...): the right base passes, another is refused."""
     from tiny_models import tiny_vit_classifier
 
-    from randlora_io.train import RandloraConfig, attach
+    from randlora_io.train import RandloraConfig
+    from randlora_io.train import attach
 
     model = tiny_vit_classifier(seed=0)
     model.save_pretrained(tmp_path / "right")

@@ -13,10 +13,10 @@ import torch
 from conftest import assert_one_line_error, run_cli
 from safetensors.torch import save_file
 
-from randlora_io.adapter import peft_shared_dims, read_adapter
-from randlora_io.basis import BASES_BUDGET_ENV, bases_nbytes, generate_bases
+from randlora_io.format.adapter import peft_shared_dims, read_adapter
+from randlora_io.format.basis import BASES_BUDGET_ENV, bases_nbytes, generate_bases
 from randlora_io.errors import AdapterShapeError, BasesTooLargeError, HeaderError, RandloraError
-from randlora_io.spec import GeneratorSpec
+from randlora_io.format.spec import GeneratorSpec
 
 
 def _big_layer_file(path, dim: int, rank: int, sha: bool = False) -> None:

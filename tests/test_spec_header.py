@@ -12,9 +12,9 @@ from conftest import assert_one_line_error, run_cli
 from safetensors.torch import save_file
 from test_format import make_adapter
 
-from randlora_io.adapter import read_adapter, write_adapter
+from randlora_io.format.adapter import read_adapter, write_adapter
 from randlora_io.errors import BasisMismatchError, HeaderError
-from randlora_io.spec import FORMAT_VERSION, LayerSpec, parse_header
+from randlora_io.format.spec import FORMAT_VERSION, LayerSpec, parse_header
 
 
 def _with_header_text(tmp_path, text: str):
@@ -82,7 +82,7 @@ def test_verify_on_read_can_be_deferred(tmp_path):
 
 def test_unknown_fingerprint_algorithms_are_ignored():
     """SPEC §7: only ``sha256-weights:`` is defined; a tool ignores other prefixes instead of refusing the file."""
-    from randlora_io.fingerprint import recorded_fingerprint
+    from randlora_io.format.fingerprint import recorded_fingerprint
 
     assert recorded_fingerprint({"fingerprint": "md5:0123"}) is None
     assert recorded_fingerprint({"fingerprint": None}) is None
@@ -93,7 +93,7 @@ def test_unknown_fingerprint_algorithms_are_ignored():
 
 def test_cast_dtype_rule_for_mixed_dtype_bases():
     """SPEC §4.3: one half dtype among float32 layers is a cast to it; bfloat16 with float16 is refused (or stored)."""
-    from randlora_io.base_model import BaseModelInfo, half_cast_dtype
+    from randlora_io.checkpoint.base_model import BaseModelInfo, half_cast_dtype
     from randlora_io.errors import RandloraError
 
     def info(*dtypes):

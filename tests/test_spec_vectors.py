@@ -13,12 +13,12 @@ import pytest
 import torch
 from conftest import ROOT, assert_one_line_error, run_cli
 
-from randlora_io.adapter import read_adapter, write_adapter
-from randlora_io.basis import bits_to_values_numpy, bits_to_values_torch, generate_bases, peft_bases_raw, peft_bases_to_spec
-from randlora_io.delta import reference_delta
+from randlora_io.format.adapter import read_adapter, write_adapter
+from randlora_io.format.basis import (bits_to_values_numpy, bits_to_values_torch, generate_bases, peft_bases_raw, peft_bases_to_spec)
+from randlora_io.format.delta import reference_delta
 from randlora_io.errors import RandloraError
-from randlora_io.safetensors_io import read_header
-from randlora_io.spec import GeneratorSpec, LayerSpec, num_bases
+from randlora_io.checkpoint.safetensors_io import read_header
+from randlora_io.format.spec import GeneratorSpec, LayerSpec, num_bases
 
 VECTORS = ROOT / "spec" / "vectors"
 GOLDEN = json.loads((VECTORS / "golden.json").read_text())

@@ -12,9 +12,9 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from randlora_io.errors import SafetensorsFormatError
-from randlora_io.safetensors_io import read_header
-from randlora_io.shard_writer import BLOCK, SequentialWriter
-from randlora_io.stream import stream_rewrite
+from randlora_io.checkpoint.safetensors_io import read_header
+from randlora_io.checkpoint.shard_writer import BLOCK, SequentialWriter
+from randlora_io.checkpoint.stream import stream_rewrite
 
 OPS = st.lists(st.tuples(st.sampled_from(["write", "copy"]), st.integers(0, 5 * BLOCK + 7)), max_size=12)
 

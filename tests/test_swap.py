@@ -11,10 +11,10 @@ from conftest import run_cli
 from tiny_models import peft_randlora, tiny_gpt2, tiny_llama
 
 from randlora_io import apply_adapter, merge_into_state_dict, remove_adapter
-from randlora_io.adapter import read_adapter
+from randlora_io.format.adapter import read_adapter
 from randlora_io.errors import AdapterStateError, BaseModelMismatchError, NonFiniteError
-from randlora_io.sources import DenseSource
-from randlora_io.swap import applied_adapters
+from randlora_io.sources.registry import DenseSource
+from randlora_io.merge.swap import applied_adapters
 
 MODELS = {"llama": (tiny_llama, None), "gpt2": (tiny_gpt2, ["c_attn", "c_fc", "c_proj"])}
 
@@ -178,7 +178,7 @@ def test_backups_are_compact_and_exact_whatever_the_update_size(tmp_path):
     """bf16: a small update (≈ 2 % of W) keeps the int8 ulp difference plus the few far-moved elements, well under a
     copy; an update that moves many elements far (sign flips) keeps the whole original; fp32 always keeps a copy.
     All restore bit for bit."""
-    from randlora_io.swap import _APPLIED
+    from randlora_io.merge.swap import _APPLIED
 
     adapter = make_adapter(tmp_path, "llama")
     for dtype in (torch.bfloat16, torch.float32):

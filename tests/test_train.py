@@ -11,10 +11,10 @@ from conftest import assert_one_line_error, run_cli
 from safetensors.torch import load_file
 from tiny_models import LLAMA_TARGETS, peft_randlora, tiny_gpt2, tiny_llama
 
-from randlora_io.adapter import read_adapter
+from randlora_io.format.adapter import read_adapter
 from randlora_io.errors import BaseModelMismatchError, HeaderError
-from randlora_io.train import (RandloraConfig, RandloraLayer, attach, load_into, randlora_linear,
-                               randlora_linear_reference)
+from randlora_io.train import RandloraConfig, RandloraLayer, load_into, randlora_linear, randlora_linear_reference
+from randlora_io.train import attach
 from randlora_io.train.loop import train_causal_lm
 
 IDS = torch.randint(0, 90, (2, 11), generator=torch.Generator().manual_seed(0))

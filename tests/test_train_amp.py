@@ -7,7 +7,8 @@ import pytest
 import torch
 from tiny_models import tiny_llama
 
-from randlora_io.train import RandloraConfig, attach, randlora_linear, randlora_linear_reference
+from randlora_io.train import RandloraConfig, randlora_linear, randlora_linear_reference
+from randlora_io.train import attach
 
 # autocast rounds the layer input and the base weight to 8 (bf16) or 11 (fp16) mantissa bits before the base GEMM;
 # the gradients that come back through it are off from float32 by a few of those roundings, relative to their norm

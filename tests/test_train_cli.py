@@ -12,7 +12,7 @@ import torch
 from conftest import assert_one_line_error, run_cli
 from test_train import write_pattern_data
 
-from randlora_io.adapter import read_adapter
+from randlora_io.format.adapter import read_adapter
 from randlora_io.train import RandloraConfig
 from randlora_io.train.data import IGNORE, load_examples
 from randlora_io.train.loop import train_causal_lm

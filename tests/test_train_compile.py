@@ -6,7 +6,8 @@ import pytest
 import torch
 from tiny_models import tiny_llama
 
-from randlora_io.train import RandloraConfig, attach
+from randlora_io.train import RandloraConfig
+from randlora_io.train import attach
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])

@@ -14,7 +14,7 @@ import pytest
 import torch
 from train_dist_worker import single
 
-from randlora_io.adapter import read_adapter
+from randlora_io.format.adapter import read_adapter
 
 HERE = Path(__file__).parent
 EXAMPLES = HERE.parent / "examples"
@@ -70,7 +70,8 @@ class _CallWrapper(torch.nn.Module):
 
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
 def test_a_base_wrapped_after_attach_is_called_not_read(dropout):
-    from randlora_io.train import RandloraConfig, attach
+    from randlora_io.train import RandloraConfig
+    from randlora_io.train import attach
 
     def build():
         torch.manual_seed(0)

@@ -10,7 +10,8 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from randlora_io.train import RandloraConfig, attach, randlora_linear, randlora_linear_reference
+from randlora_io.train import RandloraConfig, randlora_linear, randlora_linear_reference
+from randlora_io.train import attach
 from randlora_io.train.function import Plan, randlora_update
 
 PLANS = [Plan(f, x, d) for f, x, d in itertools.product(["merged", "factored"], ["merged", "factored"],

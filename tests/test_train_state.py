@@ -9,7 +9,8 @@ from test_train import logits, randomise  # shared helpers
 from tiny_models import tiny_gpt2, tiny_llama
 
 from randlora_io.errors import AdapterStateError, HeaderError
-from randlora_io.train import RandloraConfig, attach
+from randlora_io.train import RandloraConfig
+from randlora_io.train import attach
 
 
 def weights(model):

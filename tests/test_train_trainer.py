@@ -9,7 +9,8 @@ import torch
 from tiny_models import tiny_gpt2, tiny_llama
 
 from randlora_io.errors import AdapterStateError
-from randlora_io.train import RandloraConfig, RandloraTrainer, attach
+from randlora_io.train import RandloraConfig, RandloraTrainer
+from randlora_io.train import attach
 
 IDS = torch.randint(0, 90, (2, 11), generator=torch.Generator().manual_seed(0))   # in both tiny vocabularies
 

@@ -20,7 +20,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from tiny_models import tiny_llama  # noqa: E402
 
 from randlora_io.errors import AdapterShapeError  # noqa: E402
-from randlora_io.train import RandloraConfig, RandloraLayer, attach  # noqa: E402
+from randlora_io.train import RandloraConfig, RandloraLayer  # noqa: E402
+from randlora_io.train import attach
 
 STEPS, LR, ROWS, LENGTH = 3, 1e-2, 4, 12
 

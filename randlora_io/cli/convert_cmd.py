@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ..convert import TARGETS, convert
+from ..convert.run import TARGETS, convert
 from .errors import handle_errors
 
 

@@ -8,7 +8,7 @@ import signal
 
 import click
 
-from ..distributed import is_quiet_rank
+from ..merge.distributed import is_quiet_rank
 from ..errors import RandloraError
 
 _STATE = {"debug": False}

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ..merge import OUT_DTYPES, PRECISIONS, merge
+from ..merge.plan import OUT_DTYPES, PRECISIONS, merge
 from .convert_cmd import draw_dtype_arg, peft_draw_dtype_option, print_notes
 from .errors import handle_errors
 

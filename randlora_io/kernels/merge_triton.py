@@ -25,9 +25,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ..delta import reference_delta
-from ..philox import PHILOX_M0, PHILOX_M1, PHILOX_W0, PHILOX_W1, split_seed
-from ..spec import GeneratorSpec, LayerSpec
+from ..format.delta import reference_delta
+from ..format.philox import PHILOX_M0, PHILOX_M1, PHILOX_W0, PHILOX_W1, split_seed
+from ..format.spec import GeneratorSpec, LayerSpec
 
 _KIND_CODE = {"dense": 0, "sparse": 1, "very_sparse": 1}
 _M0, _M1 = tl.constexpr(PHILOX_M0), tl.constexpr(PHILOX_M1)

@@ -8,11 +8,11 @@ import re
 import torch
 from torch import nn
 
-from ..adapter import peft_shared_dims, read_adapter
-from ..basis import Bases
+from ..format.adapter import peft_shared_dims, read_adapter
+from ..format.basis import Bases
 from ..errors import AdapterShapeError, BaseModelMismatchError, HeaderError
-from ..fingerprint import base_fingerprint, recorded_fingerprint
-from ..spec import GeneratorSpec, normalisation
+from ..format.fingerprint import base_fingerprint, recorded_fingerprint
+from ..format.spec import GeneratorSpec, normalisation
 from . import hf_save
 from .config import ALL_LINEAR, RandloraConfig
 from .handle import AttachHandle, set_module

@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass, field
 
 from ..errors import HeaderError
-from ..spec import SPARSE_THRESHOLD, GeneratorSpec, very_sparse_threshold
+from ..format.spec import SPARSE_THRESHOLD, GeneratorSpec, very_sparse_threshold
 
 GENERATORS = ("philox", "peft")
 KINDS = ("dense", "sparse", "very_sparse")

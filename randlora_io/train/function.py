@@ -29,7 +29,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from ..delta import scaled_A
+from ..format.delta import scaled_A
 
 
 class Plan(NamedTuple):

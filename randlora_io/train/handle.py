@@ -24,10 +24,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..adapter import RandloraAdapter, build_adapter, read_adapter, write_adapter
+from ..format.adapter import RandloraAdapter, build_adapter, read_adapter, write_adapter
 from ..errors import AdapterShapeError, AdapterStateError, BasisMismatchError
-from ..fingerprint import base_fingerprint
-from ..spec import GeneratorSpec
+from ..format.fingerprint import base_fingerprint
+from ..format.spec import GeneratorSpec
 from . import hf_save
 from .config import RandloraConfig
 from .layer import RandloraLayer, SharedBases

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..basis import Bases, generate_bases
-from ..delta import reference_delta
-from ..spec import GeneratorSpec, LayerSpec
+from ..format.basis import Bases, generate_bases
+from ..format.delta import reference_delta
+from ..format.spec import GeneratorSpec, LayerSpec
 from .function import randlora_linear, randlora_update
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..atomic import check_output_path
+from ..checkpoint.atomic import check_output_path
 from ..errors import OutputExistsError, SourceFormatError
 from ..progress import progress_bar
 from .attach import AttachHandle, attach
@@ -138,7 +138,7 @@ def load_causal_lm(base: str | os.PathLike):
         from transformers import AutoModelForCausalLM, AutoTokenizer
     except ImportError as exc:  # transformers is an extra, not a runtime dependency
         raise SourceFormatError("randlora-io train needs transformers: pip install 'randlora-io[train]'") from exc
-    from ..checkpoint import open_checkpoint
+    from ..checkpoint.directory import open_checkpoint
 
     base = Path(base)
     if not (base / "config.json").is_file():

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ..atomic import atomic_directory
+from ..checkpoint.atomic import atomic_directory
 from ..errors import SourceFormatError
 from .handle import AttachHandle
 

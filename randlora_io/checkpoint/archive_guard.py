@@ -11,7 +11,7 @@ import os
 import zipfile
 from pathlib import Path
 
-from .errors import UnsafeCheckpointError
+from ..errors import UnsafeCheckpointError
 
 SLACK_BYTES = 16 * 1024 * 1024  # room for small compressed entries (pickle data, version records)
 

@@ -13,14 +13,14 @@ from types import MappingProxyType
 
 import torch
 
-from .adapter import RandloraAdapter, is_randlora_file, read_adapter
-from .base_model import BaseModelInfo, base_info_from_checkpoint, layer_orientations
-from .converters.dense import is_dense_file, read_dense
-from .converters.peft_dir import PeftExtras, is_peft_dir, read_peft_config, read_peft_dir
-from .converters.peft_lora import LoraLayer, read_peft_lora
-from .converters.peft_params import ParamLoraLayer, read_param_layers
-from .converters.peft_randlora import peft_randlora_to_adapter
-from .errors import LayerTypeError, SourceFormatError, UnsafeCheckpointError
+from ..format.adapter import RandloraAdapter, is_randlora_file, read_adapter
+from ..checkpoint.base_model import BaseModelInfo, base_info_from_checkpoint, layer_orientations
+from .dense import is_dense_file, read_dense
+from .peft_dir import PeftExtras, is_peft_dir, read_peft_config, read_peft_dir
+from .peft_lora import LoraLayer, read_peft_lora
+from .peft_params import ParamLoraLayer, read_param_layers
+from .peft_randlora import peft_randlora_to_adapter
+from ..errors import LayerTypeError, SourceFormatError, UnsafeCheckpointError
 
 KINDS = ("randlora", "peft-randlora", "peft-lora", "dense")
 
@@ -154,7 +154,7 @@ def detect_kind(path: str | os.PathLike) -> str:
         return "randlora"
     if is_dense_file(path):
         return "dense"
-    from .safetensors_io import read_header
+    from ..checkpoint.safetensors_io import read_header
 
     read_header(path)  # raises a precise error when the file is malformed
     raise SourceFormatError(f"{path}: a safetensors file without randlora or dense-delta metadata")
@@ -168,7 +168,7 @@ def base_shapes_from_config(path: Path) -> dict[str, tuple[int, ...]] | None:
 
 def base_info_from_config(path: Path) -> BaseModelInfo | None:
     """The base model of the PEFT dir's ``base_model_name_or_path`` when it names a local checkpoint dir."""
-    from .checkpoint import open_checkpoint
+    from ..checkpoint.directory import open_checkpoint
 
     name = read_peft_config(path).get("base_model_name_or_path")
     if isinstance(name, str) and name and Path(name).is_dir():

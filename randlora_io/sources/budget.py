@@ -12,7 +12,7 @@ import math
 import os
 from collections.abc import Iterable
 
-from .errors import LayerTooLargeError
+from ..errors import LayerTooLargeError
 
 LAYER_BUDGET_ENV = "RANDLORA_IO_MAX_LAYER_BYTES"
 DEFAULT_MAX_LAYER_BYTES = 16 * 2**30

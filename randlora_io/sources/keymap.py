@@ -29,9 +29,9 @@ from typing import TypeVar
 
 import torch
 
-from .errors import BaseModelMismatchError, SourceFormatError
-from .converters.peft_params import ParamLoraLayer, matches_target, param_delta, param_scaling
-from .sources import DeltaSource
+from ..errors import BaseModelMismatchError, SourceFormatError
+from .peft_params import ParamLoraLayer, matches_target, param_delta, param_scaling
+from .registry import DeltaSource
 
 B = TypeVar("B")
 

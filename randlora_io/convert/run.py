@@ -15,22 +15,22 @@ from pathlib import Path
 
 import torch
 
-from .adapter import RandloraAdapter, build_adapter, peft_shared_dims, write_adapter
-from .atomic import check_output_path
-from .base_model import BaseModelInfo, base_info_from_checkpoint, layer_orientations
-from .basis import generate_bases
-from .budget import check_layer_budget
-from .checkpoint import check_base_copies, open_checkpoint
-from .converters.dense import write_dense
-from .converters.peft_lora import lora_factors, write_peft_lora
-from .converters.peft_randlora import adapter_to_peft_randlora
-from .disk import path_bytes
-from .errors import LayerTypeError, OutputExistsError, RandloraError
+from ..format.adapter import RandloraAdapter, build_adapter, peft_shared_dims, write_adapter
+from ..checkpoint.atomic import check_output_path
+from ..checkpoint.base_model import BaseModelInfo, base_info_from_checkpoint, layer_orientations
+from ..format.basis import generate_bases
+from ..sources.budget import check_layer_budget
+from ..checkpoint.directory import check_base_copies, open_checkpoint
+from ..sources.dense import write_dense
+from ..sources.peft_lora import lora_factors, write_peft_lora
+from ..sources.peft_randlora import adapter_to_peft_randlora
+from ..checkpoint.disk import path_bytes
+from ..errors import LayerTypeError, OutputExistsError, RandloraError
 from .fit import fit_scales
-from .keymap import open_loaded
-from .progress import progress_bar
-from .sources import DeltaSource, DenseSource, RandloraSource, open_source
-from .spec import SPARSE_THRESHOLD, GeneratorSpec, normalisation, num_bases
+from ..sources.keymap import open_loaded
+from ..progress import progress_bar
+from ..sources.registry import DeltaSource, DenseSource, RandloraSource, open_source
+from ..format.spec import SPARSE_THRESHOLD, GeneratorSpec, normalisation, num_bases
 
 TARGETS = ("randlora", "peft-randlora", "peft-lora", "dense")
 PEFT_TARGETS = ("peft-randlora", "peft-lora")  # targets that keep an adapter's modules_to_save / trained biases
@@ -163,7 +163,7 @@ def convert(
     ``shared_projection_only``: with ``--to peft-randlora`` and saved bases, write only PEFT's shared pair."""
     if to not in TARGETS:
         raise ConversionError(f"unknown target {to!r}; choose one of {', '.join(TARGETS)}")
-    from .hub import resolve_adapter_arg
+    from ..hub import resolve_adapter_arg
 
     src = resolve_adapter_arg(src)
     src_p, dst_p = Path(src), Path(dst)

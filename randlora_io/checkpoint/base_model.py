@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import LayerTypeError, SourceFormatError
+from ..errors import LayerTypeError, SourceFormatError
 
 MODEL_CONFIG = "config.json"
 

@@ -15,7 +15,7 @@ import functools
 import mmap
 import os
 
-from .errors import SafetensorsFormatError
+from ..errors import SafetensorsFormatError
 
 BLOCK = 4096  # alignment of O_DIRECT offsets, lengths and buffers: the largest common logical block size
 CHUNK = 8 * 2**20  # bytes per aligned write

@@ -15,11 +15,10 @@ import torch
 
 from .basis import Bases, bases_for_header, check_bases_budget
 from .delta import reference_delta
-from .errors import AdapterShapeError, BasisMismatchError, HeaderError, NonFiniteError
-from .lazy_tensors import FileTensors, can_read_lazily, numel, peek
-from .safetensors_io import has_metadata_key, load_tensors, read_header, save_safetensors
-from .spec import (METADATA_KEY, AdapterHeader, GeneratorSpec, LayerSpec, header_from_json, num_bases, parse_header,
-                   shared_dims)
+from ..errors import AdapterShapeError, BasisMismatchError, HeaderError, NonFiniteError
+from ..checkpoint.lazy_tensors import FileTensors, can_read_lazily, numel, peek
+from ..checkpoint.safetensors_io import has_metadata_key, load_tensors, read_header, save_safetensors
+from .spec import (METADATA_KEY, AdapterHeader, GeneratorSpec, LayerSpec, header_from_json, num_bases, parse_header, shared_dims)
 
 LAMBDA_SUFFIX = ".lambda"
 GAMMA_SUFFIX = ".gamma"

@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .errors import NonFiniteError, UnsupportedPrecisionError
-from .lazy_tensors import peek
-from .sources import DeltaSource, RandloraSource
+from ..errors import NonFiniteError, UnsupportedPrecisionError
+from ..checkpoint.lazy_tensors import peek
+from ..sources.registry import DeltaSource, RandloraSource
 
 PRECISIONS = ("auto", "fp32", "int8", "bf16")
 _BF16_ROWS = 1024  # rows of ΔW per bf16 GEMM: bounds the ΔW buffer and oneDNN's per-shape scratch memory
@@ -47,7 +47,7 @@ def add_delta_(weight32: torch.Tensor, source: DeltaSource, key: str, alpha: flo
         bases = adapter.layer_bases(weight32.device)
         scale = alpha * adapter.header.scaling
         if precision in ("fp32", "auto") and (kernel == "triton" or (kernel == "auto" and weight32.is_cuda)):
-            from .kernels.merge_triton import merge_layer_triton_
+            from ..kernels.merge_triton import merge_layer_triton_
 
             merge_layer_triton_(weight32, layer, peek(adapter.lambdas, key), peek(adapter.gammas, key), bases.A,
                                 bases.B, scale)
@@ -69,7 +69,7 @@ def add_delta_(weight32: torch.Tensor, source: DeltaSource, key: str, alpha: flo
 
 def _scaled(lam: torch.Tensor, A: torch.Tensor, gam: torch.Tensor, workspace: Workspace) -> torch.Tensor:
     """S = λ ⊗ A ⊗ γ (r·n, D) float32 in the workspace (``delta.scaled_A``)."""
-    from .delta import scaled_A
+    from ..format.delta import scaled_A
 
     return scaled_A(lam, A, gam, out=workspace.take("S", (*lam.shape, A.shape[1]), torch.float32, A.device))
 
@@ -80,7 +80,7 @@ def _add_ternary_(target: torch.Tensor, B_full: torch.Tensor, lam: torch.Tensor,
     model-wide bases): adds ΔW and returns True when a ternary fast path ran; False leaves the float32 ``addmm_`` to
     the caller (dense bases under ``auto``, and non-finite scales, which the float path carries to the merge's
     finite check)."""
-    from .ternary_merge import add_ternary_int8_, add_ternary_sparse_, auto_path, ternary_basis
+    from .ternary import add_ternary_int8_, add_ternary_sparse_, auto_path, ternary_basis
 
     if target.is_cuda:
         if precision == "int8":
@@ -163,7 +163,7 @@ class LayerMerger:
         The result is a view of the workspace, valid until the call after next (``stream_rewrite``'s contract)."""
         w32 = self.workspace.take("w32", tensor.shape, torch.float32, self.device)
         w32.copy_(tensor)
-        from .merge_terms import apply_term_  # here: LayerMerger.__call__ is this file's only DoRA / extras hook
+        from .terms import apply_term_  # here: LayerMerger.__call__ is this file's only DoRA / extras hook
 
         for source, alpha in terms:  # replace / DoRA-rescale / add ΔW (merge_terms.py); the add keeps its fast paths
             apply_term_(w32, source, key, alpha, lambda inner, inner_key: add_delta_(

@@ -29,14 +29,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .adapter import RandloraAdapter
-from .checkpoint import absent_weight_hint
-from .errors import AdapterStateError, BaseModelMismatchError, NonFiniteError
-from .lazy_tensors import peek
-from .merge import source_for_state_dict
-from .merge_layer import add_delta_, all_finite
-from .merge_terms import apply_term_
-from .sources import DeltaSource, RandloraSource
+from ..format.adapter import RandloraAdapter
+from ..checkpoint.directory import absent_weight_hint
+from ..errors import AdapterStateError, BaseModelMismatchError, NonFiniteError
+from ..checkpoint.lazy_tensors import peek
+from .plan import source_for_state_dict
+from .layer import add_delta_, all_finite
+from .terms import apply_term_
+from ..sources.registry import DeltaSource, RandloraSource
 
 _APPLIED = "_randlora_io_applied"  # attribute on the model: the list of applied adapters, oldest first
 
@@ -172,7 +172,7 @@ def _kernel_path(source: DeltaSource, key: str, tensor: torch.Tensor, kernel: st
 def _merge_one_(tensor: torch.Tensor, source: DeltaSource, key: str, weight: float, kernel: str) -> None:
     """``tensor ← round(tensor + weight·ΔW[key])`` in place (see the module docstring for the two paths)."""
     if _kernel_path(source, key, tensor, kernel):
-        from .kernels.merge_triton import merge_layer_triton_
+        from ..kernels.merge_triton import merge_layer_triton_
 
         adapter = source.adapter
         bases = adapter.bases(tensor.device)

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import torch
 
-from ..archive_guard import check_archive_size
+from ..checkpoint.archive_guard import check_archive_size
 from ..errors import SourceFormatError, UnsafeCheckpointError
 from .peft_config import check_peft_config
-from ..atomic import atomic_directory
-from ..safetensors_io import load_tensors
+from ..checkpoint.atomic import atomic_directory
+from ..checkpoint.safetensors_io import load_tensors
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"

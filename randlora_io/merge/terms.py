@@ -12,9 +12,9 @@ from collections.abc import Callable
 import torch
 
 from .dora import dora_merge_
-from .errors import SourceFormatError
-from .keymap import CheckpointView
-from .sources import DeltaSource
+from ..errors import SourceFormatError
+from ..sources.keymap import CheckpointView
+from ..sources.registry import DeltaSource
 
 
 def apply_term_(weight32: torch.Tensor, source: DeltaSource, key: str, alpha: float,

@@ -13,7 +13,7 @@ import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from ..base_model import BaseModelInfo
+from ..checkpoint.base_model import BaseModelInfo
 from ..errors import SourceFormatError
 
 ALL_LINEAR = "all-linear"

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..base_model import BaseModelInfo, layer_orientations
+from ..checkpoint.base_model import BaseModelInfo, layer_orientations
 from ..errors import AdapterShapeError, LayerTypeError, NonFiniteError, SourceFormatError
-from ..lowrank import LowRank, truncated_svd
+from ..convert.lowrank import LowRank, truncated_svd
 from .peft_dir import PEFT_PREFIX, PeftDir, PeftExtras, module_of, read_peft_dir, weight_key, write_peft_dir
 from .peft_params import param_modules, pattern_value as _pattern_value
 from .peft_targets import targeted_layers

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import AdapterShapeError, HeaderError, UnsupportedVersionError
+from ..errors import AdapterShapeError, HeaderError, UnsupportedVersionError
 
 FORMAT_NAME = "randlora"
 FORMAT_VERSION = "1.1"  # what this library writes; it reads every 1.x (SPEC §2)

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping
 import torch
 from safetensors import safe_open
 
-from .errors import BaseModelMismatchError
+from ..errors import BaseModelMismatchError
 
 FINGERPRINT_PREFIX = "sha256-weights:"
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)

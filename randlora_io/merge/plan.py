@@ -22,19 +22,19 @@ from pathlib import Path
 
 import torch
 
-from .adapter import RandloraAdapter
-from .atomic import atomic_directory, check_output_path
-from .base_model import BaseModelInfo, base_info_from_checkpoint
+from ..format.adapter import RandloraAdapter
+from ..checkpoint.atomic import atomic_directory, check_output_path
+from ..checkpoint.base_model import BaseModelInfo, base_info_from_checkpoint
 from .distributed import Processes, share_out
-from .checkpoint import INDEX_FILE, Checkpoint, absent_weight_hint, check_base_copies, open_checkpoint
-from .fingerprint import check_fingerprint
-from .errors import BaseModelMismatchError, OutputExistsError, SourceFormatError
-from .keymap import for_checkpoint, open_loaded
-from .merge_layer import PRECISIONS, LayerMerger, add_delta_
-from .merge_terms import apply_term_
-from .progress import progress_bar
-from .sources import DeltaSource, RandloraSource, open_source
-from .stream import stream_rewrite
+from ..checkpoint.directory import INDEX_FILE, Checkpoint, absent_weight_hint, check_base_copies, open_checkpoint
+from ..format.fingerprint import check_fingerprint
+from ..errors import BaseModelMismatchError, OutputExistsError, SourceFormatError
+from ..sources.keymap import for_checkpoint, open_loaded
+from .layer import PRECISIONS, LayerMerger, add_delta_
+from .terms import apply_term_
+from ..progress import progress_bar
+from ..sources.registry import DeltaSource, RandloraSource, open_source
+from ..checkpoint.stream import stream_rewrite
 
 SUPPORTED_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 OUT_DTYPES = {"keep": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -131,7 +131,7 @@ def _prepare(base, adapters, out, weights, device, dtype, overwrite, precision, 
              peft_draw_dtype, on_note, procs: Processes):
     """Every check a merge makes before writing: OUT against the inputs, arguments, BASE, each adapter against BASE
     (keys, shapes, dtypes, fingerprints), and the shared bases generated (and checksum-verified) once."""
-    from .hub import resolve_adapter_arg
+    from ..hub import resolve_adapter_arg
 
     base_p, out_p = Path(base), Path(out)
     adapters = [a if isinstance(a, DeltaSource) else resolve_adapter_arg(a) for a in adapters]

@@ -19,7 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .atomic import atomic_file
-from .errors import SafetensorsFormatError
+from ..errors import SafetensorsFormatError
 
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit (SPEC §1): safe_open refuses one byte more
 MAX_METADATA_BYTES = 16 * 1024 * 1024

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .errors import BasesTooLargeError, HeaderError
+from ..errors import BasesTooLargeError, HeaderError
 from .philox import MATRIX_A, MATRIX_B, basis_bits_numpy, basis_bits_torch
 from .spec import AdapterHeader, GeneratorSpec, num_bases
 

@@ -13,13 +13,13 @@ from collections.abc import Callable, Mapping
 
 import torch
 
-from ..adapter import RandloraAdapter, build_adapter, peft_shared_dims
-from ..base_model import BaseModelInfo, half_cast_dtype, layer_orientations
-from ..basis import Bases, peft_bases_raw, peft_bases_to_spec, spec_bases_to_peft
-from ..checkpoint import absent_weight_hint
+from ..format.adapter import RandloraAdapter, build_adapter, peft_shared_dims
+from ..checkpoint.base_model import BaseModelInfo, half_cast_dtype, layer_orientations
+from ..format.basis import Bases, peft_bases_raw, peft_bases_to_spec, spec_bases_to_peft
+from ..checkpoint.directory import absent_weight_hint
 from ..errors import AdapterShapeError, BaseModelMismatchError, BasisMismatchError, NonFiniteError, SourceFormatError
-from ..lazy_tensors import peek
-from ..spec import GeneratorSpec, num_bases, normalisation
+from ..checkpoint.lazy_tensors import peek
+from ..format.spec import GeneratorSpec, num_bases, normalisation
 from .peft_dir import PEFT_PREFIX, PeftDir, PeftExtras, module_of, read_peft_dir, weight_key, write_peft_dir
 from .peft_targets import targeted_layers, weight_module
 

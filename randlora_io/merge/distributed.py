@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from .errors import RandloraError
+from ..errors import RandloraError
 
 T = TypeVar("T")
 

@@ -15,8 +15,8 @@ import torch
 
 from ..errors import NonFiniteError, SourceFormatError
 from ..progress import progress_bar
-from ..safetensors_io import has_metadata_key, load_tensors, read_header
-from ..stream import stream_write
+from ..checkpoint.safetensors_io import has_metadata_key, load_tensors, read_header
+from ..checkpoint.stream import stream_write
 
 METADATA_KEY = "randlora_dense_delta"
 FORMAT_VERSION = "1.0"

@@ -21,7 +21,7 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from .errors import OutputExistsError, OutputWriteError, RandloraError
+from ..errors import OutputExistsError, OutputWriteError, RandloraError
 
 TEMP_MARK = "randlora-io"
 _AT_FDCWD = -100

@@ -16,7 +16,7 @@ from pathlib import Path, PurePosixPath
 
 import torch
 
-from .errors import BaseModelMismatchError, SourceFormatError, UnsafeCheckpointError
+from ..errors import BaseModelMismatchError, SourceFormatError, UnsafeCheckpointError
 from .safetensors_io import SafetensorsHeader, TensorInfo, load_tensors, read_header
 
 SINGLE_FILE = "model.safetensors"

@@ -19,7 +19,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
-from .errors import NonFiniteError, SafetensorsFormatError
+from ..errors import NonFiniteError, SafetensorsFormatError
 from .atomic import atomic_file
 from .safetensors_io import DTYPE_SIZES, SafetensorsHeader
 from .shard_writer import SequentialWriter, read_exact

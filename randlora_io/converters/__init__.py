@@ -1,1 +1,0 @@
-"""One module per foreign format: ``peft_randlora``, ``peft_lora``, ``dense`` (and the shared ``peft_dir`` reader)."""

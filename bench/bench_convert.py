@@ -34,7 +34,7 @@ def build(work: Path, layers: int, rank: int) -> None:
     import torch
 
     from randlora_io.format.adapter import build_adapter
-    from randlora_io.sources.peft_randlora import adapter_to_peft_randlora
+    from randlora_io.convert.peft_randlora import adapter_to_peft_randlora
     from randlora_io.format.spec import GeneratorSpec, num_bases
 
     shapes = meta_shapes(layers)

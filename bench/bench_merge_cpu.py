@@ -86,7 +86,7 @@ def build_adapters(work: Path, shapes: dict[str, tuple[int, ...]], rank: int, ki
     import torch
 
     from randlora_io.format.adapter import build_adapter, write_adapter
-    from randlora_io.sources.peft_randlora import adapter_to_peft_randlora
+    from randlora_io.convert.peft_randlora import adapter_to_peft_randlora
     from randlora_io.format.spec import GeneratorSpec, num_bases
 
     layers = {k: (s, False) for k, s in shapes.items() if any(f".{t}." in k for t in TARGETS) and k.endswith("weight")}

@@ -11,8 +11,9 @@ from conftest import assert_one_line_error, run_cli
 from tiny_models import peft_layer_deltas, peft_lora, peft_randlora, tiny_gpt2, tiny_llama
 
 from randlora_io.format.adapter import build_adapter, read_adapter
-from randlora_io.sources.dense import read_dense, write_dense
-from randlora_io.sources.registry import RandloraSource
+from randlora_io.sources.dense import read_dense
+from randlora_io.convert.dense import write_dense
+from randlora_io.sources.randlora_file import RandloraSource
 
 GPT2_TARGETS = ["c_attn", "c_fc", "c_proj"]
 

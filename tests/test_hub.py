@@ -76,7 +76,7 @@ def test_push_then_pull_is_bit_identical_with_a_model_card(hub, adapter_file, tm
 
 
 def test_card_is_kept_when_the_folder_has_one_and_revisions_are_branches(hub, tmp_path):
-    from randlora_io.sources.peft_randlora import adapter_to_peft_randlora
+    from randlora_io.convert.peft_randlora import adapter_to_peft_randlora
 
     peft_dir = tmp_path / "peft"
     adapter_to_peft_randlora(make_adapter(seed=1, generator="peft"), peft_dir)

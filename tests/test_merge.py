@@ -253,7 +253,7 @@ def test_shape_mismatch(tmp_path, setup):
 
 def test_nan_result_is_refused(tmp_path, setup):
     base, _ = setup
-    from randlora_io.sources.dense import write_dense
+    from randlora_io.convert.dense import write_dense
 
     state = _load_state(base)
     key = "model.layers.0.self_attn.q_proj.weight"

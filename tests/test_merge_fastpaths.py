@@ -20,7 +20,7 @@ from randlora_io.format.basis import peft_bases_raw
 from randlora_io.format.delta import scaled_A, to_stored_orientation
 from randlora_io.errors import UnsupportedPrecisionError
 from randlora_io.merge.layer import PRECISIONS, Workspace, add_delta_
-from randlora_io.sources.registry import RandloraSource
+from randlora_io.sources.randlora_file import RandloraSource
 from randlora_io.format.spec import SPARSE_THRESHOLD, GeneratorSpec, num_bases, very_sparse_threshold
 from randlora_io.merge.ternary import LIMB_BASE, LIMBS, limb_bound, split_limbs, ternary_basis
 

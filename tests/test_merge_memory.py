@@ -18,7 +18,7 @@ from randlora_io.format.adapter import build_adapter, read_adapter, write_adapte
 from randlora_io.format.delta import reference_delta
 from randlora_io.checkpoint.lazy_tensors import FileTensors
 from randlora_io.merge.layer import Workspace, add_delta_
-from randlora_io.sources.registry import RandloraSource
+from randlora_io.sources.randlora_file import RandloraSource
 from randlora_io.format.spec import GeneratorSpec, num_bases
 
 LAYERS = {"a.weight": ((24, 40), False), "b.weight": ((40, 24), False), "c.weight": ((17, 30), True)}
@@ -118,7 +118,7 @@ def test_reading_and_merging_does_not_hold_every_layers_scales(tmp_path):
         from randlora_io.format.adapter import read_adapter
         from randlora_io.checkpoint.lazy_tensors import peek
         from randlora_io.merge.layer import Workspace, add_delta_
-        from randlora_io.sources.registry import RandloraSource
+        from randlora_io.sources.randlora_file import RandloraSource
         def hwm():
             for line in open("/proc/self/status"):
                 if line.startswith("VmHWM:"):

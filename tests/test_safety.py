@@ -99,7 +99,7 @@ def test_out_that_appears_during_the_merge_is_never_replaced(models, tmp_path, m
 
 def test_overwrite_swaps_in_one_step(models, tmp_path, monkeypatch):
     """With --overwrite there is no moment without OUT: the old one is never moved away before the new one is in."""
-    from randlora_io.checkpoint import atomic as atomic
+    from randlora_io.checkpoint import atomic
 
     out = tmp_path / "out"
     run_cli("merge", models / "base", models / "a.safetensors", "-o", out)
@@ -376,7 +376,7 @@ def test_projection_prng_key_true_is_refused(tmp_path, models):
 
 @pytest.mark.parametrize("to", ["randlora", "dense"])
 def test_convert_never_replaces_a_file_that_appeared_meanwhile(models, tmp_path, monkeypatch, to):
-    from randlora_io.checkpoint import atomic as atomic
+    from randlora_io.checkpoint import atomic
 
     dst = tmp_path / f"{to}.safetensors"
     real = atomic._install_new
@@ -412,7 +412,7 @@ def test_lora_factors_declaring_a_huge_layer_are_refused_before_allocating(tmp_p
 def test_atomic_outputs_with_and_without_renameat2(tmp_path, monkeypatch, renameat2):
     """Where the file system lacks renameat2 (old kernels, some network file systems) the fallbacks keep the same
     promises: a new entry never replaces one that appeared, --overwrite replaces, failures leave nothing."""
-    from randlora_io.checkpoint import atomic as atomic
+    from randlora_io.checkpoint import atomic
     from randlora_io.errors import OutputExistsError
 
     if not renameat2:

@@ -13,7 +13,7 @@ from tiny_models import peft_randlora, tiny_gpt2, tiny_llama
 from randlora_io import apply_adapter, merge_into_state_dict, remove_adapter
 from randlora_io.format.adapter import read_adapter
 from randlora_io.errors import AdapterStateError, BaseModelMismatchError, NonFiniteError
-from randlora_io.sources.registry import DenseSource
+from randlora_io.sources.dense import DenseSource
 from randlora_io.merge.swap import applied_adapters
 
 MODELS = {"llama": (tiny_llama, None), "gpt2": (tiny_gpt2, ["c_attn", "c_fc", "c_proj"])}

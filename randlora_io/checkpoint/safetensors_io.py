@@ -148,21 +148,11 @@ def _tensor_info(name: str, entry: object) -> TensorInfo:
     return TensorInfo(dtype=dtype, shape=tuple(shape), begin=offsets[0], end=offsets[1])
 
 
-def has_metadata_key(path: str | os.PathLike, key: str) -> bool:
-    """True when ``path`` is a readable safetensors file whose ``__metadata__`` has ``key`` (detection only:
-    malformed files answer False, and the real read reports why)."""
-    path = Path(path)
-    if not path.is_file():
-        return False
-    try:
-        return key in read_header(path).metadata
-    except SafetensorsFormatError:
-        return False
-
-
-def load_tensors(path: str | os.PathLike, names: list[str] | None = None) -> dict[str, torch.Tensor]:
-    """Validate ``path`` and load the named tensors (all when ``names`` is None) as CPU torch tensors."""
-    header = read_header(path)
+def load_tensors(path: str | os.PathLike, names: list[str] | None = None, *,
+                 header: SafetensorsHeader | None = None) -> dict[str, torch.Tensor]:
+    """Validate ``path`` and load the named tensors (all when ``names`` is None) as CPU torch tensors. ``header``:
+    the file's header when already read by :func:`read_header` (not parsed again)."""
+    header = read_header(path) if header is None else header
     wanted = list(header.tensors) if names is None else names
     with safe_open(str(path), framework="pt") as f:
         return {n: f.get_tensor(n) for n in wanted}

@@ -21,15 +21,18 @@ from ..checkpoint.base_model import BaseModelInfo, base_info_from_checkpoint, la
 from ..format.basis import generate_bases
 from ..sources.budget import check_layer_budget
 from ..checkpoint.directory import check_base_copies, open_checkpoint
-from ..sources.dense import write_dense
-from ..sources.peft_lora import lora_factors, write_peft_lora
-from ..sources.peft_randlora import adapter_to_peft_randlora
+from .dense import write_dense
+from .peft_lora import lora_factors, write_peft_lora
+from .peft_randlora import adapter_to_peft_randlora
 from ..checkpoint.disk import path_bytes
 from ..errors import LayerTypeError, OutputExistsError, RandloraError
 from .fit import fit_scales
 from ..sources.keymap import open_loaded
 from ..progress import progress_bar
-from ..sources.registry import DeltaSource, DenseSource, RandloraSource, open_source
+from ..sources.interface import DeltaSource
+from ..sources.dense import DenseSource
+from ..sources.randlora_file import RandloraSource
+from ..sources.registry import detect, open_source
 from ..format.spec import SPARSE_THRESHOLD, GeneratorSpec, normalisation, num_bases
 
 TARGETS = ("randlora", "peft-randlora", "peft-lora", "dense")
@@ -174,7 +177,8 @@ def convert(
     if base is not None:
         ckpt = open_checkpoint(base)
         base_info = base_info_from_checkpoint(ckpt)
-    source = open_loaded(lambda base_: open_source(src_p, keep_bases=keep_bases, base=base_,
+    probe = detect(src_p)  # its header read once, whether open_loaded opens it once or twice
+    source = open_loaded(lambda base_: open_source(probe, keep_bases=keep_bases, base=base_,
                                                    peft_draw_dtype=peft_draw_dtype, on_note=on_note),
                          base_info, base)  # keymap.py: retried under transformers' loaded names
     if base is not None:  # no output format carries PEFT's copies of base weights: they must equal BASE's

@@ -17,7 +17,7 @@ from .basis import Bases, bases_for_header, check_bases_budget
 from .delta import reference_delta
 from ..errors import AdapterShapeError, BasisMismatchError, HeaderError, NonFiniteError
 from ..checkpoint.lazy_tensors import FileTensors, can_read_lazily, numel, peek
-from ..checkpoint.safetensors_io import has_metadata_key, load_tensors, read_header, save_safetensors
+from ..checkpoint.safetensors_io import SafetensorsHeader, load_tensors, read_header, save_safetensors
 from .spec import (METADATA_KEY, AdapterHeader, GeneratorSpec, LayerSpec, header_from_json, num_bases, parse_header, shared_dims)
 
 LAMBDA_SUFFIX = ".lambda"
@@ -157,15 +157,16 @@ def validate_tensors(adapter: RandloraAdapter) -> None:
                                     f"{list(adapter.stored.B.shape)}; expected {list(expected_A)}, {list(expected_B)}")
 
 
-def read_adapter(path: str | os.PathLike, *, verify_bases: bool = True,
-                 max_bases_bytes: int | None = None) -> RandloraAdapter:
+def read_adapter(path: str | os.PathLike, *, verify_bases: bool = True, max_bases_bytes: int | None = None,
+                 header: SafetensorsHeader | None = None) -> RandloraAdapter:
     """Read and validate a randlora file. Raises a :class:`~randlora_io.errors.RandloraError` naming the file.
 
     Every check of SPEC §8 happens here, before the adapter is returned: header, tensors, the bases budget (§4.6,
     ``max_bases_bytes`` overrides ``$RANDLORA_IO_MAX_BASES_BYTES``) and, with ``verify_bases`` (the default), the
-    checksum of the bases (§4.4; the verified CPU bases are then cached on the adapter)."""
+    checksum of the bases (§4.4; the verified CPU bases are then cached on the adapter). ``header``: the file's
+    safetensors header when already read (input detection), so it is not parsed again."""
     path = Path(path)
-    st = read_header(path)
+    st = read_header(path) if header is None else header
     text = st.metadata.get(METADATA_KEY)
     if text is None:
         raise HeaderError(f"{path}: not a randlora file (no '{METADATA_KEY}' entry in the safetensors metadata)")
@@ -185,11 +186,11 @@ def read_adapter(path: str | os.PathLike, *, verify_bases: bool = True,
         check_bases_budget(header.rank, header.min_dim, header.max_dim, max_bases_bytes, source=str(path))
     scale_names = [n for n in names if n.endswith(LAMBDA_SUFFIX) or n.endswith(GAMMA_SUFFIX)]
     if can_read_lazily(st, scale_names):  # the scales are read layer by layer when merged, never all at once
-        tensors = load_tensors(path, [n for n in names if n in (STORED_A, STORED_B)])
+        tensors = load_tensors(path, [n for n in names if n in (STORED_A, STORED_B)], header=st)
         lambdas = FileTensors(path, st, {n[: -len(LAMBDA_SUFFIX)]: n for n in names if n.endswith(LAMBDA_SUFFIX)})
         gammas = FileTensors(path, st, {n[: -len(GAMMA_SUFFIX)]: n for n in names if n.endswith(GAMMA_SUFFIX)})
     else:
-        tensors = load_tensors(path)
+        tensors = load_tensors(path, header=st)
         lambdas = {n[: -len(LAMBDA_SUFFIX)]: t for n, t in tensors.items() if n.endswith(LAMBDA_SUFFIX)}
         gammas = {n[: -len(GAMMA_SUFFIX)]: t for n, t in tensors.items() if n.endswith(GAMMA_SUFFIX)}
     stored = None
@@ -219,11 +220,6 @@ def write_adapter(adapter: RandloraAdapter, path: str | os.PathLike, overwrite: 
         tensors[STORED_B] = adapter.stored.B.detach().cpu().float()
     save_safetensors(tensors, path, metadata={**adapter.metadata, METADATA_KEY: adapter.header.dumps()},
                      overwrite=overwrite)
-
-
-def is_randlora_file(path: str | os.PathLike) -> bool:
-    """True when ``path`` is a safetensors file whose metadata carries a randlora header (not validated further)."""
-    return has_metadata_key(path, METADATA_KEY)
 
 
 def build_adapter(

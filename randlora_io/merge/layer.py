@@ -14,7 +14,8 @@ import torch
 
 from ..errors import NonFiniteError, UnsupportedPrecisionError
 from ..checkpoint.lazy_tensors import peek
-from ..sources.registry import DeltaSource, RandloraSource
+from ..sources.interface import DeltaSource
+from ..sources.randlora_file import RandloraSource
 
 PRECISIONS = ("auto", "fp32", "int8", "bf16")
 _BF16_ROWS = 1024  # rows of ΔW per bf16 GEMM: bounds the ΔW buffer and oneDNN's per-shape scratch memory

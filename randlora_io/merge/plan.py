@@ -33,7 +33,9 @@ from ..sources.keymap import for_checkpoint, open_loaded
 from .layer import PRECISIONS, LayerMerger, add_delta_
 from .terms import apply_term_
 from ..progress import progress_bar
-from ..sources.registry import DeltaSource, RandloraSource, open_source
+from ..sources.interface import DeltaSource
+from ..sources.randlora_file import RandloraSource
+from ..sources.registry import detect, open_source
 from ..checkpoint.stream import stream_rewrite
 
 SUPPORTED_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
@@ -68,7 +70,8 @@ def _open_sources(ckpt: Checkpoint, adapters: list[str | os.PathLike | DeltaSour
             raise SourceFormatError(f"{item}: adapter listed twice (positions {seen[resolved] + 1} and {i + 1}); "
                                     "give it once with --weight instead")
         seen[resolved] = i
-        sources.append(open_loaded(lambda base: open_source(item, base=base, peft_draw_dtype=peft_draw_dtype,
+        probe = detect(item)  # its header read once, whether open_loaded opens it once or twice
+        sources.append(open_loaded(lambda base: open_source(probe, base=base, peft_draw_dtype=peft_draw_dtype,
                                                             on_note=on_note), base_info, ckpt.root))  # keymap.py
     return [for_checkpoint(source, ckpt.weight_map, ckpt.root) for source in sources]  # keymap.py
 

@@ -36,7 +36,8 @@ from ..checkpoint.lazy_tensors import peek
 from .plan import source_for_state_dict
 from .layer import add_delta_, all_finite
 from .terms import apply_term_
-from ..sources.registry import DeltaSource, RandloraSource
+from ..sources.interface import DeltaSource
+from ..sources.randlora_file import RandloraSource
 
 _APPLIED = "_randlora_io_applied"  # attribute on the model: the list of applied adapters, oldest first
 

@@ -14,7 +14,7 @@ import torch
 from .dora import dora_merge_
 from ..errors import SourceFormatError
 from ..sources.keymap import CheckpointView
-from ..sources.registry import DeltaSource
+from ..sources.interface import DeltaSource
 
 
 def apply_term_(weight32: torch.Tensor, source: DeltaSource, key: str, alpha: float,

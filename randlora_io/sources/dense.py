@@ -1,7 +1,8 @@
-"""Dense-delta files: one safetensors tensor per base weight key, shaped like that weight, holding ΔW.
+"""Input kind ``dense``: dense-delta files, one safetensors tensor per base weight key, shaped like that weight,
+holding ΔW (stored orientation).
 
 The metadata entry ``randlora_dense_delta`` (a JSON object with ``format_version``) marks the file as a delta,
-so it is never mistaken for a checkpoint.
+so it is never mistaken for a checkpoint. Writing one: :mod:`randlora_io.convert.dense`.
 """
 
 from __future__ import annotations
@@ -9,38 +10,24 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
-from typing import Protocol, runtime_checkable
+from typing import Any
 
 import torch
 
+from ..checkpoint.safetensors_io import SafetensorsHeader, load_tensors, read_header
 from ..errors import NonFiniteError, SourceFormatError
-from ..progress import progress_bar
-from ..checkpoint.safetensors_io import has_metadata_key, load_tensors, read_header
-from ..checkpoint.stream import stream_write
+from .interface import DeltaSource, OpenOptions, Probe, layer_row
+
+KIND = "dense"
 
 METADATA_KEY = "randlora_dense_delta"
 FORMAT_VERSION = "1.0"
 
 
-@runtime_checkable
-class DeltaProvider(Protocol):
-    """What :func:`write_dense` needs of an adapter (``sources.DeltaSource`` is one): its keys, each weight's stored
-    shape, and ΔW on demand. A protocol, so this module does not import ``sources`` (which imports it)."""
-
-    def keys(self) -> list[str]: ...
-
-    def stored_shape(self, key: str) -> tuple[int, int]: ...
-
-    def delta(self, key: str, device: str | torch.device = "cpu") -> torch.Tensor: ...
-
-
-def is_dense_file(path: str | os.PathLike) -> bool:
-    return has_metadata_key(path, METADATA_KEY)
-
-
-def read_dense(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """``{weight key: ΔW}`` in each weight's stored shape; refuses files without the delta marker or with NaN/Inf."""
-    header = read_header(path)
+def read_dense(path: str | os.PathLike, header: SafetensorsHeader | None = None) -> dict[str, torch.Tensor]:
+    """``{weight key: ΔW}`` in each weight's stored shape; refuses files without the delta marker or with NaN/Inf.
+    ``header``: the file's safetensors header when already read (detection), so it is not parsed again."""
+    header = read_header(path) if header is None else header
     if METADATA_KEY not in header.metadata:
         raise SourceFormatError(f"{path}: not a dense-delta file (no '{METADATA_KEY}' metadata)")
     try:
@@ -50,7 +37,7 @@ def read_dense(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise SourceFormatError(f"{path}: malformed '{METADATA_KEY}' metadata") from None
     if major != "1":
         raise SourceFormatError(f"{path}: dense-delta version {meta['format_version']} is not supported")
-    tensors = load_tensors(path)
+    tensors = load_tensors(path, header=header)
     for key, t in tensors.items():
         if t.ndim != 2 or t.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
             raise SourceFormatError(f"{path}: delta {key!r} must be a 2-D float32/bfloat16/float16/float64 tensor, got "
@@ -63,26 +50,43 @@ def read_dense(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def write_dense(deltas: Mapping[str, torch.Tensor] | DeltaProvider, path: str | os.PathLike,
-                base_model: dict | None = None, progress: bool = False, overwrite: bool = True) -> None:
-    """Write ``{weight key: ΔW}`` (float32, stored orientation) atomically. Given a ``DeltaSource``, each ΔW is
-    computed when it is written, so memory holds about two layers' deltas rather than the whole file."""
-    meta = {"format_version": FORMAT_VERSION}
-    if base_model:
-        meta["base_model"] = base_model
-    if not isinstance(deltas, Mapping) and isinstance(deltas, DeltaProvider):
-        keys, shapes, produce = deltas.keys(), {k: deltas.stored_shape(k) for k in deltas.keys()}, deltas.delta
-    else:
-        keys, shapes, produce = list(deltas), {k: tuple(v.shape) for k, v in deltas.items()}, deltas.__getitem__
-    bar = progress_bar(progress, total=len(keys), desc="delta", unit="layer")
+class DenseSource(DeltaSource):
+    """A dense-delta file's ``{weight key: ΔW}`` (any float dtype on disk, float32 out); ``fans``: which keys are
+    stored (in, out) (GPT-2 Conv1D), told by the base, False where unknown."""
 
-    def produce_one(key: str) -> torch.Tensor:
-        delta = produce(key)
-        if not bool(torch.isfinite(delta).all()):  # finite but huge scales can overflow float32: never write Inf
-            raise NonFiniteError(f"{path}: ΔW of {key!r} overflows float32 (NaN or Inf from finite scales); nothing "
-                                 "was written")
-        bar.update(1)
-        return delta
+    kind = KIND
 
-    stream_write(path, list(keys), shapes, produce_one, {METADATA_KEY: json.dumps(meta)}, overwrite=overwrite)
-    bar.close()
+    def __init__(self, deltas: dict[str, torch.Tensor], path: str, fans: Mapping[str, bool] | None = None):
+        self.deltas, self.path, self.fans = deltas, path, dict(fans or {})
+
+    def keys(self) -> list[str]:
+        return list(self.deltas)
+
+    def stored_shape(self, key: str) -> tuple[int, int]:
+        shape = self.deltas[key].shape
+        return (shape[0], shape[1])
+
+    def fan_in_fan_out(self, key: str) -> bool:
+        return self.fans.get(key, False)
+
+    def delta(self, key: str, device: str | torch.device = "cpu") -> torch.Tensor:
+        return self.deltas[key].to(device, torch.float32)
+
+
+def matches(probe: Probe) -> bool:
+    """A safetensors file whose metadata marks it as a dense delta."""
+    return probe.path.is_file() and METADATA_KEY in probe.header.metadata
+
+
+def load(probe: Probe, options: OpenOptions) -> DenseSource:
+    """The file's deltas, checked (2-D float, non-empty, finite); orientation is the caller's (convert, keymap)."""
+    return DenseSource(read_dense(probe.path, probe.header), str(probe.path))
+
+
+def describe(probe: Probe) -> dict[str, Any]:
+    deltas = read_dense(probe.path, probe.header)
+    return {"layers": [layer_row(k, d.shape, min(d.shape), None, [d]) for k, d in deltas.items()]}
+
+
+def validate(probe: Probe) -> str:
+    return f"{KIND}, {len(read_dense(probe.path, probe.header))} layers"

@@ -31,7 +31,7 @@ import torch
 
 from ..errors import BaseModelMismatchError, SourceFormatError
 from .peft_params import ParamLoraLayer, matches_target, param_delta, param_scaling
-from .registry import DeltaSource
+from .interface import DeltaSource
 
 B = TypeVar("B")
 

@@ -14,9 +14,10 @@ from pathlib import Path
 import torch
 
 from ..checkpoint.archive_guard import check_archive_size
+from ..checkpoint.base_model import BaseModelInfo, base_info_from_checkpoint
+from ..checkpoint.directory import open_checkpoint
 from ..errors import SourceFormatError, UnsafeCheckpointError
 from .peft_config import check_peft_config
-from ..checkpoint.atomic import atomic_directory
 from ..checkpoint.safetensors_io import load_tensors
 
 CONFIG_FILE = "adapter_config.json"
@@ -88,15 +89,17 @@ def read_peft_config(path: str | os.PathLike) -> dict:
     return config
 
 
-def read_peft_dir(path: str | os.PathLike | PeftDir, expected_type: str | None = None) -> PeftDir:
-    """Read a PEFT dir (an already-read ``PeftDir`` is only type-checked, not read again). A pickle
+def read_peft_dir(path: str | os.PathLike | PeftDir, expected_type: str | None = None, *,
+                  config: dict | None = None) -> PeftDir:
+    """Read a PEFT dir (an already-read ``PeftDir`` is only type-checked, not read again; ``config``: its
+    ``adapter_config.json`` when already read and validated by :func:`read_peft_config`). A pickle
     ``adapter_model.bin`` is only loaded with ``torch.load(weights_only=True)``."""
     if isinstance(path, PeftDir):
         if expected_type is not None and path.peft_type != expected_type:
             raise SourceFormatError(f"{path.path}: peft_type is {path.peft_type!r}, expected {expected_type!r}")
         return path
     path = Path(path)
-    config = read_peft_config(path)
+    config = read_peft_config(path) if config is None else config
     if expected_type is not None and config.get("peft_type") != expected_type:
         raise SourceFormatError(f"{path}: peft_type is {config.get('peft_type')!r}, expected {expected_type!r}")
     if (path / WEIGHTS_FILE).is_file():
@@ -218,22 +221,10 @@ def weight_key(module: str) -> str:
     return module + ".weight"
 
 
-def write_peft_dir(dst: str | os.PathLike, config: dict, tensors: dict[str, torch.Tensor], overwrite: bool = False,
-                   extras: PeftExtras | None = None) -> None:
-    """Write a PEFT dir atomically (built beside ``dst``, renamed last), with the source dir's ``extras`` (trained
-    head and biases) if any; ``bias="<method>_only"`` is renamed for this dir's ``peft_type``."""
-    from safetensors.torch import save_file
-
-    if extras is not None:
-        config = {**config, **extras.config}
-        if str(config.get("bias", "")).endswith("_only"):
-            config["bias"] = _OWN_BIAS.get(config.get("peft_type"), config["bias"])
-        clash = sorted(set(tensors) & set(extras.tensors))
-        if clash:
-            raise SourceFormatError(f"{dst}: {clash[0]!r} is both an adapter tensor and a trained base tensor")
-        tensors = {**tensors, **extras.tensors}
-
-    with atomic_directory(dst, overwrite=overwrite) as tmp:
-        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS_FILE),
-                  metadata={"format": "pt"})
+def local_base_info(path: str | os.PathLike, config: dict) -> BaseModelInfo | None:
+    """The base model named by a PEFT dir's ``base_model_name_or_path`` (``config``: its adapter_config.json) when
+    that names a local checkpoint dir, else None."""
+    name = config.get("base_model_name_or_path")
+    if isinstance(name, str) and name and Path(name).is_dir():
+        return base_info_from_checkpoint(open_checkpoint(name))
+    return None

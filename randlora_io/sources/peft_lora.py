@@ -1,23 +1,26 @@
-"""PEFT LoRA directory → dense ΔW, and dense ΔW → PEFT LoRA at rank k (truncated SVD).
+"""Input kind ``peft-lora``: a PEFT LoRA directory (LoRA, rsLoRA, DoRA, target_parameters) → ΔW per layer.
 
 PEFT LoRA stores ``base_model.model.<module>.lora_A.weight`` (r, in) and ``.lora_B.weight`` (out, r);
 ΔW (out, in) = scaling · B @ A, scaling = alpha / r (or alpha / √r with ``use_rslora``), with per-module
-``rank_pattern`` / ``alpha_pattern`` overrides; transposed when ``fan_in_fan_out``.
+``rank_pattern`` / ``alpha_pattern`` overrides; transposed when ``fan_in_fan_out``. Writing one (dense ΔW → LoRA at rank k): :mod:`randlora_io.convert.peft_lora`.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any
 
 import torch
 
 from ..checkpoint.base_model import BaseModelInfo, layer_orientations
 from ..errors import AdapterShapeError, LayerTypeError, NonFiniteError, SourceFormatError
-from ..convert.lowrank import LowRank, truncated_svd
-from .peft_dir import PEFT_PREFIX, PeftDir, PeftExtras, module_of, read_peft_dir, weight_key, write_peft_dir
+from .peft_dir import local_base_info, PEFT_PREFIX, PeftDir, module_of, read_peft_dir, weight_key
+from .interface import DeltaSource, OpenOptions, Probe, layer_row
+from .peft_params import ParamLoraLayer, read_param_layers
 from .peft_params import param_modules, pattern_value as _pattern_value
 from .peft_targets import targeted_layers
 
@@ -134,41 +137,78 @@ def _dora_magnitude(src, module: str, magnitudes: dict[str, torch.Tensor], out_f
     return m
 
 
-def lora_factors(deltas: dict[str, tuple[torch.Tensor, bool]], rank: int, on_layer=None) -> dict[str, LowRank]:
-    """Rank-``rank`` factors of ``{weight key: (ΔW stored, fan_in_fan_out)}``, each as (out, k) @ (k, in)."""
-    results = {}
-    for key, (delta, fan) in deltas.items():
-        results[key] = truncated_svd(delta.T if fan else delta, rank)
-        if on_layer:
-            on_layer()
-    return results
+KIND = "peft-lora"
 
 
-def write_peft_lora(
-    factors: dict[str, LowRank],
-    fan_in_fan_out: bool,
-    dst: str | os.PathLike,
-    rank: int,
-    *,
-    base_model: dict | None = None,
-    overwrite: bool = False,
-    extras: PeftExtras | None = None,
-) -> None:
-    """Write LoRA factors as a PEFT LoRA dir with lora_alpha = r (scaling 1), with a source PEFT dir's ``extras``
-    (trained head / biases, see ``peft_dir.PeftExtras``)."""
-    if any(not k.endswith(".weight") for k in factors):
-        raise SourceFormatError("delta keys must end in '.weight' to map onto PEFT modules")
-    tensors = {}
-    for key, low in factors.items():
-        module = key.removesuffix(".weight")
-        tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"] = low.down.contiguous()
-        tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = low.up.contiguous()
-    base = base_model or {}
-    config = {
-        "peft_type": PEFT_TYPE, "task_type": None, "r": rank, "lora_alpha": rank, "lora_dropout": 0.0,
-        "target_modules": sorted(k.removesuffix(".weight") for k in factors), "fan_in_fan_out": fan_in_fan_out,
-        "bias": "none", "use_rslora": False, "use_dora": False, "init_lora_weights": True, "inference_mode": True,
-        "rank_pattern": {}, "alpha_pattern": {}, "modules_to_save": None,
-        "base_model_name_or_path": base.get("id"), "revision": base.get("revision"),
-    }
-    write_peft_dir(dst, config, tensors, overwrite=overwrite, extras=extras)
+class LoraSource(DeltaSource):
+    """A PEFT LoRA dir's layers (``layers``: weight key → :class:`LoraLayer`) as a source; DoRA layers answer
+    ``dora_magnitude`` / ``dora_delta`` instead of ``delta``."""
+
+    kind = KIND
+    # saved module → a target_parameters layer (PEFT ParamWrapper); mapped onto checkpoint keys by keymap.py only
+    param_layers: Mapping[str, ParamLoraLayer] = MappingProxyType({})
+    param_config: Mapping = MappingProxyType({})
+
+    def __init__(self, layers: dict[str, LoraLayer], path: str):
+        self.layers, self.path = layers, path
+
+    def keys(self) -> list[str]:
+        if self.param_layers:
+            first = next(iter(self.param_layers))
+            raise SourceFormatError(
+                f"{self.path}: adapts raw parameters (target_parameters, e.g. layer {first!r}), whose tensors on disk "
+                "depend on the base model (MoE experts are stored per expert): merge it into its base with "
+                "'randlora-io merge BASE ADAPTER', which maps them as transformers saves them")
+        return list(self.layers)
+
+    def stored_shape(self, key: str) -> tuple[int, int]:
+        return self.layers[key].stored_shape
+
+    def fan_in_fan_out(self, key: str) -> bool:
+        return self.layers[key].fan_in_fan_out
+
+    def delta(self, key: str, device: str | torch.device = "cpu") -> torch.Tensor:
+        if self.layers[key].magnitude is not None:
+            raise SourceFormatError(f"{self.path}: {key!r} is a DoRA layer: its update W' = m·(W + ΔW)/‖W + ΔW‖ "
+                                    "depends on the base weight and is not additive; merge it into its base instead")
+        return self.layers[key].delta(device)
+
+    def dora_magnitude(self, key: str) -> torch.Tensor | None:
+        return self.layers[key].magnitude
+
+    def dora_delta(self, key: str, device: str | torch.device = "cpu") -> torch.Tensor:
+        return self.layers[key].delta(device)
+
+
+def matches(probe: Probe) -> bool:
+    return probe.path.is_dir() and probe.peft_config.get("peft_type") == PEFT_TYPE
+
+
+def load(probe: Probe, options: OpenOptions) -> LoraSource:
+    """The dir as PEFT loads it onto ``options.base`` (else onto a local ``base_model_name_or_path``, else with the
+    config's orientation where the layer type cannot be told)."""
+    peft = read_peft_dir(probe.path, config=probe.peft_config)  # read once: the layers, the base copies, the extras
+    base = options.base if options.base is not None else local_base_info(probe.path, peft.config)
+    source = LoraSource(read_peft_lora(peft, base, options.on_note), str(probe.path))
+    source.param_layers = read_param_layers(peft.tensors, peft.config, str(probe.path))
+    source.param_config = peft.config
+    source.base_copies, source.replacements, source.peft_extras = peft.base_copies, peft.replacements, peft.extras
+    return source
+
+
+def describe(probe: Probe) -> dict[str, Any]:
+    peft = read_peft_dir(probe.path, config=probe.peft_config)  # read once, for both kinds of layer
+    layers = read_peft_lora(peft, local_base_info(probe.path, peft.config), decide_orientation=False)
+    rows = [layer_row(k, layer.stored_shape, layer.down.shape[0], None, [layer.down, layer.up])
+            for k, layer in layers.items()]
+    for module, p in read_param_layers(peft.tensors, peft.config, str(probe.path)).items():  # target_parameters
+        rows.append(layer_row(module, None, p.down.shape[0], None, [p.down, p.up]))
+    return {"layers": rows}
+
+
+def validate(probe: Probe) -> str:
+    source = load(probe, OpenOptions())
+    if source.param_layers:  # target_parameters wrappers: their checkpoint tensors depend on the base (merge maps them)
+        return (f"{KIND}, {len(source.layers)} layers and {len(source.param_layers)} target_parameters wrappers "
+                "(mapped onto a base's tensors by merge)")
+    return f"{KIND}, {len(source.keys())} layers"

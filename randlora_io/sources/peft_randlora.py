@@ -1,27 +1,30 @@
-"""PEFT RandLoRA directory ⇄ randlora file (lossless).
+"""Input kind ``peft-randlora``: a PEFT RandLoRA directory → an in-memory randlora adapter (lossless).
 
 PEFT saves ``base_model.model.<module>.randlora_lambda`` (r, n) and ``.randlora_gamma`` (n, D) per layer, and with
 ``save_projection=True`` the shared ``base_model.randlora_A`` (r, 1, min_dim) / ``base_model.randlora_B``
 (max_dim, N, r) plus an unsliced copy of each per layer. The per-layer weight shape (hence M and orientation)
-is not in the PEFT dir: it comes from the base checkpoint's headers.
+is not in the PEFT dir: it comes from the base checkpoint's headers. The other direction (adapter → PEFT dir):
+:mod:`randlora_io.convert.peft_randlora`.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 
 from ..format.adapter import RandloraAdapter, build_adapter, peft_shared_dims
 from ..checkpoint.base_model import BaseModelInfo, half_cast_dtype, layer_orientations
-from ..format.basis import Bases, peft_bases_raw, peft_bases_to_spec, spec_bases_to_peft
+from ..format.basis import Bases, peft_bases_raw, peft_bases_to_spec
 from ..checkpoint.directory import absent_weight_hint
 from ..errors import AdapterShapeError, BaseModelMismatchError, BasisMismatchError, NonFiniteError, SourceFormatError
-from ..checkpoint.lazy_tensors import peek
-from ..format.spec import GeneratorSpec, num_bases, normalisation
-from .peft_dir import PEFT_PREFIX, PeftDir, PeftExtras, module_of, read_peft_dir, weight_key, write_peft_dir
+from ..format.spec import GeneratorSpec, num_bases
+from .interface import OpenOptions, Probe, layer_row
+from .peft_dir import local_base_info, PEFT_PREFIX, PeftDir, module_of, read_peft_dir, weight_key
 from .peft_targets import targeted_layers, weight_module
+from .randlora_file import RandloraSource
 
 PEFT_TYPE = "RANDLORA"
 SHARED_A = "base_model.randlora_A"
@@ -216,72 +219,48 @@ def _match_saved_projections(src, A_saved, B_saved, kind, seed, r, min_dim, max_
     return gen, saved_spec
 
 
-def adapter_to_peft_randlora(
-    adapter: RandloraAdapter,
-    dst: str | os.PathLike,
-    *,
-    save_projection: bool = False,
-    shared_projection_only: bool = False,
-    overwrite: bool = False,
-    extras: PeftExtras | None = None,
-) -> None:
-    """Write ``adapter`` as a PEFT RandLoRA dir that ``PeftModel.from_pretrained`` loads (with a source PEFT dir's
-    ``extras``: trained head / biases).
-
-    PEFT can regenerate only ``peft``-generator bases; for a philox adapter the bases are always saved
-    (``save_projection=True``) and the philox normalisation is folded into ``randlora_alpha``. Saved bases are
-    written as PEFT 0.21.2 does (``base_model.randlora_A/B`` plus a copy per layer) or, with
-    ``shared_projection_only``, as later PEFT versions do (the shared pair only; PEFT 0.21.2 loads both layouts).
-    ``fan_in_fan_out`` in the config is the last layer's, as PEFT saves it: PEFT sets it per layer type on load.
-    """
-    header = adapter.header
-    # PEFT regenerates only `peft` bases, and dense ones only in the dtype of the loading machine (bf16 nearly always)
-    must_save = (header.generator.name != "peft" or header.stored_bases
-                 or (header.generator.kind == "dense" and header.generator.draw_dtype == "float16"))
-    save_projection = save_projection or must_save
-    modules = {key.removesuffix(".weight"): key for key in header.layers}
-    if any(not k.endswith(".weight") for k in header.layers):
-        raise SourceFormatError(f"{adapter.source}: layer keys must end in '.weight' to map onto PEFT modules")
-    alpha = header.alpha * normalisation(header.generator)
-    base = header.base_model or {}
-    config = {
-        "peft_type": PEFT_TYPE,
-        "task_type": None,
-        "r": header.rank,
-        "randlora_alpha": alpha,
-        "randlora_dropout": 0.0,
-        "projection_prng_key": header.seed if header.generator.name == "peft" else 0,
-        "save_projection": save_projection,
-        "sparse": header.generator.kind == "sparse",
-        "very_sparse": header.generator.kind == "very_sparse",
-        "fan_in_fan_out": list(header.layers.values())[-1].fan_in_fan_out,
-        "target_modules": sorted(modules),
-        "bias": "none",
-        "init_weights": True,
-        "inference_mode": True,
-        "modules_to_save": None,
-        "layers_to_transform": None,
-        "layers_pattern": None,
-        "base_model_name_or_path": base.get("id"),
-        "revision": base.get("revision"),
-    }
-    tensors: dict[str, torch.Tensor] = {}
-    for module, key in modules.items():
-        tensors[f"{PEFT_PREFIX}{module}.randlora_lambda"] = peek(adapter.lambdas, key).float()
-        tensors[f"{PEFT_PREFIX}{module}.randlora_gamma"] = peek(adapter.gammas, key).float()
-    if save_projection:
-        A, B = spec_bases_to_peft(adapter.bases(), header.rank)
-        tensors[SHARED_A], tensors[SHARED_B] = A, B
-        for module in modules if not shared_projection_only else ():
-            # PEFT stores an unsliced copy per layer; safetensors refuses shared storage, hence the clones.
-            tensors[f"{PEFT_PREFIX}{module}.randlora_A"] = A.clone()
-            tensors[f"{PEFT_PREFIX}{module}.randlora_B"] = B.clone()
-    write_peft_dir(dst, config, tensors, overwrite=overwrite, extras=extras)
+KIND = "peft-randlora"
 
 
-def is_peft_randlora_dir(path: str | os.PathLike) -> bool:
-    from .peft_dir import is_peft_dir, read_peft_config
-
-    return is_peft_dir(path) and read_peft_config(path).get("peft_type") == PEFT_TYPE
+def matches(probe: Probe) -> bool:
+    return probe.path.is_dir() and probe.peft_config.get("peft_type") == PEFT_TYPE
 
 
+def load(probe: Probe, options: OpenOptions) -> RandloraSource:
+    """The dir as PEFT loads it onto ``options.base`` (else onto a local ``base_model_name_or_path``): the layers'
+    shapes, types and dtype decide the bases' size, each layer's orientation and PEFT's cast of the bases."""
+    peft = read_peft_dir(probe.path, config=probe.peft_config)  # read once: the scales, the base copies, the extras
+    base = options.base if options.base is not None else local_base_info(probe.path, peft.config)
+    if base is None:
+        raise SourceFormatError(
+            f"{probe.path}: converting a PEFT RandLoRA dir needs the base model's weight shapes; pass --base MODEL_DIR")
+    adapter = peft_randlora_to_adapter(peft, base, keep_bases=options.keep_bases, draw_dtype=options.peft_draw_dtype,
+                                       on_note=options.on_note)
+    adapter.source = str(probe.path)
+    source = RandloraSource(adapter, kind=KIND)
+    source.base_copies, source.replacements, source.peft_extras = peft.base_copies, peft.replacements, peft.extras
+    return source
+
+
+def describe(probe: Probe) -> dict[str, Any]:
+    peft = read_peft_dir(probe.path, config=probe.peft_config)
+    cfg = peft.config
+    return {"generator": "peft (torch CPU RNG)", "kind_of_bases": peft_kind(cfg), "seed": cfg.get("projection_prng_key"),
+            "rank": cfg.get("r"), "alpha": cfg.get("randlora_alpha"), "save_projection": cfg.get("save_projection"),
+            "layers": [layer_row(k, None, lam.shape[0], lam.shape[1], [lam, gam])
+                       for k, (lam, gam) in peft_scale_tensors(peft).items()]}
+
+
+def validate(probe: Probe) -> str:
+    base = local_base_info(probe.path, probe.peft_config)
+    if base is not None:
+        load(probe, OpenOptions(base=base))  # the local base's shapes, dtypes and layer types (config.json)
+        return "PEFT RandLoRA dir, checked against its local base model"
+    peft = read_peft_dir(probe.path, config=probe.peft_config)
+    r = peft.config.get("r")
+    for key, (lam, gam) in peft_scale_tensors(peft).items():
+        if lam.ndim != 2 or gam.ndim != 2 or lam.shape[0] != r or lam.shape[1] != gam.shape[0]:
+            raise NonFiniteError(f"{probe.path}: {key!r} has λ {list(lam.shape)} and γ {list(gam.shape)} for r={r}")
+        if not (torch.isfinite(lam).all() and torch.isfinite(gam).all()):
+            raise NonFiniteError(f"{probe.path}: {key!r} scales contain NaN or Inf")
+    return "PEFT RandLoRA dir (shapes vs base not checked: base model not available locally)"

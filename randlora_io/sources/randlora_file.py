@@ -1,0 +1,90 @@
+"""Input kind ``randlora``: this project's own file (SPEC.md), read and validated by :mod:`randlora_io.format.adapter`.
+
+The file holds λ/γ per layer and a generator spec; ΔW comes from the regenerated shared bases
+(:meth:`randlora_io.format.adapter.RandloraAdapter.delta`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..checkpoint.base_model import BaseModelInfo, layer_orientations
+from ..checkpoint.lazy_tensors import peek
+from ..errors import LayerTypeError
+from ..format.adapter import RandloraAdapter, read_adapter
+from ..format.spec import METADATA_KEY
+from .interface import DeltaSource, OpenOptions, Probe, layer_row
+
+KIND = "randlora"
+
+
+class RandloraSource(DeltaSource):
+    """A :class:`RandloraAdapter` as a source (our file, or a PEFT RandLoRA dir converted on the fly, ``kind``
+    ``"peft-randlora"``): ΔW of each layer from its λ/γ and the shared bases, float32, stored orientation."""
+
+    def __init__(self, adapter: RandloraAdapter, kind: str = KIND):
+        self.adapter, self.kind, self.path = adapter, kind, adapter.source
+
+    def keys(self) -> list[str]:
+        return list(self.adapter.layers)
+
+    def stored_shape(self, key: str) -> tuple[int, int]:
+        return self.adapter.layers[key].shape
+
+    def fan_in_fan_out(self, key: str) -> bool:
+        return self.adapter.layers[key].fan_in_fan_out
+
+    def delta(self, key: str, device: str | torch.device = "cpu") -> torch.Tensor:
+        return self.adapter.delta(key, device)
+
+
+def _check_orientations(source: RandloraSource, base: BaseModelInfo) -> None:
+    """A randlora file of the ``peft`` generator records each layer's orientation as PEFT sets it; where the base's
+    config.json tells the layer type, the two must agree on square layers, the only ones where a wrong orientation
+    changes ΔW (a transpose): files converted from PEFT dirs before orientation came from the base may hold one.
+    (A philox file's orientation is its own convention, consistent with its scales, so it is not checked.)"""
+    if not base.knows_layer_types() or source.adapter.header.generator.name != "peft":
+        return
+    keys = [k for k in source.keys() if k in base.shapes and len(set(source.stored_shape(k))) == 1]
+    for key, fan in layer_orientations(keys, base, False, source.path).items():
+        if source.fan_in_fan_out(key) != fan:
+            kind = "a GPT-2 style Conv1D (weight stored (in, out))" if fan else "a Linear layer (weight (out, in))"
+            raise LayerTypeError(
+                f"{source.path}: records fan_in_fan_out={str(not fan).lower()} for the square layer {key!r}, but in "
+                f"the base ({base.model_type}) it is {kind}, so its ΔW would be merged transposed: convert the file "
+                "again from its PEFT dir (or dense delta) with --base")
+
+
+def matches(probe: Probe) -> bool:
+    """A safetensors file whose metadata carries a randlora header (validated by :func:`load`)."""
+    return probe.path.is_file() and METADATA_KEY in probe.header.metadata
+
+
+def load(probe: Probe, options: OpenOptions) -> RandloraSource:
+    """The file, every SPEC §8 check made (bases checksum included); with a base that tells layer types, a ``peft``
+    file's orientation of square layers is checked against it."""
+    source = RandloraSource(read_adapter(probe.path, header=probe.header))
+    if options.base is not None:
+        _check_orientations(source, options.base)
+    return source
+
+
+def describe(probe: Probe) -> dict[str, Any]:
+    adapter = read_adapter(probe.path, verify_bases=False, header=probe.header)  # `validate` checks the bases
+    h = adapter.header
+    return {"generator": h.generator.name, "kind_of_bases": h.generator.kind, "seed": h.seed, "rank": h.rank,
+            "alpha": h.alpha, "scaling": h.scaling, "format_version": h.format_version,
+            "bases": {"min_dim": h.min_dim, "max_dim": h.max_dim, "sha256": h.bases_sha256, "stored": h.stored_bases},
+            "base_model": h.base_model,
+            "layers": [layer_row(k, layer.shape, h.rank, layer.num_bases,
+                                 [peek(adapter.lambdas, k), peek(adapter.gammas, k)])
+                       for k, layer in h.layers.items()]}
+
+
+def validate(probe: Probe) -> str:
+    adapter = read_adapter(probe.path, header=probe.header)
+    adapter.bases(verify=True)
+    checked = "bases checksum verified" if adapter.header.bases_sha256 else "no bases checksum recorded"
+    return f"randlora v{adapter.header.format_version}, {len(adapter.layers)} layers, {checked}"

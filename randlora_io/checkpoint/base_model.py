@@ -38,7 +38,7 @@ _SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torc
 
 @dataclass
 class BaseModelInfo:
-    """A base model as the converters need it.
+    """A base model as the sources and converters need it.
 
     ``shapes``: checkpoint key → stored shape; ``dtypes``: checkpoint key → torch dtype (floating keys only);
     ``config``: the parsed ``config.json``, or None when the checkpoint has none; ``root``: for messages.

@@ -45,7 +45,7 @@ def stream_rewrite(src: str | os.PathLike, header: SafetensorsHeader, dst: str |
     I/O overlaps compute: one background thread reads the next changed tensor ahead and writes results and copies
     behind, in file order, while ``transform`` runs. Contract for ``transform``: the tensor it receives lives in a
     buffer reused two calls later, and its result is written before the call after next returns, so it may return
-    a view of a buffer it alternates between (see ``merge_layer.Workspace``).
+    a view of a buffer it alternates between (see ``merge.layer.Workspace``).
     """
     order = sorted(header.tensors, key=lambda k: header.tensors[k].begin)
     entries = _output_entries(src, header, order, out_dtype)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
-from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -16,28 +15,17 @@ from ..checkpoint.stream import stream_write
 from ..errors import NonFiniteError
 from ..progress import progress_bar
 from ..sources.dense import FORMAT_VERSION, METADATA_KEY
+from ..sources.interface import DeltaSource
 
 
-@runtime_checkable
-class DeltaProvider(Protocol):
-    """What :func:`write_dense` needs of an adapter (``sources.DeltaSource`` is one): its keys, each weight's stored
-    shape, and ΔW on demand. A protocol, so this module does not import ``sources`` (which imports it)."""
-
-    def keys(self) -> list[str]: ...
-
-    def stored_shape(self, key: str) -> tuple[int, int]: ...
-
-    def delta(self, key: str, device: str | torch.device = "cpu") -> torch.Tensor: ...
-
-
-def write_dense(deltas: Mapping[str, torch.Tensor] | DeltaProvider, path: str | os.PathLike,
+def write_dense(deltas: Mapping[str, torch.Tensor] | DeltaSource, path: str | os.PathLike,
                 base_model: dict | None = None, progress: bool = False, overwrite: bool = True) -> None:
     """Write ``{weight key: ΔW}`` (float32, stored orientation) atomically. Given a ``DeltaSource``, each ΔW is
     computed when it is written, so memory holds about two layers' deltas rather than the whole file."""
     meta = {"format_version": FORMAT_VERSION}
     if base_model:
         meta["base_model"] = base_model
-    if not isinstance(deltas, Mapping) and isinstance(deltas, DeltaProvider):
+    if isinstance(deltas, DeltaSource):
         keys, shapes, produce = deltas.keys(), {k: deltas.stored_shape(k) for k in deltas.keys()}, deltas.delta
     else:
         keys, shapes, produce = list(deltas), {k: tuple(v.shape) for k, v in deltas.items()}, deltas.__getitem__

@@ -69,7 +69,7 @@ class ConvertReport:
 
 
 def md_orientation(stored: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
-    """Stored ΔW → (M, D): inverse of :func:`randlora_io.delta.to_stored_orientation`."""
+    """Stored ΔW → (M, D): inverse of :func:`randlora_io.format.delta.to_stored_orientation`."""
     out_in = stored.T if fan_in_fan_out else stored
     return out_in if out_in.shape[1] == min(out_in.shape) else out_in.T
 

@@ -1,7 +1,7 @@
 """Triton in-place merge W += s·ΔW for one layer, with its torch reference beside it (the test oracle).
 
 In the layer's (M, D) orientation ΔW_MD = U_B · S with U_B = B[:M, :K] (M, K = r·n) and S = λ ⊗ A ⊗ γ (K, D)
-(see ``randlora_io.delta``). One program owns a (BLOCK_M, BLOCK_D) tile of W: it loops over K in BLOCK_K steps,
+(see ``randlora_io.format.delta``). One program owns a (BLOCK_M, BLOCK_D) tile of W: it loops over K in BLOCK_K steps,
 builds the S tile in registers from λ (r, n), A (r, D) and γ (n, D), gets the U_B tile either by loading the shared
 bases (``peft`` generator, or bases generated once) or by running Philox4x32-10 in registers (native ``philox``
 generator: counter (col // 4, row, 1, 0), key (seed lo, seed hi), word col % 4, SPEC §4.2), accumulates in fp32 with

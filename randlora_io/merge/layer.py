@@ -28,17 +28,17 @@ def add_delta_(weight32: torch.Tensor, source: DeltaSource, key: str, alpha: flo
     RandLoRA sources take a fast path: on CUDA (``kernel`` auto or triton) the Triton kernel
     (``randlora_io.kernels.merge_triton``) adds the tile-wise product into W in place; otherwise one ``addmm_`` of
     the prebuilt shared bases B (M, r·n) with S = λ ⊗ A ⊗ γ (r·n, D), straight into the weight (or its transposed
-    view). No ΔW is materialised. Their oracle is :func:`randlora_io.delta.reference_delta`.
+    view). No ΔW is materialised. Their oracle is :func:`randlora_io.format.delta.reference_delta`.
 
     ``precision``:
 
     - ``"fp32"``: exactly the above (float32 ``addmm_``); the reference every other path is tested against.
     - ``"auto"`` (default): on the CPU, ternary bases (sparse / very_sparse kinds, ``B = c·b``) take the fastest path
-      of float32 class (:mod:`randlora_io.ternary_merge`): the grouped sparse product for very sparse bases (density
+      of float32 class (:mod:`randlora_io.merge.ternary`): the grouped sparse product for very sparse bases (density
       ≤ 1/28), the exact int8-limb GEMMs on CPUs with fast int8 (AMX or AVX-512 VNNI), else the float32 ``addmm_``;
       dense bases and CUDA as ``"fp32"``.
     - ``"int8"``: the int8-limb GEMMs (ternary bases only; CPU only): ΔW within
-      ``|s·c|·nnz·2^e·0.51/254² + 5·2⁻²⁴·|ΔW|`` of the exact product (see ``ternary_merge``), any CPU.
+      ``|s·c|·nnz·2^e·0.51/254² + 5·2⁻²⁴·|ΔW|`` of the exact product (see ``merge.ternary``), any CPU.
     - ``"bf16"`` (opt-in, any device, torch path): B and S rounded to bf16, one bf16 GEMM with fp32
       accumulation, ΔW rounded to bf16 (as PEFT does for bf16 models), then added in float32. Error ≈ 2⁻⁸ of |ΔW|.
     """
@@ -166,7 +166,7 @@ class LayerMerger:
         w32.copy_(tensor)
         from .terms import apply_term_  # here: LayerMerger.__call__ is this file's only DoRA / extras hook
 
-        for source, alpha in terms:  # replace / DoRA-rescale / add ΔW (merge_terms.py); the add keeps its fast paths
+        for source, alpha in terms:  # replace / DoRA-rescale / add ΔW (merge/terms.py); the add keeps its fast paths
             apply_term_(w32, source, key, alpha, lambda inner, inner_key: add_delta_(
                 w32, inner, inner_key, alpha, self.kernel, self.workspace, self.precision))
         if self.check_finite and not all_finite(w32):

@@ -2,7 +2,7 @@
 their device; :func:`remove_adapter` puts the exact original weights back (bit for bit, any dtype).
 
 This is how a served model switches between RandLoRA adapters without reloading: apply, serve, remove, apply the next.
-Unlike :func:`randlora_io.merge.merge_into_state_dict` no state dict is copied. To make the removal exact (subtracting
+Unlike :func:`randlora_io.merge_into_state_dict` no state dict is copied. To make the removal exact (subtracting
 ΔW again would not give the bf16 weights back: each apply rounds) each adapted weight keeps a compact backup, on its
 device or on ``backup_device``: for bf16/fp16, when smaller than a copy, the int8 difference of the bit patterns (a
 small update moves most elements by a few ulps) plus the original values where that does not fit (under 1.5 bytes an

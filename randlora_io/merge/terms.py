@@ -1,7 +1,7 @@
 """One adapter's contribution to one base weight during a merge: replace it, rescale it (DoRA), or add ΔW.
 
 ``LayerMerger`` (and ``merge_into_state_dict``) call :func:`apply_term_` once per (adapter, weight); the additive
-case is handed back to the caller's ``add`` (``merge_layer.add_delta_``, with its fast paths) on the unwrapped
+case is handed back to the caller's ``add`` (``merge.layer.add_delta_``, with its fast paths) on the unwrapped
 source and its own key, so a :class:`~randlora_io.keymap.CheckpointView` costs nothing on the hot path.
 """
 

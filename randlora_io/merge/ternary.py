@@ -1,6 +1,6 @@
 """Fast ΔW for ternary bases (``sparse`` / ``very_sparse`` kinds, both generators) on the CPU: exact int8 GEMMs, or
 a sparse × dense product for very sparse bases. The oracle of both is the float32 ``addmm_`` in
-``merge_layer.add_delta_`` (and float64 in tests/test_merge_fastpaths.py).
+``merge.layer.add_delta_`` (and float64 in tests/test_merge_fastpaths.py).
 
 A ternary basis is ``B = c · b`` with one constant ``c > 0`` per matrix and ``b ∈ {−1, 0, 1}``: PEFT's c is 1/std
 (rounded to bf16 when PEFT cast its bases to a bf16 model's dtype, still one value), ours is 1. So
@@ -69,7 +69,7 @@ _cache: dict[int, tuple[weakref.ref, TernaryBasis | None]] = {}
 
 
 class Buffers(Protocol):
-    """Reusable scratch tensors (``merge_layer.Workspace`` is one): ``take`` returns an uninitialised tensor."""
+    """Reusable scratch tensors (``merge.layer.Workspace`` is one): ``take`` returns an uninitialised tensor."""
 
     def take(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor: ...
 

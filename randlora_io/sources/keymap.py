@@ -39,7 +39,7 @@ B = TypeVar("B")
 class CheckpointView(DeltaSource):
     """``inner`` seen in the base checkpoint's key names. Its ``keys()`` are the weights with a ΔW plus the tensors
     the adapter replaces (``replacements``: PEFT's modules_to_save and trained biases), so a merge plans both; a
-    replaced key has no ΔW (:func:`randlora_io.merge_terms.apply_term_` writes it)."""
+    replaced key has no ΔW (:func:`randlora_io.merge.terms.apply_term_` writes it)."""
 
     def __init__(self, inner: DeltaSource, rename: Mapping[str, str]):
         """``rename``: inner key → checkpoint key, for the keys whose names differ (others are kept)."""

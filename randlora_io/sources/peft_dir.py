@@ -1,6 +1,6 @@
 """Reading and writing a PEFT adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``).
 
-Shared by the RandLoRA and LoRA converters: one reader, so both validate the same way.
+Shared by the PEFT RandLoRA and LoRA input kinds: one reader, so both validate the same way.
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ def read_peft_dir(path: str | os.PathLike | PeftDir, expected_type: str | None =
         tensors = _load_weights_only(path / PICKLE_WEIGHTS_FILE)
     else:
         raise SourceFormatError(f"{path}: no {WEIGHTS_FILE} next to {CONFIG_FILE}")
-    if config.get("peft_type") != "LORA":  # LoRA's target_parameters: converters/peft_params.py + keymap.py
+    if config.get("peft_type") != "LORA":  # LoRA's target_parameters: sources/peft_params.py + keymap.py
         _refuse_target_parameters(path, config, tensors)
     copies = [k for k in tensors if _is_base_copy(k) and not (_trains_bias(config) and k.endswith(BASE_LAYER + "bias"))]
     base_copies = {base_key_of(k): tensors.pop(k) for k in copies}

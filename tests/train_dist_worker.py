@@ -142,3 +142,9 @@ def main(modes: list[str], out: Path) -> None:
 if __name__ == "__main__":
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     main(sys.argv[1].split(","), Path(sys.argv[2]))
+    # torch 2.13 on CPU: about one run in five, a rank aborts at interpreter exit, after destroy_process_group and
+    # after every file was written ("terminate called without an active exception": a joinable C++ thread left by
+    # FSDP/gloo is destroyed during teardown), and torchrun reports the whole run failed. Leave without teardown.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

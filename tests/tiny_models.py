@@ -163,3 +163,27 @@ def tiny_gpt_oss(seed: int = 0, dtype: torch.dtype = torch.float32):
                           vocab_size=64, max_position_embeddings=32, tie_word_embeddings=False,
                           layer_types=["full_attention"], rope_parameters={"rope_type": "default", "rope_theta": 1e4})
     return GptOssForCausalLM(config).to(dtype).eval()
+
+
+def tiny_ergo(seed: int = 0, dtype: torch.dtype = torch.float32):
+    """An ErgoForCausalLM whose shared expert is square (h = shared_intermediate = 32): transformers stores
+    ``mlp.shared_experts.up_proj`` / ``down_proj`` transposed on disk (``feed_forward.shared_up_proj``, (in, out))."""
+    from transformers import ErgoConfig, ErgoForCausalLM
+
+    torch.manual_seed(seed)
+    config = ErgoConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, head_dim=8, first_dense_intermediate_size=48, num_dense_blocks=1,
+                        moe_intermediate_size=16, shared_intermediate_size=32, num_experts=4, num_experts_per_tok=2)
+    return ErgoForCausalLM(config).to(dtype).eval()
+
+
+def tiny_hrm_text(seed: int = 0, dtype: torch.dtype = torch.float32):
+    """An HrmTextForCausalLM: on disk ``mlp.gate_up_proj`` and ``attn.gqkv_proj`` are fused, in memory transformers
+    chunks them into ``mlp.gate_proj`` / ``up_proj`` and ``self_attn.gate_proj`` / ``q_proj`` / ``k_proj`` /
+    ``v_proj`` (all square, 32 × 32) and renames ``attn.o_proj`` to ``self_attn.o_proj``."""
+    from transformers import HrmTextConfig, HrmTextForCausalLM
+
+    torch.manual_seed(seed)
+    config = HrmTextConfig(vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
+                           num_attention_heads=4, head_dim=8)
+    return HrmTextForCausalLM(config).to(dtype).eval()

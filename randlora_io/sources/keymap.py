@@ -30,6 +30,7 @@ from typing import TypeVar
 import torch
 
 from ..errors import BaseModelMismatchError, SourceFormatError
+from .conversion import ConversionGroup, ConversionRefused, ConvertedSource, ModelConversions
 from .peft_params import ParamLoraLayer, matches_target, param_delta, param_scaling
 from .interface import DeltaSource
 
@@ -93,6 +94,9 @@ def for_checkpoint(source: DeltaSource, base_keys: Collection[str], root: str | 
         source = _resolve_param_layers(source, base_keys, root)
     wanted = [k for k in [*source.keys(), *source.replacements, *source.base_copies] if k not in base_keys]
     _refuse_multihead_attention(source, wanted, base_keys)
+    if wanted and root is not None:
+        source = _convert_layers(source, wanted, base_keys, Path(root))
+        wanted = [k for k in [*source.keys(), *source.replacements, *source.base_copies] if k not in base_keys]
     rename: dict[str, str] = {}
     if wanted and root is not None:
         loaded = loaded_names(Path(root), base_keys)
@@ -120,6 +124,59 @@ def for_checkpoint(source: DeltaSource, base_keys: Collection[str], root: str | 
     return view
 
 
+def _convert_layers(source: DeltaSource, wanted: list[str], base_keys: set[str], root: Path) -> DeltaSource:
+    """``source`` with each layer transformers stores rearranged (a ``WeightConverter`` in the conversion mapping of
+    ``root``'s model: transposed, fused, split, permuted) carried back onto the checkpoint's tensors
+    (:class:`~randlora_io.sources.conversion.ConvertedSource`); ``source`` itself when there is none. Refuses in one
+    line a layer whose conversion is not an exact rearrangement, a trained tensor (modules_to_save, bias) or DoRA
+    layer on a converted parameter, and a group the checkpoint does not hold as transformers saves it."""
+    model = _meta_model(root)
+    if model is None:
+        return source
+    try:
+        conversions = _conversions(model)
+    except ImportError:
+        return source
+    adapted = set(source.keys())
+    groups: list[ConversionGroup] = []
+    for key in wanted:
+        try:
+            group = conversions.group(key)
+        except ConversionRefused as exc:
+            raise BaseModelMismatchError(f"{source.path}: layer {key!r}: {exc}; merge with PEFT and save_pretrained "
+                                         "instead") from None
+        if group is None:
+            continue
+        stored = "stores it as " + ", ".join(group.ops)
+        if key not in adapted:
+            raise BaseModelMismatchError(
+                f"{source.path}: carries a trained {key!r} (PEFT modules_to_save or a trained bias), a parameter "
+                f"transformers {stored} in the base at {root}: replacing it there is not supported; merge with "
+                "PEFT and save_pretrained instead")
+        if source.dora_magnitude(key) is not None:
+            raise BaseModelMismatchError(f"{source.path}: DoRA layer {key!r} is a parameter transformers {stored} in "
+                                         f"the base at {root}: not supported; merge with PEFT and save_pretrained")
+        if tuple(source.stored_shape(key)) != group.shapes[key]:
+            raise BaseModelMismatchError(f"{source.path}: {key!r} has shape {list(source.stored_shape(key))} but the "
+                                         f"model of {root}/config.json has {list(group.shapes[key])}")
+        if group not in groups:
+            groups.append(group)
+    if not groups:
+        return source
+    view = ConvertedSource(source, conversions, groups)
+    for key, group in view.converted().items():
+        if key not in base_keys:
+            raise BaseModelMismatchError(
+                f"{source.path}: layer {group.names[0]!r} is saved by transformers as {key!r}, which the base at "
+                f"{root} does not hold: merge into a base saved by save_pretrained of the same model class")
+    return view
+
+
+@functools.lru_cache(maxsize=2)
+def _conversions(model) -> ModelConversions:
+    return ModelConversions(model)
+
+
 def _refuse_multihead_attention(source: DeltaSource, missing: list[str], base_keys: set[str]) -> None:
     """PEFT's LoRA on an ``nn.MultiheadAttention`` adapts its fused ``in_proj_weight`` and, nested under
     ``base_layer.out_proj``, its ``out_proj``: not supported here; refuse naming the layer instead of a guess."""
@@ -134,13 +191,14 @@ def _refuse_multihead_attention(source: DeltaSource, missing: list[str], base_ke
 
 
 def open_loaded(open_fn: Callable[[B], DeltaSource], base: B, root: str | Path | None) -> DeltaSource:
-    """``open_fn(base)``; if the adapter names a weight the base lacks (:class:`BaseModelMismatchError`), again with
-    ``base`` also holding the names transformers loads its tensors under (:func:`with_loaded_names`), so an adapter
-    in in-memory module names opens against a checkpoint that stores them under other keys. transformers is only
-    imported in that second case. ``base``: the base's shapes (a dict) or a ``BaseModelInfo``."""
+    """``open_fn(base)``; if that fails because the adapter and the base's names disagree (a weight the base lacks:
+    :class:`BaseModelMismatchError`; a targeted module without saved weights: :class:`SourceFormatError`), again
+    with ``base`` seen as transformers loads it (:func:`with_loaded_names`), so an adapter in in-memory module names
+    opens against a checkpoint that stores them under other keys or rearranged. transformers is only imported in
+    that second case; when the base has no other names the first error stands."""
     try:
         return open_fn(base)
-    except BaseModelMismatchError:
+    except (BaseModelMismatchError, SourceFormatError):
         aliased = with_loaded_names(base, root)
         if aliased is base:
             raise
@@ -148,18 +206,51 @@ def open_loaded(open_fn: Callable[[B], DeltaSource], base: B, root: str | Path |
 
 
 def with_loaded_names(base: B, root: str | Path | None) -> B:
-    """``base`` (shapes dict, or a ``BaseModelInfo`` with ``shapes`` and ``dtypes``) plus an alias for each tensor
-    transformers loads under another name (1:1 renames only; fused tensors get none). ``base`` itself when none."""
+    """``base`` (shapes dict, or a ``BaseModelInfo`` with ``shapes`` and ``dtypes``) as the model transformers loads
+    from it: each tensor transformers loads under another name (1:1 renames) appears under that name instead, and
+    each parameter it loads through a conversion (transposed, chunked, fused…) appears with its in-memory shape.
+    ``base`` itself when nothing differs."""
     shapes = base.shapes if hasattr(base, "shapes") else base
     names = loaded_names(Path(root), tuple(shapes)) if root is not None else {}
     alias = {name: keys[0] for name, keys in names.items() if len(keys) == 1 and name not in shapes}
-    if not alias:
+    converted = _converted_shapes(Path(root), shapes) if root is not None else {}
+    if not alias and not converted:
         return base
-    new_shapes = {**shapes, **{name: shapes[key] for name, key in alias.items()}}
+    hidden = {key for keys in names.values() for key in keys} | {k for _, k in converted.values()}
+    new_shapes = {k: v for k, v in shapes.items() if k not in hidden}
+    new_shapes.update({name: shapes[key] for name, key in alias.items()})
+    new_shapes.update({name: shape for name, (shape, _) in converted.items()})
     if not hasattr(base, "shapes"):
         return new_shapes
-    dtypes = {**base.dtypes, **{name: base.dtypes[key] for name, key in alias.items() if key in base.dtypes}}
+    dtypes = {k: v for k, v in base.dtypes.items() if k in new_shapes}
+    dtypes.update({name: base.dtypes[key] for name, key in alias.items() if key in base.dtypes})
+    dtypes.update({name: base.dtypes[key] for name, (_, key) in converted.items() if key in base.dtypes})
     return dataclasses.replace(base, shapes=new_shapes, dtypes=dtypes)
+
+
+def _converted_shapes(root: Path, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[tuple[int, ...], str]]:
+    """In-memory parameter → (its in-memory shape, one checkpoint key it is converted from), for every parameter of
+    ``root``'s model that transformers loads through a conversion from tensors this checkpoint holds with the
+    shapes transformers saves (a conversion that is not a rearrangement is left out: the merge refuses it)."""
+    model = _meta_model(root)
+    if model is None:
+        return {}
+    try:
+        conversions = _conversions(model)
+    except ImportError:
+        return {}
+    out: dict[str, tuple[tuple[int, ...], str]] = {}
+    for name in model.state_dict():
+        if name in shapes:
+            continue
+        try:
+            group = conversions.group(name)
+            saved = conversions.checkpoint_shapes(group) if group is not None else {}
+        except ConversionRefused:
+            continue
+        if saved and all(tuple(shapes.get(k, ())) == s for k, s in saved.items()):
+            out[name] = (group.shapes[name], next(iter(saved)))
+    return out
 
 
 def loaded_names(root: Path, checkpoint_keys: Collection[str]) -> dict[str, list[str]]:

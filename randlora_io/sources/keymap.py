@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
@@ -29,8 +28,11 @@ from typing import TypeVar
 
 import torch
 
+from ..checkpoint.base_model import read_model_config
 from ..errors import BaseModelMismatchError, SourceFormatError
 from .conversion import ConversionGroup, ConversionRefused, ConvertedSource, ModelConversions
+from .meta_model import meta_model as _meta_model
+from .ties import resolve_tied_replacements
 from .peft_params import ParamLoraLayer, matches_target, param_delta, param_scaling
 from .interface import DeltaSource
 
@@ -42,12 +44,15 @@ class CheckpointView(DeltaSource):
     the adapter replaces (``replacements``: PEFT's modules_to_save and trained biases), so a merge plans both; a
     replaced key has no ΔW (:func:`randlora_io.merge.terms.apply_term_` writes it)."""
 
-    def __init__(self, inner: DeltaSource, rename: Mapping[str, str]):
-        """``rename``: inner key → checkpoint key, for the keys whose names differ (others are kept)."""
+    def __init__(self, inner: DeltaSource, rename: Mapping[str, str],
+                 replacements: Mapping[str, torch.Tensor] | None = None):
+        """``rename``: inner key → checkpoint key, for the keys whose names differ (others are kept);
+        ``replacements``: inner's, less those a tied weight already writes (default: all of inner's)."""
         self.inner, self.kind, self.path = inner, inner.kind, inner.path
         self._rename = dict(rename)
         self._to_inner = {ck: ik for ik, ck in self._rename.items()}
-        self.replacements = {self._name(k): v for k, v in inner.replacements.items()}
+        replacements = inner.replacements if replacements is None else replacements
+        self.replacements = {self._name(k): v for k, v in replacements.items()}
         self.base_copies = {self._name(k): v for k, v in inner.base_copies.items()}
         self._delta_keys = [self._name(k) for k in inner.keys()]
 
@@ -90,13 +95,16 @@ def for_checkpoint(source: DeltaSource, base_keys: Collection[str], root: str | 
     and it replaces no tensor, else a :class:`CheckpointView`. Raises when the adapter replaces a tensor the base lacks,
     or targets a tensor transformers fuses on load."""
     base_keys = set(base_keys)
+    replacements = resolve_tied_replacements(source.path, source.replacements, base_keys,
+                                             Path(root) if root is not None else None,
+                                             read_model_config(root) if root is not None else None)
     if getattr(source, "param_layers", None):
         source = _resolve_param_layers(source, base_keys, root)
-    wanted = [k for k in [*source.keys(), *source.replacements, *source.base_copies] if k not in base_keys]
+    wanted = [k for k in [*source.keys(), *replacements, *source.base_copies] if k not in base_keys]
     _refuse_multihead_attention(source, wanted, base_keys)
     if wanted and root is not None:
         source = _convert_layers(source, wanted, base_keys, Path(root))
-        wanted = [k for k in [*source.keys(), *source.replacements, *source.base_copies] if k not in base_keys]
+        wanted = [k for k in [*source.keys(), *replacements, *source.base_copies] if k not in base_keys]
     rename: dict[str, str] = {}
     if wanted and root is not None:
         loaded = loaded_names(Path(root), base_keys)
@@ -111,9 +119,9 @@ def for_checkpoint(source: DeltaSource, base_keys: Collection[str], root: str | 
                     "parameter (PEFT target_parameters, e.g. MoE experts) back onto per-expert tensors is not "
                     "supported: target the per-expert modules or merge with PEFT")
             rename[key] = on_disk[0]
-    if not rename and not source.replacements:
+    if not rename and not replacements and not source.replacements:
         return source
-    view = CheckpointView(source, rename)
+    view = CheckpointView(source, rename, replacements)
     for key, tensor in view.replacements.items():
         if key not in base_keys:
             raise BaseModelMismatchError(
@@ -283,48 +291,6 @@ def _loaded_names(root: str, checkpoint_keys: tuple[str, ...]) -> dict[str, list
         if name != key or name in out:
             out.setdefault(name, []).append(key)
     return {name: keys for name, keys in out.items() if name not in checkpoint_keys or len(keys) > 1}
-
-
-def _meta_model(root: Path):
-    """:func:`_build_meta_model`, cached per directory and config.json state (the model is read, never changed)."""
-    try:
-        stat = (root / "config.json").stat()
-    except OSError:
-        return None
-    return _cached_meta_model(str(root), stat.st_mtime_ns, stat.st_size)
-
-
-@functools.lru_cache(maxsize=2)
-def _cached_meta_model(root: str, _mtime_ns: int, _size: int):
-    return _build_meta_model(Path(root))
-
-
-def _build_meta_model(root: Path):
-    """The ``architectures[0]`` model of ``root/config.json``, built on the meta device (no memory, no weights)."""
-    config_path = root / "config.json"
-    if not config_path.is_file():
-        return None
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
-        raise SourceFormatError(f"{config_path}: not valid JSON") from None
-    arch = (config.get("architectures") or [None])[0] if isinstance(config, dict) else None
-    if not isinstance(arch, str):
-        return None
-    try:
-        import transformers
-        from transformers import AutoConfig
-    except ImportError:
-        return None
-    cls = getattr(transformers, arch, None)
-    if cls is None:
-        return None
-    try:
-        hf_config = AutoConfig.from_pretrained(str(root), local_files_only=True)
-        with torch.device("meta"):
-            return cls(hf_config)
-    except Exception:  # noqa: BLE001 - an unbuildable config only means no renaming is known
-        return None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -141,7 +141,8 @@ def _split_extras(path: Path, config: dict, tensors: dict[str, torch.Tensor]):
     PEFT 0.21.2 saves a ``modules_to_save`` module ``m`` as ``m.<param>`` (its trained copy; with ``bias="all"`` also
     ``m.modules_to_save.<param>``, the same tensor, and ``m.original_module.<param>``, the frozen original that
     ``merge_and_unload`` discards), a trained bias of a targeted layer as ``<layer>.base_layer.bias`` and any other
-    trained bias as ``<module>.bias``. Returns ``({base key: tensor}, {saved key: tensor})``."""
+    trained bias as ``<module>.bias``; with ``ensure_weight_tying`` also the tied partner's weight (the same trained
+    tensor, e.g. ``lm_head.weight`` beside ``model.embed_tokens.weight``). Returns ``({base key: tensor}, {saved key: tensor})``."""
     saved_modules = config.get("modules_to_save") or []
     if isinstance(saved_modules, str):
         saved_modules = [saved_modules]
@@ -154,6 +155,8 @@ def _split_extras(path: Path, config: dict, tensors: dict[str, torch.Tensor]):
         name = key.removeprefix(PEFT_PREFIX)
         module, _, param = name.rpartition(".")
         in_saved = [m for m in saved_modules if isinstance(m, str) and m and _under(module, m)]
+        if not in_saved and config.get("ensure_weight_tying") is True and param == "weight":
+            in_saved = [module]  # the tied partner of a modules_to_save module, saved with it (sources/ties.py)
         if ".original_module." in f".{module}." and (in_saved or trains_bias):
             extra_saved[key] = tensors.pop(key)  # PEFT's frozen copy: discarded by merge_and_unload
             continue

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from ..errors import LayerTypeError, SourceFormatError
+from .meta_model import meta_model
 
 MODEL_CONFIG = "config.json"
 
@@ -58,10 +59,41 @@ class BaseModelInfo:
         """True when ``config.json`` names an architecture transformers builds itself (not remote code)."""
         return self.model_type is not None and not (self.config or {}).get("auto_map")
 
+    def mixes_conv1d(self) -> bool:
+        """A composite model (nested configs) with a GPT-2 style part (``Conv1D`` layers) beside parts of other
+        types, whose layers may share those leaf names as ``nn.Linear``: leaf names do not tell the type there."""
+        types = _model_types(self.config or {})
+        conv = {t for t in types if t in CONV1D_LAYERS}
+        return bool(conv) and bool(types - conv)
+
     def conv1d_layers(self) -> frozenset[str]:
         """Leaf names built as ``Conv1D`` anywhere in the model: a composite model (encoder-decoder, vision-text)
         nests its parts' configs, each with its own ``model_type`` (e.g. a GPT-2 decoder under a BERT encoder)."""
         return frozenset().union(*(CONV1D_LAYERS.get(t, frozenset()) for t in _model_types(self.config or {})))
+
+
+def _module_orientations(keys: list[str], base: BaseModelInfo, source: str) -> dict[str, bool]:
+    """``fan_in_fan_out`` of each key from its module's own type in the model transformers builds from the base's
+    ``config.json`` (on the meta device): a composite model may use one leaf name for a ``Conv1D`` in one part and
+    an ``nn.Linear`` in another. Refuses in one line when the model cannot be built or lacks a module."""
+    model = meta_model(Path(base.root))
+    kinds = ", ".join(sorted(_model_types(base.config or {})))
+    if model is None:
+        raise LayerTypeError(
+            f"{source}: the base at {base.root} is a composite model ({kinds}) whose parts use the same layer names "
+            "for Conv1D and Linear layers; telling each layer's type needs transformers and the base's config.json "
+            "naming a class it builds: install transformers (pip install transformers)")
+    from transformers.pytorch_utils import Conv1D
+
+    out = {}
+    for key in keys:
+        try:
+            module = model.get_submodule(key.removesuffix(".weight"))
+        except AttributeError:
+            raise LayerTypeError(f"{source}: {key!r} names no module of the model the base's config.json builds "
+                                 f"({kinds}), so its layer type cannot be told: another architecture?") from None
+        out[key] = isinstance(module, Conv1D)
+    return out
 
 
 def _model_types(config: dict, depth: int = 0) -> set[str]:
@@ -111,6 +143,8 @@ def layer_orientations(keys: list[str], base: BaseModelInfo | None, config_flag:
     """
     if base is not None and base.knows_layer_types():
         conv = base.conv1d_layers()
+        if base.mixes_conv1d() and any(_leaf(key) in conv for key in keys):
+            return _module_orientations(keys, base, source)
         return {key: _leaf(key) in conv for key in keys}
     conv_named = [key for key in keys if _leaf(key) in CONV1D_NAMES]
     if (config_flag and len(conv_named) == len(keys)) or (not config_flag and not conv_named):

@@ -31,7 +31,7 @@ import torch
 from ..checkpoint.base_model import read_model_config
 from ..errors import BaseModelMismatchError, SourceFormatError
 from .conversion import ConversionGroup, ConversionRefused, ConvertedSource, ModelConversions
-from .meta_model import meta_model as _meta_model
+from ..checkpoint.meta_model import meta_model as _meta_model
 from .ties import resolve_tied_replacements
 from .peft_params import ParamLoraLayer, matches_target, param_delta, param_scaling
 from .interface import DeltaSource

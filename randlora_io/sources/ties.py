@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from ..errors import BaseModelMismatchError
-from .meta_model import meta_model
+from ..checkpoint.meta_model import meta_model
 
 # leaf module names that are tied to another in some architecture (used only when transformers cannot tell)
 _TIE_PRONE = ("embed", "lm_head", "proj_out", "wte", "word_embeddings", "embed_out", "output", "shared")

@@ -32,7 +32,7 @@ from ..checkpoint.base_model import read_model_config
 from ..errors import BaseModelMismatchError, SourceFormatError
 from .conversion import ConversionGroup, ConversionRefused, ConvertedSource, ModelConversions
 from ..checkpoint.meta_model import meta_model as _meta_model
-from .ties import resolve_tied_replacements
+from .ties import fold_tied_deltas, resolve_tied_replacements, tied_pairs
 from .peft_params import ParamLoraLayer, matches_target, param_delta, param_scaling
 from .interface import DeltaSource
 
@@ -103,6 +103,7 @@ def for_checkpoint(source: DeltaSource, base_keys: Collection[str], root: str | 
     wanted = [k for k in [*source.keys(), *replacements, *source.base_copies] if k not in base_keys]
     _refuse_multihead_attention(source, wanted, base_keys)
     if wanted and root is not None:
+        source = fold_tied_deltas(source, base_keys, Path(root))
         source = _convert_layers(source, wanted, base_keys, Path(root))
         wanted = [k for k in [*source.keys(), *replacements, *source.base_copies] if k not in base_keys]
     rename: dict[str, str] = {}
@@ -216,15 +217,19 @@ def open_loaded(open_fn: Callable[[B], DeltaSource], base: B, root: str | Path |
 def with_loaded_names(base: B, root: str | Path | None) -> B:
     """``base`` (shapes dict, or a ``BaseModelInfo`` with ``shapes`` and ``dtypes``) as the model transformers loads
     from it: each tensor transformers loads under another name (1:1 renames) appears under that name instead, and
-    each parameter it loads through a conversion (transposed, chunked, fused…) appears with its in-memory shape.
-    ``base`` itself when nothing differs."""
+    each parameter it loads through a conversion (transposed, chunked, fused…) appears with its in-memory shape,
+    and each tied parameter the checkpoint does not store appears with its partner's. ``base`` itself when nothing
+    differs."""
     shapes = base.shapes if hasattr(base, "shapes") else base
     names = loaded_names(Path(root), tuple(shapes)) if root is not None else {}
     alias = {name: keys[0] for name, keys in names.items() if len(keys) == 1 and name not in shapes}
     converted = _converted_shapes(Path(root), shapes) if root is not None else {}
-    if not alias and not converted:
+    tied = {t: s for t, s in (tied_pairs(Path(root)) or {}).items()
+            if t not in shapes and s in shapes} if root is not None else {}
+    if not alias and not converted and not tied:
         return base
     hidden = {key for keys in names.values() for key in keys} | {k for _, k in converted.values()}
+    converted.update({t: (tuple(shapes[s]), s) for t, s in tied.items() if t not in converted})
     new_shapes = {k: v for k, v in shapes.items() if k not in hidden}
     new_shapes.update({name: shapes[key] for name, key in alias.items()})
     new_shapes.update({name: shape for name, (shape, _) in converted.items()})

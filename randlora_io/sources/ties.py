@@ -7,7 +7,8 @@ original weight on the other. Writing only the trained tensor into a checkpoint 
 give both sides the trained tensor on load (a wrong model, exit 0). With ``ensure_weight_tying=True`` PEFT trains one
 copy for both sides and saves it twice: the tie holds.
 
-:func:`resolve_tied_replacements` keeps what is exact (the tie holds: one trained tensor for both sides) and refuses
+:func:`fold_tied_deltas` adds the ΔW of a tied parameter the checkpoint does not store to its partner, as PEFT's
+in-place merge does (both wrappers add into the one shared tensor). :func:`resolve_tied_replacements` keeps what is exact (the tie holds: one trained tensor for both sides) and refuses
 the rest in one line: the base must be untied first (``save_pretrained`` with ``tie_word_embeddings=False`` writes
 both tensors), and then the merge is exact.
 """
@@ -20,6 +21,7 @@ from pathlib import Path
 import torch
 
 from ..errors import BaseModelMismatchError
+from .interface import DeltaSource
 from ..checkpoint.meta_model import meta_model
 
 # leaf module names that are tied to another in some architecture (used only when transformers cannot tell)
@@ -85,3 +87,92 @@ def resolve_tied_replacements(path: str, replacements: Mapping[str, torch.Tensor
             "hold that; untie the base first (load it, set config.tie_word_embeddings=False, save_pretrained) and "
             "merge into that, or train with ensure_weight_tying=True")
     return out
+
+
+class TiedSumSource(DeltaSource):
+    """``inner`` with the ΔW of each tied parameter the checkpoint does not store folded into the parameter it
+    shares its tensor with, as PEFT's ``merge_and_unload`` does: each wrapper adds its ΔW into the one shared weight
+    in place (Zamba2's shared transformer block adapted in every hybrid layer; a LoRA on a tied ``lm_head`` changes
+    the embeddings too). ``folded``: stored key → the absent tied keys whose ΔW is added to it."""
+
+    def __init__(self, inner: DeltaSource, folded: Mapping[str, list[str]], stored_as: Mapping[str, str]):
+        """``stored_as``: each absent tied key → the stored key holding its tensor (a saved copy of the one is a
+        copy of the other)."""
+        self.inner, self.kind, self.path = inner, inner.kind, inner.path
+        self.replacements = inner.replacements
+        self.base_copies = {stored_as.get(k, k): v for k, v in inner.base_copies.items()}
+        self.peft_extras = getattr(inner, "peft_extras", None)
+        self._folded = {k: list(v) for k, v in folded.items()}
+        gone = {t for targets in self._folded.values() for t in targets}
+        self._keys = [k for k in inner.keys() if k not in gone]
+        self._keys += [k for k in self._folded if k not in self._keys]
+
+    @property
+    def adapter(self):
+        """The wrapped randlora adapter, if any (its fingerprint and bases are checked before a merge)."""
+        return getattr(self.inner, "adapter", None)
+
+    def keys(self) -> list[str]:
+        return list(self._keys)
+
+    def _parts(self, key: str) -> list[str]:
+        own = [key] if key in set(self.inner.keys()) else []
+        return own + self._folded.get(key, [])
+
+    def stored_shape(self, key: str) -> tuple[int, ...]:
+        return self.inner.stored_shape(self._parts(key)[0])
+
+    def fan_in_fan_out(self, key: str) -> bool:
+        return self.inner.fan_in_fan_out(self._parts(key)[0])
+
+    def dora_magnitude(self, key: str) -> torch.Tensor | None:
+        return self.inner.dora_magnitude(key) if key not in self._folded else None
+
+    def dora_delta(self, key: str, device: str | torch.device = "cpu") -> torch.Tensor:
+        return self.inner.dora_delta(key, device)
+
+    def delta(self, key: str, device: str | torch.device = "cpu") -> torch.Tensor:
+        parts = self._parts(key)
+        total = self.inner.delta(parts[0], device).to(torch.float32).clone()
+        for part in parts[1:]:
+            other = self.inner.delta(part, device)
+            if self.inner.fan_in_fan_out(part) != self.inner.fan_in_fan_out(parts[0]):
+                other = other.T
+            total += other
+        return total
+
+
+def fold_tied_deltas(source: DeltaSource, base_keys: Collection[str], root: Path | None,
+                     on_note=None) -> DeltaSource:
+    """``source`` with ΔW on tied parameters the checkpoint does not store summed into their stored partner
+    (:class:`TiedSumSource`); ``source`` itself when there is none. Refuses DoRA on such a layer (not additive) and
+    a ΔW on a tied parameter whose partner the adapter replaces (modules_to_save)."""
+    base_keys = set(base_keys)
+    absent = [k for k in source.keys() if k not in base_keys]
+    if not absent and all(k in base_keys for k in source.base_copies):
+        return source
+    pairs = tied_pairs(root) or {}
+    stored_as = {t: s for t, s in pairs.items() if t not in base_keys and s in base_keys}
+    folded: dict[str, list[str]] = {}
+    for key in absent:
+        partner = pairs.get(key)
+        if partner is None or partner not in base_keys:
+            continue
+        for k in (key, partner):
+            if k in set(source.keys()) and source.dora_magnitude(k) is not None:
+                raise BaseModelMismatchError(
+                    f"{source.path}: DoRA layer {k!r} shares its weight with {partner if k == key else key!r} (tied "
+                    "in the base): PEFT merges each into the one shared tensor in turn, which this merge does not "
+                    "reproduce; merge with PEFT instead")
+        if partner in source.replacements:
+            raise BaseModelMismatchError(
+                f"{source.path}: adapts {key!r}, tied in the base to {partner!r}, which the adapter also replaces "
+                "(modules_to_save): no single tensor holds both; drop one of them from the adapter")
+        folded.setdefault(partner, []).append(key)
+    if not folded and not any(k in stored_as for k in source.base_copies):
+        return source
+    if on_note is not None:
+        for partner, keys in folded.items():
+            on_note(f"{source.path}: {keys[0]!r} shares its weight with {partner!r} in the base (tied): its ΔW is "
+                    f"added to that one tensor, as PEFT's merge_and_unload does")
+    return TiedSumSource(source, folded, stored_as)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -69,13 +69,23 @@ class Checkpoint:
                       and any(fnmatch.fnmatchcase(p.name, pat) for pat in SIDE_FILE_PATTERNS))
 
 
-def absent_weight_hint(key: str) -> str:
-    """Why a base may lack the weight ``key``, for the error that says so."""
+def absent_weight_hint(key: str, known: Collection[str] = ()) -> str:
+    """Why a base may lack the weight ``key``, for the error that says so; ``known``: the keys the base does have
+    (a key there with the same layer name shows the adapter names layers another way)."""
     if key.endswith("lm_head.weight"):
         return (" (a tied lm_head has no weight of its own: it shares the input embeddings, which a merge into it "
                 "would change too; untie the base, saving it with tie_word_embeddings=false, or leave lm_head out "
                 "of the adapter)")
-    return " (another architecture?)"
+    leaf = ".".join(key.split(".")[-2:])
+    like = sorted(k for k in known if k.endswith("." + leaf) or k == leaf)
+    if like:
+        return (f" (its layers are named like {like[0]!r} there: the adapter was trained on a model that names its "
+                "modules differently, e.g. another class of the same architecture; merge into the checkpoint of the "
+                "model class it was trained on)")
+    if known:
+        return (f" (nor any {leaf!r} layer at all: the adapter was trained on another architecture; merge it into "
+                "the base model it was trained on)")
+    return " (merge it into the base model it was trained on)"
 
 
 def check_base_copies(ckpt: Checkpoint, source: str, copies: Mapping[str, torch.Tensor]) -> None:
@@ -85,7 +95,7 @@ def check_base_copies(ckpt: Checkpoint, source: str, copies: Mapping[str, torch.
     for key, saved in copies.items():
         if key not in ckpt.weight_map:
             raise BaseModelMismatchError(f"{source}: carries a copy of base weight {key!r}, which the base at "
-                                         f"{ckpt.root} does not have{absent_weight_hint(key)}")
+                                         f"{ckpt.root} does not have{absent_weight_hint(key, ckpt.weight_map)}")
         info = ckpt.info(key)
         if tuple(info.shape) != tuple(saved.shape):
             raise BaseModelMismatchError(

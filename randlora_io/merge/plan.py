@@ -96,7 +96,7 @@ def plan_merge(ckpt: Checkpoint, sources: list[DeltaSource]) -> dict[str, list[i
         for key in source.keys():
             if key not in ckpt.weight_map:
                 raise BaseModelMismatchError(f"{source.path}: targets {key!r}, which the base at {ckpt.root} does "
-                                             f"not have{absent_weight_hint(key)}")
+                                             f"not have{absent_weight_hint(key, ckpt.weight_map)}")
             info = ckpt.info(key)
             if tuple(info.shape) != tuple(source.stored_shape(key)):
                 raise BaseModelMismatchError(
@@ -304,7 +304,7 @@ def merge_into_state_dict(
     for key in source.keys():
         if key not in out:
             raise BaseModelMismatchError(f"{source.path}: targets {key!r}, which the state dict does not have"
-                                         f"{absent_weight_hint(key)}")
+                                         f"{absent_weight_hint(key, out)}")
         tensor = out[key]
         if tuple(tensor.shape) != tuple(source.stored_shape(key)):
             raise BaseModelMismatchError(f"{source.path}: {key!r} has shape {list(source.stored_shape(key))}, "

@@ -149,7 +149,7 @@ def _check(source: DeltaSource, state: dict[str, torch.Tensor], keys: list[str])
     for key in keys:
         if key not in state:
             raise BaseModelMismatchError(f"{source.path}: targets {key!r}, which the model does not have"
-                                         f"{absent_weight_hint(key)}")
+                                         f"{absent_weight_hint(key, state)}")
         tensor = state[key]
         if tuple(tensor.shape) != tuple(source.stored_shape(key)) and key not in source.replacements:
             raise BaseModelMismatchError(f"{source.path}: {key!r} has shape {list(source.stored_shape(key))}, "

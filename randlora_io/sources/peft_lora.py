@@ -48,6 +48,20 @@ class LoraLayer:
         return (out_in[1], out_in[0]) if self.fan_in_fan_out else out_in
 
 
+def unsupported_tensor_reason(saved_key: str) -> str:
+    """Why a saved tensor of a PEFT LoRA dir cannot be merged here, naming the PEFT feature it belongs to."""
+    leaf = saved_key.rsplit(".", 1)[-1]
+    if leaf.startswith("lora_embedding_"):
+        return (f"{saved_key!r} is a LoRA on an nn.Embedding layer ({leaf}): only Linear and Conv1D layers can be "
+                "merged here; merge this adapter with PEFT's merge_and_unload, or leave the embedding out of "
+                "target_modules")
+    if "lora_bias" in saved_key or "lora_B.bias" in saved_key:
+        return (f"{saved_key!r} is a LoRA bias (lora_bias=True): not supported here; merge this adapter with PEFT's "
+                "merge_and_unload, or train it with lora_bias=False")
+    return (f"unsupported tensor {saved_key!r}: not a lora_A / lora_B weight of a Linear or Conv1D layer, nor a "
+            "tensor PEFT's modules_to_save or bias options save; merge this adapter with PEFT's merge_and_unload")
+
+
 def read_peft_lora(src: str | os.PathLike | PeftDir, base: BaseModelInfo | None = None,
                    on_note: Callable[[str], None] | None = None, *,
                    decide_orientation: bool = True) -> dict[str, LoraLayer]:
@@ -73,7 +87,7 @@ def read_peft_lora(src: str | os.PathLike | PeftDir, base: BaseModelInfo | None 
                 parts.setdefault(module_of(key, suffix), {})[suffix[5]] = tensor
                 break
         else:
-            raise SourceFormatError(f"{src}: unsupported tensor {key!r} (only lora_A / lora_B weights of Linear layers)")
+            raise SourceFormatError(f"{src}: {unsupported_tensor_reason(key)}")
     params = param_modules(cfg, list(parts), str(src))  # target_parameters wrappers: peft_params, keymap
     parts = {m: ab for m, ab in parts.items() if m not in params}
     fans = _targeted_orientations(src, cfg, list(parts), base, on_note, decide_orientation) if parts else {}
@@ -84,11 +98,18 @@ def read_peft_lora(src: str | os.PathLike | PeftDir, base: BaseModelInfo | None 
         if set(ab) != {"A", "B"}:
             raise SourceFormatError(f"{src}: module {module!r} lacks lora_A or lora_B")
         down, up = ab["A"], ab["B"]
+        if down.ndim != 2 or up.ndim != 2:
+            kind = {3: "nn.Conv1d", 4: "nn.Conv2d", 5: "nn.Conv3d"}.get(max(down.ndim, up.ndim), "non-Linear")
+            raise AdapterShapeError(
+                f"{src}: {module!r} is a LoRA on an {kind} layer (lora_A {list(down.shape)}, lora_B "
+                f"{list(up.shape)}): only Linear and Conv1D layers can be merged here; merge this adapter with PEFT's "
+                "merge_and_unload, or leave that layer out of target_modules")
         r = _pattern_value(rank_pattern, module, r_default)
         alpha = _pattern_value(alpha_pattern, module, alpha_default)
-        if down.ndim != 2 or up.ndim != 2 or down.shape[0] != r or up.shape[1] != r:
+        if down.shape[0] != r or up.shape[1] != r:
             raise AdapterShapeError(f"{src}: {module!r} has lora_A {list(down.shape)} and lora_B {list(up.shape)}, "
-                                    f"config says r={r}")
+                                    f"but adapter_config.json gives it rank r={r} (r / rank_pattern): config and "
+                                    "weights disagree (a hand-edited config?)")
         if not (torch.isfinite(down).all() and torch.isfinite(up).all()):
             raise NonFiniteError(f"{src}: {module!r} LoRA factors contain NaN or Inf")
         scaling = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r

@@ -80,7 +80,7 @@ def _base_info(base: BaseModelInfo | Mapping[str, tuple[int, ...]]) -> BaseModel
 def _base_shape(src, base: BaseModelInfo, key: str) -> tuple[int, int]:
     if key not in base.shapes:
         raise BaseModelMismatchError(f"{src}: adapter targets {key!r}, which the base checkpoint does not "
-                                     f"have{absent_weight_hint(key)}")
+                                     f"have{absent_weight_hint(key, base.shapes)}")
     shape = tuple(base.shapes[key])
     if len(shape) != 2:
         raise BaseModelMismatchError(f"{src}: base weight {key!r} has shape {list(shape)}, not a 2-D matrix")

@@ -21,6 +21,7 @@ from ..errors import LayerTypeError, SourceFormatError
 from .meta_model import meta_model
 
 MODEL_CONFIG = "config.json"
+STATE_DICT = "<state dict>"  # BaseModelInfo.root of weights given in memory (merge_into_state_dict)
 
 # model_type → the leaf module names transformers builds as ``Conv1D`` in it (every other 2-D weight is Linear)
 _GPT2_STYLE = frozenset({"c_attn", "q_attn", "c_proj", "c_fc"})
@@ -42,13 +43,16 @@ class BaseModelInfo:
     """A base model as the sources and converters need it.
 
     ``shapes``: checkpoint key → stored shape; ``dtypes``: checkpoint key → torch dtype (floating keys only);
-    ``config``: the parsed ``config.json``, or None when the checkpoint has none; ``root``: for messages.
+    ``config``: the parsed ``config.json``, or None when the checkpoint has none; ``root``: for messages;
+    ``conv1d``: when given, exactly the layers (module names or weight keys) that are GPT-2 style ``Conv1D`` (weight
+    stored (in, out)), as the caller knows them; it decides every layer's orientation (no config needed).
     """
 
     shapes: Mapping[str, tuple[int, ...]]
     dtypes: Mapping[str, torch.dtype] = field(default_factory=dict)
     config: dict | None = None
     root: str = "<base>"
+    conv1d: frozenset[str] | None = None
 
     @property
     def model_type(self) -> str | None:
@@ -141,6 +145,8 @@ def layer_orientations(keys: list[str], base: BaseModelInfo | None, config_flag:
     has a GPT-2 ``Conv1D`` name and the flag is True, or none has and it is False. Otherwise
     :class:`LayerTypeError` (never a guess).
     """
+    if base is not None and base.conv1d is not None:
+        return {key: key in base.conv1d or key.removesuffix(".weight") in base.conv1d for key in keys}
     if base is not None and base.knows_layer_types():
         conv = base.conv1d_layers()
         if base.mixes_conv1d() and any(_leaf(key) in conv for key in keys):
@@ -150,13 +156,16 @@ def layer_orientations(keys: list[str], base: BaseModelInfo | None, config_flag:
     if (config_flag and len(conv_named) == len(keys)) or (not config_flag and not conv_named):
         return {key: config_flag for key in keys}
     why = ("its config.json names no transformers architecture (remote code)" if base is not None and base.config
+           else "a state dict carries no layer types" if base is not None and base.root == STATE_DICT
            else "no config.json was found beside the base weights" if base is not None
            else "no base model was given")
     example = conv_named[0] if conv_named else keys[0]
+    fix = ("pass model_config=model.config.to_dict() or conv1d=[the Conv1D layers] to merge_into_state_dict"
+           if base is not None and base.root == STATE_DICT else "pass --base with the model dir holding its config.json")
     raise LayerTypeError(
         f"{source}: cannot tell whether {example!r} is a GPT-2 style Conv1D layer (weight stored (in, out)) or a "
         f"Linear one: {why}, and the adapter's single fan_in_fan_out={str(config_flag).lower()} does not say it "
-        "per layer; pass --base with the model dir holding its config.json")
+        f"per layer; {fix}")
 
 
 def half_cast_dtype(keys: list[str], base: BaseModelInfo | None, source: str) -> str | None:

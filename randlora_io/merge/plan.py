@@ -16,7 +16,7 @@ import json
 import math
 import os
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +24,7 @@ import torch
 
 from ..format.adapter import RandloraAdapter
 from ..checkpoint.atomic import atomic_directory, check_output_path
-from ..checkpoint.base_model import BaseModelInfo, base_info_from_checkpoint
+from ..checkpoint.base_model import STATE_DICT, BaseModelInfo, base_info_from_checkpoint
 from .distributed import Processes, share_out
 from ..checkpoint.directory import INDEX_FILE, Checkpoint, absent_weight_hint, check_base_copies, open_checkpoint
 from ..format.fingerprint import check_fingerprint
@@ -277,10 +277,13 @@ def _copy_side_files(ckpt: Checkpoint, dst: Path, out_dtype: torch.dtype | None)
 
 
 def source_for_state_dict(adapter: RandloraAdapter | DeltaSource | str | os.PathLike,
-                          state_dict: Mapping[str, torch.Tensor]) -> DeltaSource:
+                          state_dict: Mapping[str, torch.Tensor], *, model_config: Mapping | None = None,
+                          conv1d: Collection[str] | None = None) -> DeltaSource:
     """``adapter`` (an adapter object, a source, or a path) as a source in ``state_dict``'s key names, opened as PEFT
     loads it onto those weights (their shapes and dtypes: PEFT casts RandLoRA bases to the weights' dtype); it also
-    lists the tensors the adapter replaces (modules_to_save, trained biases)."""
+    lists the tensors the adapter replaces (modules_to_save, trained biases). A PEFT dir's layer orientation comes
+    from ``model_config`` (the model's config as a dict, e.g. ``model.config.to_dict()``) or ``conv1d`` (exactly the
+    GPT-2 style ``Conv1D`` layers, module names or weight keys; ``()`` for none), as a base's config.json gives it."""
     if isinstance(adapter, RandloraAdapter):
         source: DeltaSource = RandloraSource(adapter)
     elif isinstance(adapter, DeltaSource):
@@ -288,7 +291,9 @@ def source_for_state_dict(adapter: RandloraAdapter | DeltaSource | str | os.Path
     else:
         source = open_source(adapter, base=BaseModelInfo(
             shapes={k: tuple(v.shape) for k, v in state_dict.items()},
-            dtypes={k: v.dtype for k, v in state_dict.items() if v.is_floating_point()}))
+            dtypes={k: v.dtype for k, v in state_dict.items() if v.is_floating_point()},
+            config=dict(model_config) if model_config is not None else None, root=STATE_DICT,
+            conv1d=frozenset(conv1d) if conv1d is not None else None))
     return for_checkpoint(source, state_dict.keys())
 
 
@@ -296,20 +301,45 @@ def merge_into_state_dict(
     state_dict: Mapping[str, torch.Tensor] | dict[str, torch.Tensor],
     adapter: RandloraAdapter | DeltaSource | str | os.PathLike,
     weight: float = 1.0,
+    *,
+    model_config: Mapping | None = None,
+    conv1d: Collection[str] | None = None,
 ) -> dict[str, torch.Tensor]:
     """In-memory merge for training code: returns a new dict with ``W + weight·ΔW`` (float32 add, one rounding)
-    for every adapter key; other tensors are passed through. Raises if a key is missing or a shape differs."""
-    source = source_for_state_dict(adapter, state_dict)
+    for every adapter key; other tensors are passed through. Raises if a key is missing or a shape differs.
+    ``model_config`` / ``conv1d``: how a PEFT dir's layers are oriented without a config.json beside the weights
+    (see :func:`source_for_state_dict`); a GPT-2 state dict needs one of them when the adapter's single
+    ``fan_in_fan_out`` flag cannot say it for every layer."""
+    source = source_for_state_dict(adapter, state_dict, model_config=model_config, conv1d=conv1d)
     out = dict(state_dict)
+    tied = _tied_keys(state_dict)
+    merged: dict[str, torch.Tensor] = {}  # key → float32 result, shared by keys that share one tensor
     for key in source.keys():
         if key not in out:
             raise BaseModelMismatchError(f"{source.path}: targets {key!r}, which the state dict does not have"
                                          f"{absent_weight_hint(key, out)}")
-        tensor = out[key]
+        tensor = state_dict[key]
         if tuple(tensor.shape) != tuple(source.stored_shape(key)):
             raise BaseModelMismatchError(f"{source.path}: {key!r} has shape {list(source.stored_shape(key))}, "
                                          f"the state dict has {list(tensor.shape)}")
-        w32 = tensor.detach().to(torch.float32, copy=True)
+        w32 = merged.get(key)
+        if w32 is None:
+            w32 = tensor.detach().to(torch.float32, copy=True)
         apply_term_(w32, source, key, weight, lambda inner, inner_key: add_delta_(w32, inner, inner_key, weight))
-        out[key] = w32.to(tensor.dtype)
+        for name in tied.get(key, (key,)):  # tied weights (one tensor, two names): PEFT merges into the one tensor
+            merged[name] = w32
+    for name, w32 in merged.items():
+        out[name] = w32.to(state_dict[name].dtype)
     return out
+
+
+def _tied_keys(state_dict: Mapping[str, torch.Tensor]) -> dict[str, tuple[str, ...]]:
+    """Key → every key of ``state_dict`` holding the very same tensor (same storage, offset, shape and strides), for
+    keys that share one (a tied lm_head and embedding)."""
+    groups: dict[tuple, list[str]] = {}
+    for name, tensor in state_dict.items():
+        if isinstance(tensor, torch.Tensor) and tensor.numel() and tensor.device.type != "meta":
+            ident = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
+                     tensor.stride())
+            groups.setdefault(ident, []).append(name)
+    return {name: tuple(names) for names in groups.values() if len(names) > 1 for name in names}

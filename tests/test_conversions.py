@@ -17,6 +17,7 @@ IDS = torch.arange(12).view(1, -1)
 def _adapter(model, method: str, targets: list[str]):
     from peft import LoraConfig, RandLoraConfig, get_peft_model
 
+    method = method.removesuffix("-file")
     if method == "lora":
         config = LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)
     else:
@@ -34,7 +35,11 @@ def _merge_and_compare(tmp_path, build, method, targets, changed):
         expected_logits = peft_model(IDS).logits
     peft_model.merge_and_unload().save_pretrained(tmp_path / "peft_merged")
     expected = load_file(str(tmp_path / "peft_merged" / "model.safetensors"))
-    run_cli("merge", tmp_path / "base", tmp_path / "adapter", "-o", tmp_path / "out")
+    adapter = tmp_path / "adapter"
+    if method.endswith("-file"):  # through our format: in-memory names kept, mapped when merged
+        run_cli("convert", adapter, tmp_path / "a.safetensors", "--to", "randlora", "--base", tmp_path / "base")
+        adapter = tmp_path / "a.safetensors"
+    run_cli("merge", tmp_path / "base", adapter, "-o", tmp_path / "out")
     merged = load_file(str(tmp_path / "out" / "model.safetensors"))
     assert set(merged) == set(expected) == set(on_disk)
     for key in changed:
@@ -46,7 +51,7 @@ def _merge_and_compare(tmp_path, build, method, targets, changed):
         torch.testing.assert_close(loaded(IDS).logits, expected_logits, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("method", ["lora", "randlora"])
+@pytest.mark.parametrize("method", ["lora", "randlora", "randlora-file"])
 def test_transposed_on_disk_square_shared_expert_merges_like_peft(tmp_path, method):
     """Ergo stores its shared expert (in, out): on the old code ΔW was added untransposed (logits off by ~0.1)."""
     _merge_and_compare(tmp_path, tiny_ergo, method, ["up_proj", "down_proj", "o_proj", "linear"],
@@ -55,7 +60,7 @@ def test_transposed_on_disk_square_shared_expert_merges_like_peft(tmp_path, meth
                         "layers.0.feed_forward.up.weight"])
 
 
-@pytest.mark.parametrize("method", ["lora", "randlora"])
+@pytest.mark.parametrize("method", ["lora", "randlora", "randlora-file"])
 def test_fused_on_disk_chunked_in_memory_merges_like_peft(tmp_path, method):
     """HrmText: only ``up_proj`` of the fused gate_up and only ``k_proj`` of the fused gqkv are adapted, so the other
     chunks must stay exactly the base's; ``o_proj`` is renamed only (it was refused on the old code)."""

@@ -49,3 +49,20 @@ def test_without_orientation_the_refusal_names_the_options(tmp_path):
         "layer (weight stored (in, out)) or a Linear one: a state dict carries no layer types, and the adapter's "
         "single fan_in_fan_out=false does not say it per layer; pass model_config=model.config.to_dict() or "
         "conv1d=[the Conv1D layers] to merge_into_state_dict")
+
+
+def test_state_dict_with_one_side_of_a_tie_replaced_is_refused(tmp_path):
+    """GPT-2's wte and lm_head are one tensor in its state dict: modules_to_save on wte leaves PEFT's lm_head
+    original, which one tensor cannot hold (the merged tensor was written under both names before)."""
+    from peft import LoraConfig, get_peft_model
+
+    randomize_trainable(get_peft_model(tiny_gpt2(), LoraConfig(
+        r=4, target_modules=["c_attn"], modules_to_save=["wte"], fan_in_fan_out=True))).save_pretrained(
+        tmp_path / "adapter")
+    model = tiny_gpt2()
+    with pytest.raises(Exception) as info:
+        merge_into_state_dict(model.state_dict(), tmp_path / "adapter", model_config=model.config.to_dict())
+    assert str(info.value) == (
+        f"{tmp_path / 'adapter'}: replaces 'transformer.wte.weight' with its trained copy (modules_to_save) but not "
+        "'lm_head.weight', which is the same tensor in this state dict (tied): PEFT's merged model has the two "
+        "differ; untie them in the model first, or train with ensure_weight_tying=True")

@@ -322,6 +322,14 @@ def merge_into_state_dict(
         if tuple(tensor.shape) != tuple(source.stored_shape(key)):
             raise BaseModelMismatchError(f"{source.path}: {key!r} has shape {list(source.stored_shape(key))}, "
                                          f"the state dict has {list(tensor.shape)}")
+        partners = [n for n in tied.get(key, ()) if n != key]
+        if key in source.replacements and any(
+                n not in source.replacements or not torch.equal(source.replacements[n], source.replacements[key])
+                for n in partners):
+            raise BaseModelMismatchError(
+                f"{source.path}: replaces {key!r} with its trained copy (modules_to_save) but not {partners[0]!r}, "
+                "which is the same tensor in this state dict (tied): PEFT's merged model has the two differ; untie "
+                "them in the model first, or train with ensure_weight_tying=True")
         w32 = merged.get(key)
         if w32 is None:
             w32 = tensor.detach().to(torch.float32, copy=True)

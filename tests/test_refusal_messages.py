@@ -71,3 +71,17 @@ def test_adapter_for_another_architecture_says_so(tmp_path):
     result = run_cli("merge", tmp_path / "base", tmp_path / "adapter", "-o", tmp_path / "out", check=False)
     assert_one_line_error(result, "'model.layers.0.self_attn.q_proj.weight'",
                           "nor any 'q_proj.weight' layer at all: the adapter was trained on another architecture")
+
+
+def test_validate_without_a_local_base_calls_a_scale_shape_mismatch_a_shape_error(tmp_path):
+    """It was reported as NaN/Inf (NonFiniteError) though every value is finite."""
+    from tiny_models import peft_randlora
+
+    peft_randlora(tiny_llama(), targets=["q_proj"]).save_pretrained(tmp_path / "adapter")
+    config_path = tmp_path / "adapter" / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["r"], config["base_model_name_or_path"] = 16, "no/such-model"
+    config_path.write_text(json.dumps(config))
+    result = run_cli("validate", tmp_path / "adapter", check=False)
+    assert_one_line_error(result, "do not fit r=16", "config and weights disagree")
+    assert "NaN" not in result.stderr

@@ -260,7 +260,9 @@ def validate(probe: Probe) -> str:
     r = peft.config.get("r")
     for key, (lam, gam) in peft_scale_tensors(peft).items():
         if lam.ndim != 2 or gam.ndim != 2 or lam.shape[0] != r or lam.shape[1] != gam.shape[0]:
-            raise NonFiniteError(f"{probe.path}: {key!r} has λ {list(lam.shape)} and γ {list(gam.shape)} for r={r}")
+            raise AdapterShapeError(f"{probe.path}: {key!r} has λ {list(lam.shape)} and γ {list(gam.shape)}, which "
+                                    f"do not fit r={r} (λ must be (r, N), γ (N, min_dim)): config and weights "
+                                    "disagree (a damaged or hand-edited adapter)")
         if not (torch.isfinite(lam).all() and torch.isfinite(gam).all()):
             raise NonFiniteError(f"{probe.path}: {key!r} scales contain NaN or Inf")
     return "PEFT RandLoRA dir (shapes vs base not checked: base model not available locally)"

@@ -25,6 +25,7 @@ import torch
 
 from ..errors import BaseModelMismatchError
 from .interface import DeltaSource
+from .split_parts import SplitPartsSource
 
 # transformers.core_model_loading operations that only move, split or join elements (so are linear and exactly
 # invertible): a ΔW converted through them is the difference of the converted weights
@@ -162,68 +163,33 @@ def _convert_on_load(model, tensors: dict[str, torch.Tensor]) -> dict[str, torch
     return out
 
 
-class ConvertedSource(DeltaSource):
+class ConvertedSource(SplitPartsSource):
     """``inner`` with the in-memory parameters of ``groups`` replaced by the checkpoint tensors transformers stores
     them as: ``keys()`` are inner's other keys plus each group's checkpoint keys. A group's ΔW is computed once
-    (float32, from inner's ΔW of the parameters it adapts, zeros for the others), carried back by
-    :meth:`ModelConversions.revert` when the first of its keys is asked for, and each part kept until asked for
-    once (memory: about one group's ΔW per group in use)."""
+    (float32, from inner's ΔW of the parameters it adapts, zeros for the others) and carried back by
+    :meth:`ModelConversions.revert` when the first of its keys is asked for."""
 
     def __init__(self, inner: DeltaSource, conversions: ModelConversions, groups: list[ConversionGroup]):
-        self.inner, self.kind, self.path = inner, inner.kind, inner.path
-        self.base_copies, self.replacements = inner.base_copies, inner.replacements
-        self.peft_extras = getattr(inner, "peft_extras", None)
-        self._conversions = conversions
         adapted = set(inner.keys())
-        self._owner: dict[str, ConversionGroup] = {}
-        self._shapes: dict[str, tuple[int, ...]] = {}
-        self._adapted: dict[ConversionGroup, list[str]] = {}
+        owner: dict[str, ConversionGroup] = {}
+        shapes: dict[str, tuple[int, ...]] = {}
         for group in groups:
-            shapes = conversions.checkpoint_shapes(group)
-            self._shapes.update(shapes)
-            self._owner.update({key: group for key in shapes})
-            self._adapted[group] = [n for n in group.names if n in adapted]
+            saved = conversions.checkpoint_shapes(group)
+            shapes.update(saved)
+            owner.update({key: group for key in saved})
         converted = {n for g in groups for n in g.names}
-        self._kept = [k for k in inner.keys() if k not in converted]
-        self._pending: dict[ConversionGroup, dict[str, torch.Tensor]] = {}
-
-    @property
-    def adapter(self):
-        """The wrapped randlora adapter, if any (its fingerprint and bases are checked before a merge)."""
-        return getattr(self.inner, "adapter", None)
-
-    def keys(self) -> list[str]:
-        return self._kept + list(self._owner)
+        super().__init__(inner, owner, shapes, [k for k in inner.keys() if k not in converted])
+        self._conversions = conversions
+        self._adapted = {group: [n for n in group.names if n in adapted] for group in groups}
 
     def converted(self) -> dict[str, ConversionGroup]:
         """Checkpoint key → the group of in-memory parameters it is converted from."""
         return dict(self._owner)
 
-    def stored_shape(self, key: str) -> tuple[int, ...]:
-        return self._shapes[key] if key in self._owner else self.inner.stored_shape(key)
-
-    def fan_in_fan_out(self, key: str) -> bool:
-        return False if key in self._owner else self.inner.fan_in_fan_out(key)
-
-    def dora_magnitude(self, key: str) -> torch.Tensor | None:
-        return None if key in self._owner else self.inner.dora_magnitude(key)
-
-    def dora_delta(self, key: str, device: str | torch.device = "cpu") -> torch.Tensor:
-        return self.inner.dora_delta(key, device)
-
-    def delta(self, key: str, device: str | torch.device = "cpu") -> torch.Tensor:
-        group = self._owner.get(key)
-        if group is None:
-            return self.inner.delta(key, device)
-        parts = self._pending.get(group)
-        if parts is None or key not in parts:
-            deltas = {n: self.inner.delta(n, "cpu") for n in self._adapted[group]}
-            try:
-                parts = self._pending[group] = self._conversions.revert(group, deltas)
-            except ConversionRefused as exc:
-                raise BaseModelMismatchError(f"{self.path}: layer {self._adapted[group][0]!r}: {exc}; merge with "
-                                             "PEFT and save_pretrained instead") from None
-        out = parts.pop(key)
-        if not parts:
-            del self._pending[group]
-        return out.to(device, torch.float32)
+    def compute_parts(self, group: ConversionGroup) -> dict[str, torch.Tensor]:
+        deltas = {n: self.inner.delta(n, "cpu") for n in self._adapted[group]}
+        try:
+            return self._conversions.revert(group, deltas)
+        except ConversionRefused as exc:
+            raise BaseModelMismatchError(f"{self.path}: layer {self._adapted[group][0]!r}: {exc}; merge with "
+                                         "PEFT and save_pretrained instead") from None

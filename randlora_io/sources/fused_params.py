@@ -19,6 +19,7 @@ import torch
 from ..checkpoint.meta_model import meta_model as _meta_model
 from ..errors import BaseModelMismatchError, SourceFormatError
 from .interface import DeltaSource
+from .split_parts import SplitPartsSource
 from .peft_params import ParamLoraLayer, matches_target, param_delta, param_scaling
 
 
@@ -36,7 +37,7 @@ class _FusedParam:
     keys: tuple[str, ...]
 
 
-class ParamSplitSource(DeltaSource):
+class ParamSplitSource(SplitPartsSource):
     """A PEFT LoRA source (``LoraSource``) whose target_parameters layers are mapped onto the base checkpoint's
     tensors: ``keys()`` are its module layers' keys plus the checkpoint keys of each adapted parameter (e.g. every
     ``block_sparse_moe.experts.N.w1/w3.weight`` for ``mlp.experts.gate_up_proj``). A parameter's ΔW is computed
@@ -44,44 +45,16 @@ class ParamSplitSource(DeltaSource):
     for; the parts are kept until each has been asked for once (memory: about one fused ΔW per parameter in use)."""
 
     def __init__(self, inner: DeltaSource, fused: list[_FusedParam], model):
-        self.inner, self.kind, self.path = inner, inner.kind, inner.path
-        self.base_copies, self.replacements = inner.base_copies, inner.replacements
-        self.peft_extras = inner.peft_extras
-        self._model = model
-        self._owner = {key: f for f in fused for key in f.keys}
-        self._shapes: dict[str, tuple[int, ...]] = {}
+        shapes: dict[str, tuple[int, ...]] = {}
         for f in fused:
-            self._shapes.update(_split_shapes(model, f.name, f.shape))
-        self._pending: dict[str, dict[str, torch.Tensor]] = {}
+            shapes.update(_split_shapes(model, f.name, f.shape))
+        super().__init__(inner, {key: f for f in fused for key in f.keys}, shapes, list(inner.layers))
+        self._model = model
 
-    def keys(self) -> list[str]:
-        return list(self.inner.layers) + list(self._owner)
-
-    def stored_shape(self, key: str) -> tuple[int, ...]:
-        return self._shapes[key] if key in self._owner else self.inner.stored_shape(key)
-
-    def fan_in_fan_out(self, key: str) -> bool:
-        return False if key in self._owner else self.inner.fan_in_fan_out(key)
-
-    def dora_magnitude(self, key: str) -> torch.Tensor | None:
-        return None if key in self._owner else self.inner.dora_magnitude(key)
-
-    def dora_delta(self, key: str, device: str | torch.device = "cpu") -> torch.Tensor:
-        return self.inner.dora_delta(key, device)
-
-    def delta(self, key: str, device: str | torch.device = "cpu") -> torch.Tensor:
-        f = self._owner.get(key)
-        if f is None:
-            return self.inner.delta(key, device)
-        parts = self._pending.get(f.name)
-        if parts is None or key not in parts:
-            where = f"{self.path}: target_parameters layer {f.layer.module!r} ({f.name})"
-            fused = param_delta(f.layer, f.shape, f.transposed, f.r, f.scaling, where, device)
-            parts = self._pending[f.name] = revert_to_checkpoint(self._model, f.name, fused)
-        out = parts.pop(key)
-        if not parts:
-            del self._pending[f.name]
-        return out.to(device, torch.float32)
+    def compute_parts(self, f: _FusedParam) -> dict[str, torch.Tensor]:
+        where = f"{self.path}: target_parameters layer {f.layer.module!r} ({f.name})"
+        fused = param_delta(f.layer, f.shape, f.transposed, f.r, f.scaling, where, "cpu")
+        return revert_to_checkpoint(self._model, f.name, fused)
 
 
 def revert_to_checkpoint(model, name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:

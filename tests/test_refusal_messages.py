@@ -7,21 +7,9 @@ from __future__ import annotations
 
 import json
 
-import torch
 
 from conftest import assert_one_line_error, run_cli
-from tiny_models import peft_lora, tiny_gpt2, tiny_llama
-
-
-def _whisper():
-    from transformers import WhisperConfig, WhisperForConditionalGeneration
-
-    torch.manual_seed(0)
-    config = WhisperConfig(vocab_size=64, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
-                           decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48, num_mel_bins=8,
-                           max_source_positions=16, max_target_positions=16, pad_token_id=0, bos_token_id=1,
-                           eos_token_id=2, decoder_start_token_id=1, tie_word_embeddings=False)
-    return WhisperForConditionalGeneration(config).eval()
+from tiny_models import peft_lora, tiny_gpt2, tiny_llama, tiny_whisper
 
 
 def _refusal(tmp_path, model, targets) -> str:
@@ -37,14 +25,14 @@ def _refusal(tmp_path, model, targets) -> str:
 
 
 def test_lora_on_conv1d_names_the_layer_type(tmp_path):
-    assert _refusal(tmp_path, _whisper(), ["conv1"]) == (
+    assert _refusal(tmp_path, tiny_whisper(tied=False), ["conv1"]) == (
         "'model.encoder.conv1' is a LoRA on an nn.Conv1d layer (lora_A [4, 8, 3], lora_B [32, 4, 1]): only Linear "
         "and Conv1D layers can be merged here; merge this adapter with PEFT's merge_and_unload, or leave that layer "
         "out of target_modules")
 
 
 def test_lora_on_an_embedding_names_the_layer_type(tmp_path):
-    assert _refusal(tmp_path, _whisper(), ["embed_tokens"]) == (
+    assert _refusal(tmp_path, tiny_whisper(tied=False), ["embed_tokens"]) == (
         "'base_model.model.model.decoder.embed_tokens.lora_embedding_A' is a LoRA on an nn.Embedding layer "
         "(lora_embedding_A): only Linear and Conv1D layers can be merged here; merge this adapter with PEFT's "
         "merge_and_unload, or leave the embedding out of target_modules")

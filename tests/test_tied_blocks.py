@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import run_cli
-from tiny_models import randomize_trainable
+from tiny_models import randomize_trainable, tiny_tied_llama
 
 IDS = torch.arange(8).view(1, -1)
 
@@ -27,15 +27,6 @@ def _zamba2():
     return Zamba2ForCausalLM(config).eval()
 
 
-def _tied_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=64, tie_word_embeddings=True)
-    return LlamaForCausalLM(config).eval()
-
-
 def _adapter(model, method, targets):
     from peft import LoraConfig, RandLoraConfig, get_peft_model
 
@@ -46,7 +37,7 @@ def _adapter(model, method, targets):
 
 @pytest.mark.parametrize("build, targets, shared", [
     (_zamba2, ["q_proj", "o_proj"], "model.layers.1.shared_transformer.self_attn.q_proj.weight"),
-    (_tied_llama, ["lm_head", "q_proj"], "model.embed_tokens.weight"),
+    (tiny_tied_llama, ["lm_head", "q_proj"], "model.embed_tokens.weight"),
 ])
 @pytest.mark.parametrize("method", ["lora", "randlora"])
 def test_tied_parameters_merge_like_peft(tmp_path, build, targets, shared, method):

@@ -8,29 +8,9 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import assert_one_line_error, run_cli
-from tiny_models import randomize_trainable
+from tiny_models import randomize_trainable, tiny_tied_llama, tiny_whisper
 
 IDS = torch.arange(10).view(1, -1)
-
-
-def _tied_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=64, tie_word_embeddings=True)
-    return LlamaForCausalLM(config).eval()
-
-
-def _tied_whisper():
-    from transformers import WhisperConfig, WhisperForConditionalGeneration
-
-    torch.manual_seed(0)
-    config = WhisperConfig(vocab_size=64, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
-                           decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48, num_mel_bins=8,
-                           max_source_positions=16, max_target_positions=16, pad_token_id=0, bos_token_id=1,
-                           eos_token_id=2, decoder_start_token_id=1, tie_word_embeddings=True)
-    return WhisperForConditionalGeneration(config).eval()
 
 
 def _adapter(model, modules_to_save, ensure_weight_tying=False):
@@ -45,8 +25,8 @@ def _adapter(model, modules_to_save, ensure_weight_tying=False):
 def test_ensure_weight_tying_merges_like_peft(tmp_path, saved):
     """One trained tensor for both sides, saved twice by PEFT: OUT keeps the tie (refused as an unsupported tensor
     before)."""
-    _tied_llama().save_pretrained(tmp_path / "base")
-    peft_model = _adapter(_tied_llama(), saved, ensure_weight_tying=True)
+    tiny_tied_llama().save_pretrained(tmp_path / "base")
+    peft_model = _adapter(tiny_tied_llama(), saved, ensure_weight_tying=True)
     peft_model.save_pretrained(tmp_path / "adapter")
     with torch.no_grad():
         expected = peft_model(IDS).logits
@@ -67,8 +47,8 @@ def test_ensure_weight_tying_merges_like_peft(tmp_path, saved):
 def test_one_side_of_a_tie_replaced_is_refused_word_for_word(tmp_path, saved, replaced, other):
     """PEFT's merged model: the trained copy on one side, the original on the other. The old code wrote only the
     trained embedding, so on load the head became it too (exit 0, logits off)."""
-    _tied_llama().save_pretrained(tmp_path / "base")
-    _adapter(_tied_llama(), saved).save_pretrained(tmp_path / "adapter")
+    tiny_tied_llama().save_pretrained(tmp_path / "base")
+    _adapter(tiny_tied_llama(), saved).save_pretrained(tmp_path / "adapter")
     result = run_cli("merge", tmp_path / "base", tmp_path / "adapter", "-o", tmp_path / "out", check=False)
     assert_one_line_error(result)
     assert result.stderr.strip() == (
@@ -93,9 +73,9 @@ def test_untied_base_then_merges_like_peft(tmp_path):
     """The refusal's recipe works: into the untied base the merge is exact (logits of PEFT's merged model)."""
     from transformers import LlamaForCausalLM
 
-    _untie(_tied_llama(), "lm_head", "model.embed_tokens").save_pretrained(tmp_path / "base")
+    _untie(tiny_tied_llama(), "lm_head", "model.embed_tokens").save_pretrained(tmp_path / "base")
     assert "lm_head.weight" in load_file(str(tmp_path / "base" / "model.safetensors"))
-    peft_model = _adapter(_tied_llama(), ["embed_tokens"])
+    peft_model = _adapter(tiny_tied_llama(), ["embed_tokens"])
     peft_model.save_pretrained(tmp_path / "adapter")
     with torch.no_grad():
         expected = peft_model(IDS).logits
@@ -107,9 +87,9 @@ def test_untied_base_then_merges_like_peft(tmp_path):
 
 def test_whisper_decoder_embedding_tied_to_proj_out_is_refused(tmp_path):
     """The same class in an encoder-decoder: Whisper's proj_out shares the decoder's embed_tokens."""
-    _tied_whisper().save_pretrained(tmp_path / "base")
+    tiny_whisper().save_pretrained(tmp_path / "base")
     assert "proj_out.weight" not in load_file(str(tmp_path / "base" / "model.safetensors"))
-    _adapter(_tied_whisper(), ["embed_tokens"]).save_pretrained(tmp_path / "adapter")
+    _adapter(tiny_whisper(), ["embed_tokens"]).save_pretrained(tmp_path / "adapter")
     result = run_cli("merge", tmp_path / "base", tmp_path / "adapter", "-o", tmp_path / "out", check=False)
     assert_one_line_error(result, "'model.decoder.embed_tokens.weight'", "'proj_out.weight'", "tie_word_embeddings")
     assert not (tmp_path / "out").exists()

@@ -187,3 +187,26 @@ def tiny_hrm_text(seed: int = 0, dtype: torch.dtype = torch.float32):
     config = HrmTextConfig(vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
                            num_attention_heads=4, head_dim=8)
     return HrmTextForCausalLM(config).to(dtype).eval()
+
+
+def tiny_whisper(seed: int = 0, tied: bool = True):
+    """A WhisperForConditionalGeneration (Conv1d ``conv1``/``conv2`` in the encoder); ``tied``: ``proj_out`` shares
+    the decoder's ``embed_tokens`` (not stored in the checkpoint)."""
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    torch.manual_seed(seed)
+    config = WhisperConfig(vocab_size=64, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+                           decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48, num_mel_bins=8,
+                           max_source_positions=16, max_target_positions=16, pad_token_id=0, bos_token_id=1,
+                           eos_token_id=2, decoder_start_token_id=1, tie_word_embeddings=tied)
+    return WhisperForConditionalGeneration(config).eval()
+
+
+def tiny_tied_llama(seed: int = 0):
+    """A LlamaForCausalLM whose ``lm_head`` is tied to ``model.embed_tokens`` (stored once, as the embedding)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=64, tie_word_embeddings=True)
+    return LlamaForCausalLM(config).eval()

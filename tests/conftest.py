@@ -56,3 +56,12 @@ def assert_one_line_error(result, *fragments: str) -> None:
     assert "Traceback" not in result.output + result.stderr
     for fragment in fragments:
         assert fragment.lower() in err.lower(), (fragment, err)
+
+
+def merge_refusal(base, adapter, out) -> str:
+    """``randlora-io merge BASE ADAPTER -o OUT`` must fail by the one-line error contract and write nothing; returns
+    the error line (stderr, stripped) for a word-for-word check."""
+    result = run_cli("merge", base, adapter, "-o", out, check=False)
+    assert_one_line_error(result)
+    assert not Path(out).exists()
+    return result.stderr.strip()

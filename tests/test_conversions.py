@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import assert_one_line_error, run_cli
+from conftest import assert_one_line_error, merge_refusal, run_cli
 from tiny_models import randomize_trainable, tiny_ergo, tiny_hrm_text
 
 IDS = torch.arange(12).view(1, -1)
@@ -80,9 +80,7 @@ def test_conversion_that_is_not_a_rearrangement_is_refused_by_name(tmp_path, mon
     tiny_ergo().save_pretrained(tmp_path / "base")
     _adapter(tiny_ergo(), "lora", ["up_proj"]).save_pretrained(tmp_path / "adapter")
     monkeypatch.setattr(conversion, "REARRANGING_OPS", conversion.REARRANGING_OPS - {"Transpose"})
-    result = run_cli("merge", tmp_path / "base", tmp_path / "adapter", "-o", tmp_path / "out", check=False)
-    assert_one_line_error(result)
-    assert result.stderr.strip() == (
+    assert merge_refusal(tmp_path / "base", tmp_path / "adapter", tmp_path / "out") == (
         f"randlora-io: error: {tmp_path / 'adapter'}: layer 'model.layers.1.mlp.shared_experts.up_proj.weight': "
         "transformers loads it through Transpose operation, which is not a rearrangement of the weight's elements; "
         "merge with PEFT and save_pretrained instead")

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import assert_one_line_error, run_cli
+from conftest import assert_one_line_error, merge_refusal, run_cli
 from tiny_models import randomize_trainable, tiny_tied_llama, tiny_whisper
 
 IDS = torch.arange(10).view(1, -1)
@@ -49,9 +49,7 @@ def test_one_side_of_a_tie_replaced_is_refused_word_for_word(tmp_path, saved, re
     trained embedding, so on load the head became it too (exit 0, logits off)."""
     tiny_tied_llama().save_pretrained(tmp_path / "base")
     _adapter(tiny_tied_llama(), saved).save_pretrained(tmp_path / "adapter")
-    result = run_cli("merge", tmp_path / "base", tmp_path / "adapter", "-o", tmp_path / "out", check=False)
-    assert_one_line_error(result)
-    assert result.stderr.strip() == (
+    assert merge_refusal(tmp_path / "base", tmp_path / "adapter", tmp_path / "out") == (
         f"randlora-io: error: {tmp_path / 'adapter'}: replaces {replaced!r} with its trained copy (modules_to_save) "
         f"but not {other!r}, which the base ties to it (tie_word_embeddings): PEFT's merged model has the two "
         "differ, and a tied checkpoint cannot hold that; untie the base first (load it, set "

@@ -87,7 +87,7 @@ def test_a_probe_from_detect_is_not_read_again(inputs, opened):
 
 
 def test_every_kind_module_implements_the_interface():
-    assert KINDS == ("randlora", "dense", "peft-randlora", "peft-lora")
+    assert KINDS == ("randlora", "dense", "peft-randlora", "peft-lora", "finetuned")
     for module in registry._KINDS:
         for name in ("KIND", "matches", "load", "describe", "validate"):
             assert hasattr(module, name), (module.__name__, name)
@@ -97,7 +97,7 @@ def test_every_kind_module_implements_the_interface():
 
 @pytest.mark.parametrize("make, message", [
     (lambda p: p, "no such file or directory"),
-    (lambda p: (p.mkdir(), p)[1], "a directory without adapter_config.json is not an adapter"),
+    (lambda p: (p.mkdir(), p)[1], "a directory without adapter_config.json .an adapter. or model weights"),
     (lambda p: (p.with_suffix(".bin").write_bytes(b"x"), p.with_suffix(".bin"))[1], "pickle files are refused"),
 ])
 def test_detect_refuses_what_is_no_input(tmp_path, make, message):

@@ -178,6 +178,9 @@ def convert(
         ckpt = open_checkpoint(base)
         base_info = base_info_from_checkpoint(ckpt)
     probe = detect(src_p)  # its header read once, whether open_loaded opens it once or twice
+    if probe.kind == "finetuned":
+        raise ConversionError(f"{src}: a fine-tuned full checkpoint is not an adapter; merge it (as its task vector "
+                              "W_ft − W_base: randlora-io merge BASE FT) or extract an adapter from it first")
     source = open_loaded(lambda base_: open_source(probe, keep_bases=keep_bases, base=base_,
                                                    peft_draw_dtype=peft_draw_dtype, on_note=on_note),
                          base_info, base)  # keymap.py: retried under transformers' loaded names

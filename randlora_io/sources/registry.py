@@ -14,12 +14,12 @@ from types import ModuleType
 
 from ..checkpoint.base_model import BaseModelInfo
 from ..errors import SourceFormatError, UnsafeCheckpointError
-from . import dense, peft_lora, peft_randlora, randlora_file
+from . import dense, finetuned, peft_lora, peft_randlora, randlora_file
 from .interface import DeltaSource, OpenOptions, Probe
 from .peft_dir import CONFIG_FILE
 
 # the kinds, in the order they are tried; each module implements sources/interface.py
-_KINDS: tuple[ModuleType, ...] = (randlora_file, dense, peft_randlora, peft_lora)
+_KINDS: tuple[ModuleType, ...] = (randlora_file, dense, peft_randlora, peft_lora, finetuned)
 KINDS: tuple[str, ...] = tuple(kind.KIND for kind in _KINDS)
 _BY_NAME = {kind.KIND: kind for kind in _KINDS}
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
@@ -35,7 +35,11 @@ def detect(path: str | os.PathLike | Probe) -> Probe:
     if not where.exists():
         raise SourceFormatError(f"{where}: no such file or directory")
     if where.is_dir() and not (where / CONFIG_FILE).is_file():
-        raise SourceFormatError(f"{where}: a directory without {CONFIG_FILE} is not an adapter")
+        if finetuned.matches(probe):
+            probe.kind = finetuned.KIND
+            return probe
+        raise SourceFormatError(f"{where}: a directory without {CONFIG_FILE} (an adapter) or model weights (a "
+                                "fine-tuned checkpoint) is not an input")
     if where.is_file() and where.suffix in _PICKLE_SUFFIXES:
         raise UnsafeCheckpointError(f"{where}: pickle files are refused; convert it to safetensors first")
     for kind in _KINDS:

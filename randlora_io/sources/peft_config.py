@@ -61,8 +61,10 @@ def check_peft_config(config: dict, path: str | Path) -> None:
         value = config["layers_to_transform"]
         if not (_is_int(value) or (isinstance(value, list) and all(_is_int(v) for v in value))):
             raise bad("layers_to_transform", "an integer or a list of integers")
-    if "bias" in config and config["bias"] not in ("none", "all", "lora_only", None):
-        raise bad("bias", '"none", "all" or "lora_only"')
+    # PEFT 0.21.2 (tuners_utils) treats every "<x>_only" alike: the biases of the adapted layers are trained
+    bias = config.get("bias")
+    if "bias" in config and not (bias in ("none", "all", None) or (isinstance(bias, str) and bias.endswith("_only"))):
+        raise bad("bias", '"none", "all", "lora_only" or "randlora_only"')
     for key in _PATTERNS:
         value = config.get(key)
         if value is None:

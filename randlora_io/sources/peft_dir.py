@@ -18,6 +18,7 @@ from ..checkpoint.base_model import BaseModelInfo, base_info_from_checkpoint
 from ..checkpoint.directory import open_checkpoint
 from ..errors import SourceFormatError, UnsafeCheckpointError
 from .peft_config import check_peft_config
+from .peft_fields import check_peft_fields
 from ..checkpoint.safetensors_io import load_tensors
 
 CONFIG_FILE = "adapter_config.json"
@@ -86,6 +87,7 @@ def read_peft_config(path: str | os.PathLike) -> dict:
     if not isinstance(config, dict):
         raise SourceFormatError(f"{cfg_path}: must be a JSON object")
     check_peft_config(config, cfg_path)
+    check_peft_fields(config, cfg_path)  # options PEFT's own merge would not give W + ΔW for: refused by name
     return config
 
 

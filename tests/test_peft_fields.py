@@ -89,7 +89,7 @@ def _edited_lora(tmp_path, **fields):
 @pytest.mark.parametrize("field, value", [
     (name, value) for name, value in [
         ("use_qalora", True), ("layer_replication", [[0, 1]]), ("lora_bias", True), ("megatron_config", {"x": 1}),
-        ("trainable_token_indices", [1, 2]), ("velora_config", {"rank": 2}), ("monteclora_config", {"n": 2}),
+        ("trainable_token_indices", [1, 2]),
         ("use_bdlora", {"blocks": 2}), ("arrow_config", {"top_k": 2}), ("kasa_config", {"beta": 1.0}),
         ("init_lora_weights", "pissa_niter_4"), ("init_lora_weights", "olora"), ("init_lora_weights", "corda"),
         ("init_lora_weights", "loftq"), ("init_lora_weights", "lora_ga"),
@@ -116,3 +116,31 @@ def test_an_unknown_option_that_is_set_is_refused(tmp_path):
         f"{prefix}lora_future_trick={{'on': True}}: an option PEFT 0.21.2 does not have (a newer PEFT?), which could "
         "change the merged weights in a way this merge does not know; merge with the PEFT that wrote it, or remove "
         "the key if it is at its default")
+
+
+@pytest.mark.parametrize("variant", ["velora", "monteclora"])
+def test_training_only_variants_merge_like_peft(tmp_path, variant):
+    """VeLoRA and MonteCLoRA differ from LoRA while training only; PEFT merges them as W + s·B·A and its eval forward
+    equals that (their extra saved tensors are skipped, not refused)."""
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora.config import MontecloraConfig, VeloraConfig
+
+    tiny_llama().save_pretrained(tmp_path / "base")
+    extra = ({"velora_config": VeloraConfig(num_groups=4)} if variant == "velora"
+             else {"monteclora_config": MontecloraConfig(num_samples=2)})
+    config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False, **extra)
+    peft_model = randomize_trainable(get_peft_model(tiny_llama(), config)).eval()
+    peft_model.save_pretrained(tmp_path / "adapter")
+    ids = torch.arange(10).view(1, -1)
+    with torch.no_grad():
+        expected_logits = peft_model(ids).logits
+    expected = {k: v.clone() for k, v in peft_model.merge_and_unload().state_dict().items()}
+    run_cli("merge", tmp_path / "base", tmp_path / "adapter", "-o", tmp_path / "out")
+    merged = load_file(str(tmp_path / "out" / "model.safetensors"))
+    for key, tensor in merged.items():
+        torch.testing.assert_close(tensor, expected[key], rtol=1e-5, atol=1e-6, msg=key)
+    from transformers import LlamaForCausalLM
+
+    with torch.no_grad():
+        got = LlamaForCausalLM.from_pretrained(tmp_path / "out").eval()(ids).logits
+    torch.testing.assert_close(got, expected_logits, rtol=1e-4, atol=1e-5)

@@ -91,14 +91,16 @@ LORA_FIELDS: dict[str, Field] = {
     "corda_config": Field(NO_EFFECT, "CorDA's settings; CorDA itself is init_lora_weights='corda' (refused)"),
     "lora_ga_config": Field(NO_EFFECT, "LoRA-GA's settings; LoRA-GA itself is init_lora_weights='lora_ga' (refused)"),
     "use_dora": Field(HANDLED, "DoRA: m·(W + ΔW)/‖W + ΔW‖ (merge/dora.py)"),
-    "velora_config": _variant("VeLoRA"),
+    "velora_config": Field(HANDLED, "VeLoRA compresses activations for training only: PEFT merges it as W + s·B·A "
+                           "(its saved lora_velora_embed is not part of ΔW)"),
     "alora_invocation_tokens": Field(
         REFUSED, "activated LoRA applies its update only after the invocation tokens, so no merged weight equals "
         "it (PEFT refuses to merge it too)", fix="serve the adapter unmerged"),
     "use_qalora": Field(REFUSED, "QA-LoRA pools the layer input in groups before lora_A, so its ΔW is not B·A",
                         fix="merge it with PEFT's merge_and_unload"),
     "qalora_group_size": Field(NO_EFFECT, "QA-LoRA's group size (use_qalora is refused)"),
-    "monteclora_config": _variant("MonteCLoRA"),
+    "monteclora_config": Field(HANDLED, "MonteCLoRA samples only while training: PEFT merges it as W + s·B·A "
+                               "(its saved lora_monteclora_sampler tensors are not part of ΔW)"),
     "layer_replication": Field(REFUSED, "PEFT duplicates base layers in memory, so the model has layers the "
                                "checkpoint does not", fix="merge it with PEFT and save_pretrained the result"),
     "runtime_config": Field(NO_EFFECT, "where PEFT computes at run time (ephemeral GPU offload)"),

@@ -48,6 +48,15 @@ class LoraLayer:
         return (out_in[1], out_in[0]) if self.fan_in_fan_out else out_in
 
 
+# saved state of LoRA variants that changes training only (PEFT merges them as W + s·B·A): config key → tensor part
+_TRAINING_ONLY = {"velora_config": ".lora_velora_embed", "monteclora_config": ".lora_monteclora_sampler."}
+
+
+def _training_only(saved_key: str, cfg: dict) -> bool:
+    """A saved tensor of a variant whose merge is plain LoRA (VeLoRA's projection, MonteCLoRA's sampler)."""
+    return any(cfg.get(field) and part in saved_key for field, part in _TRAINING_ONLY.items())
+
+
 def unsupported_tensor_reason(saved_key: str) -> str:
     """Why a saved tensor of a PEFT LoRA dir cannot be merged here, naming the PEFT feature it belongs to."""
     leaf = saved_key.rsplit(".", 1)[-1]
@@ -79,6 +88,8 @@ def read_peft_lora(src: str | os.PathLike | PeftDir, base: BaseModelInfo | None 
     parts: dict[str, dict[str, torch.Tensor]] = {}
     magnitudes: dict[str, torch.Tensor] = {}
     for key, tensor in peft.tensors.items():
+        if _training_only(key, cfg):
+            continue
         if cfg.get("use_dora") and key.endswith(".lora_magnitude_vector") and key.startswith(PEFT_PREFIX):
             magnitudes[module_of(key, "lora_magnitude_vector")] = tensor
             continue

@@ -37,12 +37,11 @@ def _llama_with_bias():
     return LlamaForCausalLM(config).eval()
 
 
-def test_randlora_bias_randlora_only_merges_like_peft(tmp_path):
-    from peft import RandLoraConfig, get_peft_model
+def _merges_like_peft(tmp_path, peft_model) -> dict:
+    """Save ``peft_model``, merge it into ``tmp_path/base`` with the CLI, and check tensors and logits against PEFT's
+    own merge; returns the merged tensors."""
+    from transformers import AutoModelForCausalLM
 
-    _llama_with_bias().save_pretrained(tmp_path / "base")
-    config = RandLoraConfig(r=8, target_modules=["q_proj", "v_proj"], bias="randlora_only", init_weights=False)
-    peft_model = randomize_trainable(get_peft_model(_llama_with_bias(), config))
     peft_model.save_pretrained(tmp_path / "adapter")
     ids = torch.arange(10).view(1, -1)
     with torch.no_grad():
@@ -50,15 +49,23 @@ def test_randlora_bias_randlora_only_merges_like_peft(tmp_path):
     expected = {k: v.clone() for k, v in peft_model.merge_and_unload().state_dict().items()}
     run_cli("merge", tmp_path / "base", tmp_path / "adapter", "-o", tmp_path / "out")
     merged = load_file(str(tmp_path / "out" / "model.safetensors"))
-    base = load_file(str(tmp_path / "base" / "model.safetensors"))
-    assert not torch.equal(merged["model.layers.0.self_attn.q_proj.bias"], base["model.layers.0.self_attn.q_proj.bias"])
     for key, tensor in merged.items():
         torch.testing.assert_close(tensor, expected[key], rtol=1e-5, atol=1e-5, msg=key)
-    from transformers import LlamaForCausalLM
-
     with torch.no_grad():
-        got = LlamaForCausalLM.from_pretrained(tmp_path / "out").eval()(ids).logits
+        got = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()(ids).logits
     torch.testing.assert_close(got, expected_logits, rtol=1e-4, atol=1e-5)
+    return merged
+
+
+def test_randlora_bias_randlora_only_merges_like_peft(tmp_path):
+    from peft import RandLoraConfig, get_peft_model
+
+    _llama_with_bias().save_pretrained(tmp_path / "base")
+    config = RandLoraConfig(r=8, target_modules=["q_proj", "v_proj"], bias="randlora_only", init_weights=False)
+    merged = _merges_like_peft(tmp_path, randomize_trainable(get_peft_model(_llama_with_bias(), config)))
+    base = load_file(str(tmp_path / "base" / "model.safetensors"))
+    key = "model.layers.0.self_attn.q_proj.bias"
+    assert not torch.equal(merged[key], base[key])
 
 
 def test_activated_lora_is_refused_word_for_word(tmp_path):
@@ -129,18 +136,4 @@ def test_training_only_variants_merge_like_peft(tmp_path, variant):
     extra = ({"velora_config": VeloraConfig(num_groups=4)} if variant == "velora"
              else {"monteclora_config": MontecloraConfig(num_samples=2)})
     config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False, **extra)
-    peft_model = randomize_trainable(get_peft_model(tiny_llama(), config)).eval()
-    peft_model.save_pretrained(tmp_path / "adapter")
-    ids = torch.arange(10).view(1, -1)
-    with torch.no_grad():
-        expected_logits = peft_model(ids).logits
-    expected = {k: v.clone() for k, v in peft_model.merge_and_unload().state_dict().items()}
-    run_cli("merge", tmp_path / "base", tmp_path / "adapter", "-o", tmp_path / "out")
-    merged = load_file(str(tmp_path / "out" / "model.safetensors"))
-    for key, tensor in merged.items():
-        torch.testing.assert_close(tensor, expected[key], rtol=1e-5, atol=1e-6, msg=key)
-    from transformers import LlamaForCausalLM
-
-    with torch.no_grad():
-        got = LlamaForCausalLM.from_pretrained(tmp_path / "out").eval()(ids).logits
-    torch.testing.assert_close(got, expected_logits, rtol=1e-4, atol=1e-5)
+    _merges_like_peft(tmp_path, randomize_trainable(get_peft_model(tiny_llama(), config)).eval())

@@ -49,7 +49,8 @@ def test_tied_parameters_merge_like_peft(tmp_path, build, targets, shared, metho
     with torch.no_grad():
         expected_logits = merged_by_peft(IDS).logits
     expected = dict(merged_by_peft.state_dict())
-    run_cli("merge", tmp_path / "base", tmp_path / "adapter", "-o", tmp_path / "out")
+    result = run_cli("merge", tmp_path / "base", tmp_path / "adapter", "-o", tmp_path / "out")
+    assert f"shares its weight with {shared!r} in the base (tied)" in result.stderr, result.stderr
     merged = load_file(str(tmp_path / "out" / "model.safetensors"))
     assert set(merged) == set(base)
     assert not torch.equal(merged[shared], base[shared])

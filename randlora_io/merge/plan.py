@@ -73,7 +73,7 @@ def _open_sources(ckpt: Checkpoint, adapters: list[str | os.PathLike | DeltaSour
         probe = detect(item)  # its header read once, whether open_loaded opens it once or twice
         sources.append(open_loaded(lambda base: open_source(probe, base=base, peft_draw_dtype=peft_draw_dtype,
                                                             on_note=on_note), base_info, ckpt.root))  # keymap.py
-    return [for_checkpoint(source, ckpt.weight_map, ckpt.root) for source in sources]  # keymap.py
+    return [for_checkpoint(source, ckpt.weight_map, ckpt.root, on_note) for source in sources]  # keymap.py
 
 
 def check_weights(weights: list[float] | None, count: int) -> list[float]:

@@ -86,9 +86,11 @@ class CheckpointView(DeltaSource):
         return self.inner.dora_delta(self.inner_key(key), device)
 
 
-def for_checkpoint(source: DeltaSource, base_keys: Collection[str], root: str | Path | None = None) -> DeltaSource:
+def for_checkpoint(source: DeltaSource, base_keys: Collection[str], root: str | Path | None = None,
+                   on_note: Callable[[str], None] | None = None) -> DeltaSource:
     """``source`` in the key names of a base whose tensor keys are ``base_keys`` (``root``: its directory, whose
-    ``config.json`` tells transformers' conversion mapping). Returns ``source`` itself when nothing needs renaming
+    ``config.json`` tells transformers' conversion mapping; ``on_note`` hears what PEFT's merge does that its
+    unmerged model does not, e.g. one tensor shared by several adapted layers). Returns ``source`` itself when nothing needs renaming
     and it replaces no tensor, else a :class:`CheckpointView`. Raises when the adapter replaces a tensor the base lacks,
     or targets a tensor transformers fuses on load."""
     base_keys = set(base_keys)
@@ -100,7 +102,7 @@ def for_checkpoint(source: DeltaSource, base_keys: Collection[str], root: str | 
     wanted = [k for k in [*source.keys(), *replacements, *source.base_copies] if k not in base_keys]
     _refuse_multihead_attention(source, wanted, base_keys)
     if wanted and root is not None:
-        source = fold_tied_deltas(source, base_keys, Path(root))
+        source = fold_tied_deltas(source, base_keys, Path(root), on_note)
         source = _convert_layers(source, wanted, base_keys, Path(root))
         wanted = [k for k in [*source.keys(), *replacements, *source.base_copies] if k not in base_keys]
     rename: dict[str, str] = {}

@@ -15,7 +15,7 @@ both tensors), and then the merge is exact.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 
 import torch
@@ -143,7 +143,7 @@ class TiedSumSource(DeltaSource):
 
 
 def fold_tied_deltas(source: DeltaSource, base_keys: Collection[str], root: Path | None,
-                     on_note=None) -> DeltaSource:
+                     on_note: Callable[[str], None] | None = None) -> DeltaSource:
     """``source`` with ΔW on tied parameters the checkpoint does not store summed into their stored partner
     (:class:`TiedSumSource`); ``source`` itself when there is none. Refuses DoRA on such a layer (not additive) and
     a ΔW on a tied parameter whose partner the adapter replaces (modules_to_save)."""
@@ -173,6 +173,9 @@ def fold_tied_deltas(source: DeltaSource, base_keys: Collection[str], root: Path
         return source
     if on_note is not None:
         for partner, keys in folded.items():
-            on_note(f"{source.path}: {keys[0]!r} shares its weight with {partner!r} in the base (tied): its ΔW is "
-                    f"added to that one tensor, as PEFT's merge_and_unload does")
+            on_note(f"{source.path}: {keys[0]!r} shares its weight with {partner!r} in the base (tied): both ΔW "
+                    "are added to that one tensor, as PEFT's merge_and_unload does (the merged model then differs "
+                    "from the unmerged adapter, where each layer saw only its own ΔW)" if partner in source.keys()
+                    else f"{source.path}: {keys[0]!r} shares its weight with {partner!r} in the base (tied): its ΔW "
+                    "changes both, as PEFT's merge_and_unload does")
     return TiedSumSource(source, folded, stored_as)

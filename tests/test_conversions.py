@@ -93,9 +93,9 @@ def test_conversion_whose_round_trip_differs_is_refused(tmp_path, monkeypatch):
 
     tiny_ergo().save_pretrained(tmp_path / "base")
     _adapter(tiny_ergo(), "lora", ["up_proj"]).save_pretrained(tmp_path / "adapter")
-    real = conversion._convert_on_load
-    monkeypatch.setattr(conversion, "_convert_on_load",
-                        lambda model, tensors: {k: v.T.contiguous() for k, v in real(model, tensors).items()})
+    real = conversion.ModelConversions._convert_on_load
+    monkeypatch.setattr(conversion.ModelConversions, "_convert_on_load",
+                        lambda self, tensors: {k: v.T.contiguous() for k, v in real(self, tensors).items()})
     result = run_cli("merge", tmp_path / "base", tmp_path / "adapter", "-o", tmp_path / "out", check=False)
     assert_one_line_error(result, "and back does not give the same ΔW")
     assert not (tmp_path / "out").exists()

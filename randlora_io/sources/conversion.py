@@ -56,13 +56,16 @@ class ModelConversions:
 
     def __init__(self, model):
         from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import PrefixChange, WeightConverter
+        from transformers.core_model_loading import PrefixChange, WeightConverter, WeightRenaming
 
         self.model = model
         conversions = [c for c in get_model_conversion_mapping(model, add_legacy=False)
                        if not isinstance(c, PrefixChange)]
         reverse = [c.reverse_transform() for c in conversions[::-1]]
         self._converters = [c for c in reverse if isinstance(c, WeightConverter)]
+        # the load direction, for the round-trip check
+        self._load_renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
+        self._load_converters = [c for c in conversions if isinstance(c, WeightConverter)]
         self._targets: dict[str, tuple[str, str]] | None = None
         self._groups: dict[str, ConversionGroup] = {}
         self._saved_shapes: dict[ConversionGroup, dict[str, tuple[int, ...]]] = {}
@@ -112,7 +115,7 @@ class ModelConversions:
         full = {n: deltas[n].float() if n in deltas else torch.zeros(group.shapes[n]) for n in group.names}
         try:
             on_disk = dict(revert_weight_conversion(self.model, dict(full)))
-            back = _convert_on_load(self.model, on_disk)
+            back = self._convert_on_load(on_disk)
         except Exception as exc:  # noqa: BLE001 - transformers' ops raise anything; refused, named
             raise ConversionRefused(f"transformers cannot carry it back to the checkpoint's layout "
                                     f"({type(exc).__name__}: {exc})") from None
@@ -120,6 +123,26 @@ class ModelConversions:
             raise ConversionRefused(f"converting its ΔW to the checkpoint's layout ({', '.join(group.ops)}) and "
                                     "back does not give the same ΔW")
         return {k: v.float().contiguous() for k, v in on_disk.items()}
+
+    def _convert_on_load(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``tensors`` (checkpoint keys) converted as ``from_pretrained`` loads them: renamings, then at most one
+        converter per key, the converters' groups run once all their tensors are in (the mirror of
+        ``revert_weight_conversion``'s loop)."""
+        from transformers.core_model_loading import apply_converters, apply_renamings
+
+        by_pattern = {p: c for c in self._load_converters for p in c.source_patterns}
+        pending: dict = {}
+        out: dict[str, torch.Tensor] = {}
+        for key, tensor in tensors.items():
+            renamed, pattern = apply_converters(apply_renamings(key, self._load_renamings), self._load_converters)
+            if pattern is None:
+                out[renamed] = tensor
+                continue
+            pending.setdefault(renamed, deepcopy(by_pattern[pattern])).add_tensor(renamed, key, pattern, tensor)
+        for first_name, converter in pending.items():
+            for name, value in converter.convert(first_name, model=self.model, config=self.model.config).items():
+                out[name] = value[0] if isinstance(value, list) else value
+        return out
 
     def checkpoint_shapes(self, group: ConversionGroup) -> dict[str, tuple[int, ...]]:
         """The checkpoint keys and shapes transformers saves ``group`` as (computed on the meta device)."""
@@ -135,32 +158,6 @@ class ModelConversions:
                                     f"({type(exc).__name__}: {exc})") from None
         self._saved_shapes[group] = saved
         return saved
-
-
-def _convert_on_load(model, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``tensors`` (checkpoint keys) converted as ``from_pretrained`` loads them: renamings, then at most one
-    converter per key, the converters' groups run once all their tensors are in (the mirror of
-    ``revert_weight_conversion``'s loop)."""
-    from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import (PrefixChange, WeightConverter, WeightRenaming, apply_converters,
-                                                 apply_renamings)
-
-    conversions = [c for c in get_model_conversion_mapping(model, add_legacy=False) if not isinstance(c, PrefixChange)]
-    renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
-    converters = [c for c in conversions if isinstance(c, WeightConverter)]
-    by_pattern = {p: c for c in converters for p in c.source_patterns}
-    pending: dict = {}
-    out: dict[str, torch.Tensor] = {}
-    for key, tensor in tensors.items():
-        renamed, pattern = apply_converters(apply_renamings(key, renamings), converters)
-        if pattern is None:
-            out[renamed] = tensor
-            continue
-        pending.setdefault(renamed, deepcopy(by_pattern[pattern])).add_tensor(renamed, key, pattern, tensor)
-    for first_name, converter in pending.items():
-        for name, value in converter.convert(first_name, model=model, config=model.config).items():
-            out[name] = value[0] if isinstance(value, list) else value
-    return out
 
 
 class ConvertedSource(SplitPartsSource):

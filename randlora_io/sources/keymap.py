@@ -25,13 +25,12 @@ from typing import TypeVar
 
 import torch
 
-from ..checkpoint.base_model import read_model_config
+from ..checkpoint.meta_model import meta_model as _meta_model
 from ..errors import BaseModelMismatchError, SourceFormatError
 from .conversion import ConversionGroup, ConversionRefused, ConvertedSource, ModelConversions
-from ..checkpoint.meta_model import meta_model as _meta_model
-from .ties import fold_tied_deltas, resolve_tied_replacements, tied_pairs
 from .fused_params import resolve_param_layers
 from .interface import DeltaSource
+from .ties import fold_tied_deltas, resolve_tied_replacements, tied_pairs
 
 B = TypeVar("B")
 
@@ -95,16 +94,15 @@ def for_checkpoint(source: DeltaSource, base_keys: Collection[str], root: str | 
     or targets a tensor transformers fuses on load."""
     base_keys = set(base_keys)
     replacements = resolve_tied_replacements(source.path, source.replacements, base_keys,
-                                             Path(root) if root is not None else None,
-                                             read_model_config(root) if root is not None else None)
+                                             Path(root) if root is not None else None)
     if getattr(source, "param_layers", None):
         source = resolve_param_layers(source, base_keys, root)
-    wanted = [k for k in [*source.keys(), *replacements, *source.base_copies] if k not in base_keys]
+    wanted = _absent(source, replacements, base_keys)
     _refuse_multihead_attention(source, wanted, base_keys)
     if wanted and root is not None:
         source = fold_tied_deltas(source, base_keys, Path(root), on_note)
-        source = _convert_layers(source, wanted, base_keys, Path(root))
-        wanted = [k for k in [*source.keys(), *replacements, *source.base_copies] if k not in base_keys]
+        source = _convert_layers(source, _absent(source, replacements, base_keys), base_keys, Path(root))
+    wanted = _absent(source, replacements, base_keys)
     rename: dict[str, str] = {}
     if wanted and root is not None:
         loaded = loaded_names(Path(root), base_keys)
@@ -130,6 +128,11 @@ def for_checkpoint(source: DeltaSource, base_keys: Collection[str], root: str | 
                 "saved from the model class the adapter was trained on (e.g. with its classification head: "
                 "AutoModelForSequenceClassification.from_pretrained(BASE).save_pretrained(DIR))")
     return view
+
+
+def _absent(source: DeltaSource, replacements: Mapping[str, torch.Tensor], base_keys: set[str]) -> list[str]:
+    """The keys ``source`` adapts, replaces or holds copies of that are not among the checkpoint's ``base_keys``."""
+    return [k for k in [*source.keys(), *replacements, *source.base_copies] if k not in base_keys]
 
 
 def _convert_layers(source: DeltaSource, wanted: list[str], base_keys: set[str], root: Path) -> DeltaSource:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint.base_model import read_model_config
 from ..errors import BaseModelMismatchError
 from .interface import DeltaSource
 from ..checkpoint.meta_model import meta_model
@@ -51,7 +52,7 @@ def _config_ties(config: Mapping | None, depth: int = 0) -> bool:
 
 
 def resolve_tied_replacements(path: str, replacements: Mapping[str, torch.Tensor], base_keys: Collection[str],
-                              root: Path | None, config: Mapping | None) -> dict[str, torch.Tensor]:
+                              root: Path | None) -> dict[str, torch.Tensor]:
     """``replacements`` (in-memory names → trained tensor) without the ones a tie already writes: a tied parameter
     absent from the checkpoint whose partner gets the same trained tensor (PEFT's ``ensure_weight_tying``). Raises
     in one line where PEFT's merged model has the two sides of a tie differ (one side replaced), or where the ties
@@ -60,7 +61,7 @@ def resolve_tied_replacements(path: str, replacements: Mapping[str, torch.Tensor
         return dict(replacements)
     pairs = tied_pairs(root)
     if pairs is None:
-        if _config_ties(config):
+        if root is not None and _config_ties(read_model_config(root)):
             suspect = [k for k in replacements if any(t in k.rsplit(".", 2)[-2] for t in _TIE_PRONE)]
             if suspect:
                 raise BaseModelMismatchError(
@@ -153,13 +154,14 @@ def fold_tied_deltas(source: DeltaSource, base_keys: Collection[str], root: Path
         return source
     pairs = tied_pairs(root) or {}
     stored_as = {t: s for t, s in pairs.items() if t not in base_keys and s in base_keys}
+    adapted = set(source.keys())
     folded: dict[str, list[str]] = {}
     for key in absent:
         partner = pairs.get(key)
         if partner is None or partner not in base_keys:
             continue
         for k in (key, partner):
-            if k in set(source.keys()) and source.dora_magnitude(k) is not None:
+            if k in adapted and source.dora_magnitude(k) is not None:
                 raise BaseModelMismatchError(
                     f"{source.path}: DoRA layer {k!r} shares its weight with {partner if k == key else key!r} (tied "
                     "in the base): PEFT merges each into the one shared tensor in turn, which this merge does not "
@@ -175,7 +177,7 @@ def fold_tied_deltas(source: DeltaSource, base_keys: Collection[str], root: Path
         for partner, keys in folded.items():
             on_note(f"{source.path}: {keys[0]!r} shares its weight with {partner!r} in the base (tied): both ΔW "
                     "are added to that one tensor, as PEFT's merge_and_unload does (the merged model then differs "
-                    "from the unmerged adapter, where each layer saw only its own ΔW)" if partner in source.keys()
+                    "from the unmerged adapter, where each layer saw only its own ΔW)" if partner in adapted
                     else f"{source.path}: {keys[0]!r} shares its weight with {partner!r} in the base (tied): its ΔW "
                     "changes both, as PEFT's merge_and_unload does")
     return TiedSumSource(source, folded, stored_as)

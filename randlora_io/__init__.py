@@ -18,7 +18,8 @@ from .format.delta import reference_delta
 from .format.spec import AdapterHeader, GeneratorSpec, LayerSpec
 from .hub import load_from_hub, push_to_hub
 from .inspect import describe, validate
-from .merge.plan import MergeReport, merge, merge_into_state_dict
+from .merge.plan import MergeReport, merge
+from .merge.state_dict import merge_into_state_dict
 from .merge.swap import applied_adapters, apply_adapter, remove_adapter
 from .sources.dense import read_dense
 from .sources.interface import DeltaSource

@@ -408,7 +408,7 @@ def test_peft_dir_with_only_the_shared_bases_reads_and_can_be_written(tmp_path):
 
 def test_merge_into_state_dict_casts_sparse_bases_to_the_state_dict_dtype(tmp_path):
     """The library merge of a PEFT dir into a bf16 state dict: W + ΔW rounded once, ΔW with PEFT's bf16 bases."""
-    from randlora_io.merge.plan import merge_into_state_dict
+    from randlora_io.merge.state_dict import merge_into_state_dict
 
     pm = peft_randlora(tiny_llama(dtype=torch.bfloat16), r=6, seed=13, sparse=True)
     pm.save_pretrained(tmp_path / "peft")

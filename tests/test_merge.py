@@ -205,7 +205,7 @@ def test_two_adapters_weighted_and_unmerge(tmp_path):
 
 
 def test_merge_into_state_dict_matches_the_cli(tmp_path):
-    from randlora_io.merge.plan import merge_into_state_dict
+    from randlora_io.merge.state_dict import merge_into_state_dict
 
     base = tmp_path / "base"
     model = tiny_llama()

@@ -61,7 +61,7 @@ def test_llama_score_head_merges_like_peft(tmp_path):
 
 
 def test_merge_into_state_dict_replaces_the_head(tmp_path):
-    from randlora_io.merge.plan import merge_into_state_dict
+    from randlora_io.merge.state_dict import merge_into_state_dict
 
     base, adapter, expected = _save_pair(tmp_path, tiny_bert_classifier, "lora", bias="all")
     merged = merge_into_state_dict(load_file(str(base / "model.safetensors")), adapter)

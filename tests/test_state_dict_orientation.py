@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from randlora_io.errors import LayerTypeError
-from randlora_io.merge.plan import merge_into_state_dict
+from randlora_io.merge.state_dict import merge_into_state_dict
 from tiny_models import randomize_trainable, tiny_gpt2
 
 

@@ -10,7 +10,7 @@ import warnings
 
 import click
 
-from .errors import _STATE, install_signal_handlers
+from .errors import _STATE, fail, install_signal_handlers
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
@@ -34,9 +34,19 @@ _register()
 
 
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point. click's usage errors (several lines: usage, hint, error) become the one-line
+    contract too: ``randlora-io: error: <what> (see 'randlora-io CMD --help')``, exit 2."""
     install_signal_handlers()
-    cli.main(prog_name="randlora-io")
+    try:
+        code = cli.main(prog_name="randlora-io", standalone_mode=False)
+    except click.UsageError as exc:
+        where = exc.ctx.command_path if exc.ctx is not None else "randlora-io"
+        fail(f"{exc.format_message()} (see '{where} --help')", exc.exit_code)
+    except click.ClickException as exc:
+        fail(exc.format_message(), exc.exit_code)
+    except click.Abort:
+        fail("aborted; nothing was written", 1)
+    raise SystemExit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from dataclasses import dataclass, field
 from typing import NamedTuple, Sequence
 
 import numpy as np
@@ -39,6 +40,33 @@ DEFAULTS = {
     "breadcrumbs": MethodDefaults("magnitude_outliers", None, False, False),
     "breadcrumbs_ties": MethodDefaults("magnitude_outliers", "sum", False, False),
 }
+
+
+@dataclass
+class ComposeStats:
+    """What :func:`compose` did, summed over the weights it composed: per input, the elements of the weights it
+    touches and how many of them are non-zero after sparsification (``kept``); for the sign-consensus methods, the
+    elements where some input's non-zero wᵢτᵢ disagreed with the elected sign and was dropped (``conflicts``) out of
+    ``elements`` composed."""
+    touched: list[int] = field(default_factory=list)
+    kept: list[int] = field(default_factory=list)
+    conflicts: int = 0
+    elements: int = 0
+
+    def grow(self, n: int) -> None:
+        """Room for n inputs."""
+        while len(self.touched) < n:
+            self.touched.append(0)
+            self.kept.append(0)
+
+    def add(self, other: ComposeStats) -> None:
+        """Sum ``other`` into this (the reports of several processes)."""
+        self.grow(len(other.touched))
+        for i, (t, k) in enumerate(zip(other.touched, other.kept)):
+            self.touched[i] += t
+            self.kept[i] += k
+        self.conflicts += other.conflicts
+        self.elements += other.elements
 
 
 def _density(d, what: str) -> float:
@@ -133,7 +161,7 @@ def _per_input(value, n: int, what: str) -> list:
 def compose(taus: Sequence[torch.Tensor | None], weights: Sequence[float], method: str, *,
             density: float | Sequence[float] = 1.0, lambda_: float = 1.0, normalize: bool | None = None,
             keep_masks: Sequence[torch.Tensor | None] | None = None, rescale: bool | None = None,
-            gamma: float | Sequence[float] = 0.01) -> torch.Tensor:
+            gamma: float | Sequence[float] = 0.01, stats: ComposeStats | None = None) -> torch.Tensor:
     """Merge n task vectors of one weight as ``GeneralizedTaskArithmeticMerge.merge_group`` (mergekit 0.1.5).
 
     ``taus``: n float32 tensors of one shape S, or None where input i does not touch this weight (a zero τ, as in
@@ -145,6 +173,7 @@ def compose(taus: Sequence[torch.Tensor | None], weights: Sequence[float], metho
     ``task_arithmetic`` with λ = 1 is exactly ((w₀τ₀ + w₁τ₁) + w₂τ₂)... in float32.
     ``density``/``gamma``: one value or one per input; ``keep_masks``: bool masks of shape S, needed by the DARE
     methods for inputs with density < 1 (see :func:`dare_keep_mask`). ``rescale`` defaults per method.
+    ``stats``: counts of what was kept and dropped are added to it (:class:`ComposeStats`).
     """
     if method not in DEFAULTS:
         raise SourceFormatError(f"compose: unknown method {method!r}; expected one of {', '.join(METHODS)}")
@@ -181,8 +210,16 @@ def compose(taus: Sequence[torch.Tensor | None], weights: Sequence[float], metho
             tau = sparsify(tau, spec.sparsification, densities[i], gamma=gammas[i], keep_mask=masks[i],
                            rescale=rescale)
         weighted.append(tau * w[i])
+        if stats is not None:
+            stats.grow(n)
+            stats.touched[i] += tau.numel()
+            stats.kept[i] += int(torch.count_nonzero(tau))
+    if stats is not None:
+        stats.elements += taus[present[0]].numel()
     if spec.consensus is not None:
         m = consensus(weighted, spec.consensus)
+        if stats is not None:  # an element where a non-zero input lost the sign election
+            stats.conflicts += int(torch.stack([(d != 0) & ~k for d, k in zip(weighted, m)]).any(0).sum())
         mixed = weighted[0] * m[0]
         divisor = w[present[0]] * m[0]
         for j in range(1, len(present)):

@@ -16,7 +16,7 @@ import json
 import math
 import os
 import shutil
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,17 +24,17 @@ import torch
 
 from ..format.adapter import RandloraAdapter
 from ..checkpoint.atomic import atomic_directory, check_output_path
-from ..checkpoint.base_model import STATE_DICT, BaseModelInfo, base_info_from_checkpoint
+from ..checkpoint.base_model import base_info_from_checkpoint
 from .distributed import Processes, share_out
 from ..checkpoint.directory import INDEX_FILE, Checkpoint, absent_weight_hint, check_base_copies, open_checkpoint
 from ..format.fingerprint import check_fingerprint
 from ..errors import BaseModelMismatchError, OutputExistsError, SourceFormatError
 from ..sources.keymap import for_checkpoint, open_loaded
-from .layer import PRECISIONS, LayerMerger, add_delta_
-from .terms import apply_term_
+from .compose import ComposeStats
+from .composition import ComposedSource, Composition, composition_for
+from .layer import PRECISIONS, LayerMerger
 from ..progress import progress_bar
 from ..sources.interface import DeltaSource
-from ..sources.randlora_file import RandloraSource
 from ..sources.registry import detect, open_source
 from ..checkpoint.stream import stream_rewrite
 
@@ -52,6 +52,8 @@ class MergeReport:
     bytes_out: int = 0
     processes: int = 1  # how many processes shared the shards (torchrun)
     rank: int = 0  # this process's rank among them
+    composition: Composition | None = None  # the method and its checked options, when one composed the adapters
+    compose_stats: ComposeStats | None = None  # what it kept and dropped, summed over every process
 
 
 def _open_sources(ckpt: Checkpoint, adapters: list[str | os.PathLike | DeltaSource], peft_draw_dtype: str | None = None,
@@ -131,9 +133,12 @@ def resolve_device(device: str, local_rank: int | None = None) -> torch.device:
 
 
 def _prepare(base, adapters, out, weights, device, dtype, overwrite, precision, check_base_fingerprint,
-             peft_draw_dtype, on_note, procs: Processes):
+             peft_draw_dtype, on_note, procs: Processes, kernel: str = "auto", compose_options: dict | None = None,
+             subtract: bool = False):
     """Every check a merge makes before writing: OUT against the inputs, arguments, BASE, each adapter against BASE
-    (keys, shapes, dtypes, fingerprints), and the shared bases generated (and checksum-verified) once."""
+    (keys, shapes, dtypes, fingerprints), and the shared bases generated (and checksum-verified) once. With a
+    composition method (``compose_options``: :func:`~randlora_io.merge.composition.composition_for`'s options),
+    the inputs come back as one :class:`ComposedSource` with weight 1 that touches every planned key."""
     from ..hub import resolve_adapter_arg
 
     base_p, out_p = Path(base), Path(out)
@@ -142,6 +147,10 @@ def _prepare(base, adapters, out, weights, device, dtype, overwrite, precision, 
     if (out_p.exists() or out_p.is_symlink()) and not overwrite:
         raise OutputExistsError(f"{out}: output exists; pass --overwrite to replace it")
     weights = check_weights(weights, len(adapters))
+    composition = composition_for(weights=weights, paths=adapters, **(compose_options or {}))
+    if composition is not None and subtract:
+        raise SourceFormatError(f"unmerge subtracts Σ wᵢ·ΔWᵢ; a {composition.method} composition cannot be "
+                                "undone from the adapters: unmerge with the default task arithmetic")
     if precision not in PRECISIONS:
         raise SourceFormatError(f"--precision must be one of {', '.join(PRECISIONS)}")
     if dtype not in OUT_DTYPES:
@@ -159,7 +168,34 @@ def _prepare(base, adapters, out, weights, device, dtype, overwrite, precision, 
         adapter = getattr(source, "adapter", None)  # a randlora source, or a key-mapped view of one
         if isinstance(adapter, RandloraAdapter):
             adapter.layer_bases(dev)  # the prefix the layers read; the full bases are not held while merging
+    if composition is not None:
+        sources = [ComposedSource(sources, composition, kernel=kernel, precision=precision, keys=list(plan))]
+        plan, weights = {key: [0] for key in plan}, [1.0]
     return base_p, out_p, weights, dev, ckpt, sources, plan
+
+
+def compose_options(method: str | None = None, density: float | Sequence[float] | None = None,
+                    lambda_: float | None = None, normalize: bool | None = None,
+                    seed: int | None = None, rescale: bool | None = None, always: bool = False) -> dict:
+    """The composition options of :func:`merge` as one dict (checked by ``composition_for``)."""
+    return {"method": method, "density": density, "lambda_": lambda_, "normalize": normalize, "seed": seed,
+            "rescale": rescale, "always": always}
+
+
+def open_composed(base: str | os.PathLike, adapters: list[str | os.PathLike | DeltaSource],
+                  out: str | os.PathLike, *, weights: list[float] | None = None, overwrite: bool = False,
+                  device: str = "cpu", kernel: str = "auto", precision: str = "auto",
+                  check_base_fingerprint: bool = True, peft_draw_dtype: str | None = None,
+                  on_note: Callable[[str], None] | None = None, **options) -> ComposedSource:
+    """The composed update of ``adapters`` on ``base`` as one source (every check :func:`merge` makes, ``out``
+    included, before anything is written); ``options``: :func:`compose_options`' (any method, task arithmetic too).
+    One process only: its caller writes ``out`` (``randlora-io merge --to-delta``)."""
+    procs = Processes()
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        raise SourceFormatError("--to-delta writes one file from one process; run it without torchrun")
+    sources = _prepare(base, adapters, out, weights, device, "keep", overwrite, precision, check_base_fingerprint,
+                       peft_draw_dtype, on_note, procs, kernel, compose_options(**options, always=True))[5]
+    return sources[0]
 
 
 def merge(
@@ -179,6 +215,12 @@ def merge(
     check_base_fingerprint: bool = True,
     peft_draw_dtype: str | None = None,
     on_note: Callable[[str], None] | None = None,
+    method: str | None = None,
+    density: float | Sequence[float] | None = None,
+    lambda_: float | None = None,
+    normalize: bool | None = None,
+    seed: int | None = None,
+    rescale: bool | None = None,
 ) -> MergeReport:
     """Merge ``adapters`` (each scaled by its weight, default 1.0) into the checkpoint ``base``, writing ``out``.
 
@@ -192,12 +234,23 @@ def merge(
     ``subtract`` removes the same adapters (unmerge). BASE is only read; OUT appears only if everything succeeded.
     OUT may not be, contain or lie inside BASE or an adapter. ``check_base_fingerprint``: an adapter that records the
     fingerprint of the base it was trained on (``base_model.fingerprint``) is refused on any other base unless False.
+
+    ``method`` composes the adapters' task vectors τᵢ = ΔWᵢ per weight as mergekit 0.1.5 does (``task_arithmetic``,
+    ``ties``, ``dare_linear``, ``dare_ties``, ``breadcrumbs``, ``breadcrumbs_ties``): ``weights`` then weigh the
+    sparsified τᵢ, ``density`` (one, or one per adapter, in (0, 1]) is the fraction each keeps, ``lambda_`` scales
+    the composed delta, ``normalize`` divides by the kept weights (default per method: on for ties only) and
+    ``seed`` picks DARE's masks (SPEC.md, "DARE keep masks": the same bytes on any machine and process count);
+    ``rescale`` (default: on for DARE) keeps each sparsified τᵢ's L1 norm.
+    An adapter may also be a fine-tuned full checkpoint of BASE's architecture (τ = W_ft − W_base). Without a
+    method (or task_arithmetic with λ = 1, no normalisation) the merge is Σ wᵢ·ΔWᵢ as always. The report's
+    ``composition`` / ``compose_stats`` say what was composed (fraction kept, sign conflicts).
     """
     procs = Processes.from_env()  # one process, or this rank of a torchrun job: shards are shared out by bytes
     try:
         base_p, out_p, weights, dev, ckpt, sources, plan = procs.run_all(lambda: _prepare(
             base, adapters, out, weights, device, dtype, overwrite, precision, check_base_fingerprint,
-            peft_draw_dtype, on_note, procs))  # every check, on every process, before anything is written
+            peft_draw_dtype, on_note, procs, kernel, compose_options(method, density, lambda_, normalize, seed, rescale),
+            subtract))  # every check, on every process, before anything is written
         sign = -1.0 if subtract else 1.0
         out_dtype = OUT_DTYPES[dtype]
         mine = share_out({s: ckpt.shard_path(s).stat().st_size for s in ckpt.shards}, procs.world)[procs.rank]
@@ -233,6 +286,10 @@ def merge(
                 procs.raise_if_any(mid_error)  # all shards written everywhere, or every process fails
                 unchanged = procs.all_gather(report.unchanged)
                 report.unchanged[:] = [k for part in unchanged for k in part]
+                if isinstance(sources[0], ComposedSource):
+                    report.composition, report.compose_stats = sources[0].composition, ComposeStats()
+                    for part in procs.all_gather(sources[0].stats):
+                        report.compose_stats.add(part)
                 if procs.rank == 0:
                     _write_index(ckpt, tmp, out_dtype)
                     report.bytes_out = sum(p.stat().st_size for p in tmp.iterdir() if p.is_file())
@@ -274,80 +331,3 @@ def _copy_side_files(ckpt: Checkpoint, dst: Path, out_dtype: torch.dtype | None)
             if key in data:
                 data[key] = name
         config.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-
-
-def source_for_state_dict(adapter: RandloraAdapter | DeltaSource | str | os.PathLike,
-                          state_dict: Mapping[str, torch.Tensor], *, model_config: Mapping | None = None,
-                          conv1d: Collection[str] | None = None) -> DeltaSource:
-    """``adapter`` (an adapter object, a source, or a path) as a source in ``state_dict``'s key names, opened as PEFT
-    loads it onto those weights (their shapes and dtypes: PEFT casts RandLoRA bases to the weights' dtype); it also
-    lists the tensors the adapter replaces (modules_to_save, trained biases). A PEFT dir's layer orientation comes
-    from ``model_config`` (the model's config as a dict, e.g. ``model.config.to_dict()``) or ``conv1d`` (exactly the
-    GPT-2 style ``Conv1D`` layers, module names or weight keys; ``()`` for none), as a base's config.json gives it."""
-    if isinstance(adapter, RandloraAdapter):
-        source: DeltaSource = RandloraSource(adapter)
-    elif isinstance(adapter, DeltaSource):
-        source = adapter
-    else:
-        source = open_source(adapter, base=BaseModelInfo(
-            shapes={k: tuple(v.shape) for k, v in state_dict.items()},
-            dtypes={k: v.dtype for k, v in state_dict.items() if v.is_floating_point()},
-            config=dict(model_config) if model_config is not None else None, root=STATE_DICT,
-            conv1d=frozenset(conv1d) if conv1d is not None else None))
-    return for_checkpoint(source, state_dict.keys())
-
-
-def merge_into_state_dict(
-    state_dict: Mapping[str, torch.Tensor] | dict[str, torch.Tensor],
-    adapter: RandloraAdapter | DeltaSource | str | os.PathLike,
-    weight: float = 1.0,
-    *,
-    model_config: Mapping | None = None,
-    conv1d: Collection[str] | None = None,
-) -> dict[str, torch.Tensor]:
-    """In-memory merge for training code: returns a new dict with ``W + weight·ΔW`` (float32 add, one rounding)
-    for every adapter key; other tensors are passed through. Raises if a key is missing or a shape differs.
-    ``model_config`` / ``conv1d``: how a PEFT dir's layers are oriented without a config.json beside the weights
-    (see :func:`source_for_state_dict`); a GPT-2 state dict needs one of them when the adapter's single
-    ``fan_in_fan_out`` flag cannot say it for every layer."""
-    source = source_for_state_dict(adapter, state_dict, model_config=model_config, conv1d=conv1d)
-    out = dict(state_dict)
-    tied = _tied_keys(state_dict)
-    merged: dict[str, torch.Tensor] = {}  # key → float32 result, shared by keys that share one tensor
-    for key in source.keys():
-        if key not in out:
-            raise BaseModelMismatchError(f"{source.path}: targets {key!r}, which the state dict does not have"
-                                         f"{absent_weight_hint(key, out)}")
-        tensor = state_dict[key]
-        if tuple(tensor.shape) != tuple(source.stored_shape(key)):
-            raise BaseModelMismatchError(f"{source.path}: {key!r} has shape {list(source.stored_shape(key))}, "
-                                         f"the state dict has {list(tensor.shape)}")
-        partners = [n for n in tied.get(key, ()) if n != key]
-        if key in source.replacements and any(
-                n not in source.replacements or not torch.equal(source.replacements[n], source.replacements[key])
-                for n in partners):
-            raise BaseModelMismatchError(
-                f"{source.path}: replaces {key!r} with its trained copy (modules_to_save) but not {partners[0]!r}, "
-                "which is the same tensor in this state dict (tied): PEFT's merged model has the two differ; untie "
-                "them in the model first, or train with ensure_weight_tying=True")
-        w32 = merged.get(key)
-        if w32 is None:
-            w32 = tensor.detach().to(torch.float32, copy=True)
-        apply_term_(w32, source, key, weight, lambda inner, inner_key: add_delta_(w32, inner, inner_key, weight))
-        for name in tied.get(key, (key,)):  # tied weights (one tensor, two names): PEFT merges into the one tensor
-            merged[name] = w32
-    for name, w32 in merged.items():
-        out[name] = w32.to(state_dict[name].dtype)
-    return out
-
-
-def _tied_keys(state_dict: Mapping[str, torch.Tensor]) -> dict[str, tuple[str, ...]]:
-    """Key → every key of ``state_dict`` holding the very same tensor (same storage, offset, shape and strides), for
-    keys that share one (a tied lm_head and embedding)."""
-    groups: dict[tuple, list[str]] = {}
-    for name, tensor in state_dict.items():
-        if isinstance(tensor, torch.Tensor) and tensor.numel() and tensor.device.type != "meta":
-            ident = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
-                     tensor.stride())
-            groups.setdefault(ident, []).append(name)
-    return {name: tuple(names) for names in groups.values() if len(names) > 1 for name in names}

@@ -33,7 +33,7 @@ from ..format.adapter import RandloraAdapter
 from ..checkpoint.directory import absent_weight_hint
 from ..errors import AdapterStateError, BaseModelMismatchError, NonFiniteError
 from ..checkpoint.lazy_tensors import peek
-from .plan import source_for_state_dict
+from .state_dict import source_for_state_dict
 from .layer import add_delta_, all_finite
 from .terms import apply_term_
 from ..sources.interface import DeltaSource

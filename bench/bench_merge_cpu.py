@@ -51,7 +51,7 @@ def build_base(work: Path, size: str, layers: int) -> dict[str, tuple[int, ...]]
     hidden, intermediate, n_layers, heads, kv, vocab, shard_mb = SIZES[size]
     config = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers or n_layers,
                          num_attention_heads=heads, num_key_value_heads=kv, vocab_size=vocab,
-                         tie_word_embeddings=False, dtype="bfloat16")
+                         tie_word_embeddings=False, dtype="bfloat16", architectures=["LlamaForCausalLM"])
     with torch.device("meta"):
         shapes = {k: tuple(v.shape) for k, v in LlamaForCausalLM(config).state_dict().items()}
     base = work / "base"

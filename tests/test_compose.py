@@ -332,3 +332,88 @@ def test_matches_real_mergekit(monkeypatch):
         assert not queue  # every DARE mask went through the patched bernoulli
         ours = compose(taus, WEIGHTS, method, density=ds, lambda_=0.8, keep_masks=keeps)
         torch.testing.assert_close(ours, theirs, rtol=1.3e-6, atol=1e-6)
+
+
+# --- ties at a trimming cut: a stable rank order, the same for any thread count ----------------------------------
+
+def _stable_rank_mask(mags, start, stop):
+    order = torch.sort(mags, stable=True).indices  # ascending, equal values by flat index
+    mask = torch.zeros(mags.numel(), dtype=torch.bool)
+    mask[order[start:stop]] = True
+    return mask
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_rank_range_mask_is_a_stable_sorts_ranks(seed):
+    from randlora_io.merge.compose import stable_rank_mask
+    from randlora_io.merge.compose_fast import rank_range_mask
+
+    g = torch.Generator().manual_seed(seed)
+    n = int(torch.randint(1, 400, (1,), generator=g))
+    mags = torch.randint(0, 5, (n,), generator=g).float() / 4  # many exact ties, zeros included
+    for start, stop in [(0, n), (n // 3, n), (n // 4, 3 * n // 4), (n - 1, n), (2, 3), (5, 5), (-3, n + 9)]:
+        expected = _stable_rank_mask(mags, max(0, start), min(n, stop))
+        assert torch.equal(rank_range_mask(mags, start, stop), expected), (n, start, stop)
+        assert torch.equal(stable_rank_mask(mags, start, stop), expected), (n, start, stop)
+
+
+def test_ties_with_ties_at_the_cut_keep_exactly_k_for_any_thread_count():
+    tau = (torch.arange(1000) % 7 - 3).float().reshape(40, 25)  # |τ| in {0, 1, 2, 3}: ties at every cut
+    before = torch.get_num_threads()
+    try:
+        outs = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            outs.append(sparsify(tau, "magnitude", 0.37))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(outs[0], outs[1])
+    assert int(torch.count_nonzero(outs[0])) == int(0.37 * 1000)
+
+
+# --- the merge's in-place path (compose_fast) gives the reference's bits -----------------------------------------
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_in_place_path_equals_the_reference_bit_for_bit(method, shape):
+    from randlora_io.merge.compose import ComposeStats
+    from randlora_io.merge.compose_fast import compose_
+
+    for k, dens in enumerate(DENSITIES):
+        taus = _taus(shape, seed=300 + k)
+        ds = [dens, 0.5, 0.9]
+        keeps = _masks(shape, ds)
+        for normalize, lam in ((None, 1.0), (True, 0.8), (False, -1.5)):
+            ref_stats, fast_stats = ComposeStats(), ComposeStats()
+            ref = compose(taus, WEIGHTS, method, density=ds, lambda_=lam, normalize=normalize, keep_masks=keeps,
+                          stats=ref_stats)
+            buffers = [t.clone() if t is not None else None for t in taus]
+            fast = compose_(buffers, WEIGHTS, method, density=ds, lambda_=lam, normalize=normalize,
+                            keep_masks=keeps, stats=fast_stats)
+            assert torch.equal(fast, ref), (method, shape, dens, normalize)
+            assert fast_stats == ref_stats
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_kth_smallest_by_selection_is_kthvalue(seed):
+    from randlora_io.merge.compose_fast import kth_smallest
+
+    g = torch.Generator().manual_seed(seed)
+    n = 300_000 + seed * 7919
+    cases = [torch.randn(n, generator=g).abs(),  # continuous
+             (torch.randint(0, 3, (n,), generator=g).float()),  # three values: heavy ties, bracket misses
+             torch.cat([torch.zeros(n // 2), torch.rand(n - n // 2, generator=g)]),  # half zeros
+             torch.arange(n, dtype=torch.float32).flip(0)]  # sorted descending: a strided sample is regular
+    for values in cases:
+        ordered = torch.sort(values).values  # the oracle (kthvalue itself is quadratic-slow on sorted input)
+        for rank in (1, 2, n // 100, n // 3, n // 2, n - n // 100, n - 1, n):
+            assert torch.equal(kth_smallest(values, rank), ordered[rank - 1]), (seed, rank)
+
+
+def test_rank_range_mask_on_a_large_tied_tensor():
+    from randlora_io.merge.compose_fast import rank_range_mask
+
+    g = torch.Generator().manual_seed(5)
+    mags = (torch.randint(0, 50, (400_000,), generator=g).float() / 7)
+    for start, stop in [(200_000, 400_000), (123_456, 345_678), (0, 1), (399_999, 400_000)]:
+        assert torch.equal(rank_range_mask(mags, start, stop), _stable_rank_mask(mags, start, stop)), (start, stop)

@@ -351,3 +351,14 @@ def test_config_and_flags_together_are_refused(three, tmp_path):
                                     f"  - model: {adapters[0]}\n    parameters: {{weight: 1}}\n")
     _refused(tmp_path, "merge", "--config", tmp_path / "m.yml", "-o", tmp_path / "out", "--method", "ties",
              fragments=["drop --method"])
+
+
+def test_a_nan_the_trimming_would_drop_is_refused(three, tmp_path):
+    root, adapters, _ = three
+    model = tiny_llama()
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.weight[3, 5] = float("nan")  # one element of one fine-tuned weight
+    model.save_pretrained(tmp_path / "ft")
+    # NaN ranks largest: breadcrumbs drops it with the top 1 % outliers, and the merged weight would look finite
+    _refused(tmp_path, "merge", root / "base", adapters[0], tmp_path / "ft", "-o", tmp_path / "out",
+             "--method", "breadcrumbs", "--density", "0.5", fragments=["NaN or Inf", "task vector", "q_proj"])

@@ -83,7 +83,8 @@ def sparsify(tau: torch.Tensor, method: str, density: float, *, gamma: float = 0
     ``density`` in (0, 1]; at 1 ``tau`` itself is returned untouched (no mask, no rescale), as in mergekit.
 
     * ``"magnitude"`` (TIES; ``sparsify.magnitude``): keep the k = max(1, int(density * numel)) largest |τ|.
-      Ties at the threshold are broken arbitrarily (mergekit: unstable argsort; here: topk).
+      Ties at the threshold: mergekit's unstable argsort picks arbitrarily; here the lowest flat indices rank
+      first among equal |τ| (:func:`stable_rank_mask`), the same on any machine and thread count.
     * ``"magnitude_outliers"`` (breadcrumbs; ``sparsify.magnitude_outliers``): target = int(density * numel),
       n_top = int(gamma * numel), n_bot = max(0, numel - target - n_top), keep the elements of ascending-|τ| rank
       in [n_bot, n_bot + target): the smallest and the n_top largest go (fewer largest when target needs them).
@@ -111,18 +112,15 @@ def sparsify(tau: torch.Tensor, method: str, density: float, *, gamma: float = 0
     else:
         if not (0.0 <= gamma <= 1.0):
             raise SourceFormatError(f"sparsify: gamma {gamma!r} is outside [0, 1]")
-        flat = torch.zeros(n, dtype=tau.dtype, device=tau.device)
         mags = tau.detach().abs().reshape(-1).float()
         if method == "magnitude":
             k = max(1, int(density * n)) if n else 0
-            flat[torch.topk(mags, k, sorted=False).indices] = 1
+            flat = stable_rank_mask(mags, n - k, n)
         else:
             target = int(density * n)
             n_bot = max(0, n - target - int(gamma * n))
-            if target:  # ascending ranks [n_bot, n_bot+target) = the last `target` of the top (n - n_bot)
-                top = torch.topk(mags, n - n_bot, sorted=True).indices
-                flat[top[n - n_bot - target:]] = 1
-        mask = flat.reshape(tau.shape)
+            flat = stable_rank_mask(mags, n_bot, n_bot + target)
+        mask = flat.reshape(tau.shape).to(tau.dtype)
     masked = tau * mask
     if not rescale:
         return masked
@@ -130,6 +128,15 @@ def sparsify(tau: torch.Tensor, method: str, density: float, *, gamma: float = 0
     if before < 1e-7 or after < 1e-7:
         return masked
     return masked * (before / after)
+
+
+def stable_rank_mask(mags: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Bool mask (shape of the 1-D float ``mags``) of the elements whose rank in a stable ascending sort (equal
+    values ordered by flat index) is in [start, stop). The reference; the merge uses
+    :func:`randlora_io.merge.compose_fast.rank_range_mask`, which selects instead of sorting."""
+    mask = torch.zeros(mags.numel(), dtype=torch.bool, device=mags.device)
+    mask[torch.sort(mags, stable=True).indices[max(0, start):max(0, stop)]] = True
+    return mask
 
 
 def consensus(taus_weighted: Sequence[torch.Tensor], method: str = "sum") -> torch.Tensor:

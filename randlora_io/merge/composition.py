@@ -16,11 +16,12 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import SourceFormatError
+from ..errors import NonFiniteError, SourceFormatError
 from ..sources.interface import DeltaSource
 from ..sources.keymap import CheckpointView
-from .compose import DEFAULTS, METHODS, ComposeStats, compose, dare_keep_mask
-from .layer import Workspace, add_delta_
+from .compose import DEFAULTS, METHODS, ComposeStats, dare_keep_mask
+from .compose_fast import compose_
+from .layer import Workspace, add_delta_, all_finite
 
 
 @dataclass(frozen=True)
@@ -104,7 +105,7 @@ class ComposedSource(DeltaSource):
         self.sources, self.composition = list(sources), composition
         self.path = " + ".join(str(s.path) for s in self.sources)
         self._kernel, self._precision = kernel, precision
-        self._workspace = Workspace()
+        self._workspace = Workspace()  # the τ buffers (compose_ overwrites them) and add_delta_'s scratch
         self.stats = ComposeStats()
         self.stats.grow(len(self.sources))
         self._touching: dict[str, list[int]] = {}
@@ -137,10 +138,13 @@ class ComposedSource(DeltaSource):
             inner, inner_key = (source.inner, source.inner_key(key)) if isinstance(source, CheckpointView) \
                 else (source, key)
             add_delta_(tau, inner, inner_key, 1.0, self._kernel, self._workspace, self._precision)
+            if not all_finite(tau):  # a NaN the trimming dropped would merge silently: refuse it here
+                raise NonFiniteError(f"{source.path}: the task vector of {key!r} contains NaN or Inf; nothing was "
+                                     "written")
             taus[i] = tau
             if comp.is_dare and comp.densities[i] < 1.0:
                 masks[i] = dare_keep_mask(comp.seed, i, key, shape, comp.densities[i]).to(tau.device)
-        return compose(taus, comp.weights, comp.method, density=list(comp.densities), lambda_=comp.lambda_,
+        return compose_(taus, comp.weights, comp.method, density=list(comp.densities), lambda_=comp.lambda_,
                        normalize=comp.normalize, rescale=comp.rescale, keep_masks=masks, gamma=comp.gamma,
                        stats=self.stats)
 

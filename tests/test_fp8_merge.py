@@ -245,3 +245,24 @@ def test_base_is_untouched(fp8_sharded, tmp_path):
     run_cli("merge", root / "base", root / "lora", "-o", tmp_path / "out")
     assert {p.name: p.read_bytes() for p in (root / "base").iterdir()} == before
     shutil.rmtree(tmp_path / "out")
+
+
+def test_apply_adapter_on_an_fp8_checkpoint_loaded_on_the_cpu(tmp_path):
+    """transformers dequantizes an FP8 checkpoint (full blocks) to bf16 nn.Linear on a CPU-only machine:
+    apply_adapter works there as on any bf16 model; an FP8 weight in memory (FP8Linear on a GPU) is refused."""
+    from transformers import AutoModelForCausalLM
+
+    from randlora_io import apply_adapter
+    from randlora_io.errors import BaseModelMismatchError
+
+    model, _ = fp8_llama(tmp_path / "base", hidden=32, intermediate=48, layers=1, not_converted=(), zero_block="")
+    peft_lora(model, r=2, targets=["q_proj"]).save_pretrained(tmp_path / "lora")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    q = loaded.model.layers[0].self_attn.q_proj
+    assert type(q).__name__ == "Linear" and q.weight.dtype == torch.bfloat16
+    before = q.weight.detach().clone()
+    apply_adapter(loaded, str(tmp_path / "lora"))
+    assert not torch.equal(before, q.weight)
+    q.weight.data = q.weight.data.to(torch.float8_e4m3fn)
+    with pytest.raises(BaseModelMismatchError, match="FP8 layer"):
+        apply_adapter(loaded, str(tmp_path / "lora"))

@@ -19,7 +19,6 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -27,8 +26,7 @@ from ..errors import QuantizedBaseError
 from .base_model import MODEL_CONFIG, read_model_config
 from .fp8_blocks import scale_grid
 
-if TYPE_CHECKING:
-    from .directory import Checkpoint
+Checkpoint = "randlora_io.checkpoint.directory.Checkpoint"  # annotations only: directory.py imports this module
 
 # a tensor's leaf name that holds quantization state rather than a weight (GPTQ qweight/qzeros/scales/g_idx, AWQ,
 # bitsandbytes absmax/quant_map/quant_state/SCB, compressed-tensors weight_packed/weight_scale/weight_zero_point/

@@ -22,7 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_merge_cpu import build_adapters  # noqa: E402
-from common import LLAMA_TARGETS, bench_args, dir_bytes, machine_line, report_self, run_worker, workdir  # noqa: E402
+from common import bench_args, dir_bytes, machine_line, report_self, run_worker, workdir  # noqa: E402
+from common import start_checkpoint  # noqa: E402
 
 SIDES = {"fp8": "ours into fp8 (requantized, --dtype keep)", "fp8-bf16": "ours fp8 -> bf16 (--dtype bfloat16)",
          "dequant": "transformers dequantize + save bf16", "bf16": "  then ours into that bf16 checkpoint"}
@@ -32,7 +33,7 @@ SHARD_BYTES = 200 * 2**20
 def build(work: Path, layers: int, rank: int) -> None:
     import torch
     from safetensors.torch import save_file
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig
 
     from randlora_io.checkpoint.fp8_blocks import quantize
 
@@ -40,11 +41,7 @@ def build(work: Path, layers: int, rank: int) -> None:
                          num_key_value_heads=8, vocab_size=32000, tie_word_embeddings=False, dtype="bfloat16")
     config.quantization_config = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128],
                                   "activation_scheme": "dynamic", "modules_to_not_convert": ["lm_head"]}
-    with torch.device("meta"):
-        shapes = {k: tuple(v.shape) for k, v in LlamaForCausalLM(config).state_dict().items()}
-    base = work / "base"
-    base.mkdir(parents=True)
-    config.save_pretrained(base)
+    base, shapes = start_checkpoint(work, config)
     gen = torch.Generator().manual_seed(0)
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0

@@ -10,8 +10,8 @@ is e4m3's largest finite value), ``q = round-to-nearest-even(W / scale_inv)`` sa
 ``amax / 448`` is 0 (all zero, or below float32's smallest subnormal times 448) gets ``scale_inv = 1.0`` (finite
 and positive, as transformers' own quantizer gives) and codes ``round(W / 1.0) = 0``.
 
-:func:`quantize` / :func:`dequantize_into` work one block row at a time (temporaries of bm × in floats, never a
-weight-sized float32 copy besides the caller's); :func:`reference_quantize` / :func:`reference_dequantize` do the
+:func:`quantize` / :func:`dequantize_into` work in place on the caller's float32 buffer, a few strided views per
+weight (no weight-sized float32 temporary); :func:`reference_quantize` / :func:`reference_dequantize` do the
 same in float64 with e4m3 rounding from the code table, not torch's cast: they are the tests' oracle.
 """
 
@@ -32,9 +32,24 @@ def scale_grid(shape: tuple[int, ...] | torch.Size, block: tuple[int, int]) -> t
     return (*lead, math.ceil(rows / block[0]), math.ceil(cols / block[1]))
 
 
-def _row_scales(scale_row: torch.Tensor, cols: int, bn: int) -> torch.Tensor:
-    """One block row's scales (…, ⌈in/bn⌉) repeated over their columns: (…, 1, in)."""
-    return scale_row.repeat_interleave(bn, dim=-1)[..., :cols].unsqueeze(-2)
+def _regions(t: torch.Tensor, block: tuple[int, int]):
+    """``t`` (…, out, in) as at most four strided views (…, R, bm', C', bn'): full row blocks × full column blocks,
+    and the partial last row / column blocks, each with the slices of the scale grid it maps to (rows, cols). A few
+    large ops per weight, not one per block row (small ops stall when the CPU is shared)."""
+    rows, cols = t.shape[-2:]
+    bm, bn = block
+    row_parts = [(0, rows // bm * bm, bm), (rows // bm * bm, rows, rows % bm)]
+    col_parts = [(0, cols // bn * bn, bn), (cols // bn * bn, cols, cols % bn)]
+    for r0, r1, h in row_parts:
+        for c0, c1, w in col_parts:
+            if r1 > r0 and c1 > c0:
+                view = t[..., r0:r1, c0:c1].unflatten(-1, ((c1 - c0) // w, w)).unflatten(-3, ((r1 - r0) // h, h))
+                yield view, (slice(r0 // bm, math.ceil(r1 / bm)), slice(c0 // bn, math.ceil(c1 / bn)))
+
+
+def _per_block(scale: torch.Tensor, where: tuple[slice, slice]) -> torch.Tensor:
+    """The scales of one region, shaped (…, R, 1, C', 1) to broadcast over its view."""
+    return scale[..., where[0], where[1]].unsqueeze(-1).unsqueeze(-3)
 
 
 def dequantize_into(out32: torch.Tensor, q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> None:
@@ -42,43 +57,30 @@ def dequantize_into(out32: torch.Tensor, q: torch.Tensor, scale_inv: torch.Tenso
     ``q``: the codes (any device), ``scale_inv``: float32 of :func:`scale_grid` shape."""
     out32.copy_(q.to(out32.device))
     scale = scale_inv.to(out32.device, torch.float32)
-    bm, bn = block
-    for i in range(scale.shape[-2]):
-        out32[..., i * bm:(i + 1) * bm, :].mul_(_row_scales(scale[..., i, :], out32.shape[-1], bn))
+    for view, where in _regions(out32, block):
+        view.mul_(_per_block(scale, where))
 
 
 def dequantize(q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
-    """A new CPU tensor of ``dtype``: ``q · scale_inv`` per block in float32, rounded once to ``dtype`` (one block
-    row of float32 at a time)."""
-    out = torch.empty(q.shape, dtype=dtype)
-    bm = block[0]
-    for i in range(scale_inv.shape[-2]):
-        rows = slice(i * bm, (i + 1) * bm)
-        part = torch.empty(q[..., rows, :].shape, dtype=torch.float32)
-        dequantize_into(part, q[..., rows, :], scale_inv[..., i:i + 1, :], block)
-        out[..., rows, :] = part
-    return out
+    """A new CPU tensor of ``dtype``: ``q · scale_inv`` per block in float32, rounded once to ``dtype``."""
+    out = torch.empty(q.shape, dtype=torch.float32)
+    dequantize_into(out, q, scale_inv, block)
+    return out if dtype == torch.float32 else out.to(dtype)
 
 
 def quantize(w32: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
     """``(q, scale_inv)`` of a finite float32 weight (…, out, in) on any device, both returned on the CPU: codes
-    ``float8_e4m3fn`` of ``w32``'s shape and fresh float32 scales of :func:`scale_grid` shape (rules above)."""
-    bm, bn = block
-    rows, cols = w32.shape[-2:]
+    ``float8_e4m3fn`` of ``w32``'s shape and fresh float32 scales of :func:`scale_grid` shape (rules above).
+    ``w32`` is overwritten (divided by its scales in place: no second weight-sized float32 buffer)."""
     scale = torch.empty(scale_grid(w32.shape, block), dtype=torch.float32, device=w32.device)
+    regions = list(_regions(w32, block))
+    for view, (rs, cs) in regions:  # amax|W| per block without an |W| copy: max(max, -min)
+        scale[..., rs, cs] = torch.maximum(view.amax(dim=(-3, -1)), view.amin(dim=(-3, -1)).neg())
+    scale.div_(torch.full_like(scale, E4M3_MAX))  # a true division (CUDA multiplies by 1/x for a scalar x)
+    scale.masked_fill_(scale == 0, ZERO_BLOCK_SCALE)
     q = torch.empty(w32.shape, dtype=FP8, device=w32.device)
-    full = cols // bn * bn
-    for i in range(scale.shape[-2]):
-        part = w32[..., i * bm:(i + 1) * bm, :]
-        amax = part.abs().amax(dim=-2)  # (…, in): per column, then per block of columns
-        s = scale[..., i, :]
-        if full:
-            s[..., :cols // bn] = amax[..., :full].unflatten(-1, (cols // bn, bn)).amax(dim=-1)
-        if full < cols:
-            s[..., -1] = amax[..., full:].amax(dim=-1)
-        s.div_(torch.full_like(s, E4M3_MAX))  # a true division (CUDA multiplies by 1/x for a scalar x)
-        s.masked_fill_(s == 0, ZERO_BLOCK_SCALE)
-        q[..., i * bm:(i + 1) * bm, :] = (part / _row_scales(s, cols, bn)).clamp_(-E4M3_MAX, E4M3_MAX)
+    for (view, where), (qview, _) in zip(regions, _regions(q, block)):
+        qview.copy_(view.div_(_per_block(scale, where)).clamp_(-E4M3_MAX, E4M3_MAX))
     return q.cpu(), scale.cpu()
 
 

@@ -266,3 +266,23 @@ def test_apply_adapter_on_an_fp8_checkpoint_loaded_on_the_cpu(tmp_path):
     q.weight.data = q.weight.data.to(torch.float8_e4m3fn)
     with pytest.raises(BaseModelMismatchError, match="FP8 layer"):
         apply_adapter(loaded, str(tmp_path / "lora"))
+
+
+def test_a_dense_delta_and_an_unmerge_on_fp8(fp8_sharded, tmp_path):
+    """Other adapter kinds take the same path: the LoRA as a dense delta file merges like the LoRA dir; --subtract
+    re-quantizes dequant(W) − ΔW."""
+    root, pairs, merged = fp8_sharded
+    run_cli("convert", root / "lora", tmp_path / "d.safetensors", "--to", "dense", "--base", root / "base")
+    run_cli("merge", root / "base", tmp_path / "d.safetensors", "-o", tmp_path / "dense")
+    run_cli("merge", root / "base", root / "lora", "-o", tmp_path / "dir")
+    dense, lora = _tensors(tmp_path / "dense"), _tensors(tmp_path / "dir")
+    for key in pairs:
+        _assert_requantized(key, dense[key], dense[key.removesuffix(".weight") + ".weight_scale_inv"],
+                            merged["lora"][key], (16, 16))
+    run_cli("merge", root / "base", root / "lora", "-o", tmp_path / "sub", "--subtract")
+    sub, base = _tensors(tmp_path / "sub"), _tensors(root / "base")
+    key = "model.layers.0.mlp.up_proj.weight"
+    w = dequant64(*pairs[key], (16, 16)).float()
+    _assert_requantized(key, sub[key], sub[key.removesuffix(".weight") + ".weight_scale_inv"],
+                        w - (merged["lora"][key] - w), (16, 16))
+    assert _raw(lora["model.norm.weight"]) == _raw(base["model.norm.weight"])

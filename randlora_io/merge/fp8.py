@@ -1,5 +1,5 @@
-"""Merging into an FP8 block-quantized base (``checkpoint/quantization.py`` reads the layout, ``checkpoint/fp8_blocks.py``
-holds the block arithmetic), one shard at a time through ``stream_rewrite``.
+"""Merging into an FP8 block-quantized base, one shard at a time through ``stream_rewrite``
+(``checkpoint/quantization.py`` reads the layout, ``checkpoint/fp8_blocks.py`` holds the block arithmetic).
 
 ``--dtype keep`` writes the same layout: each adapted fp8 weight becomes ``W' = dequant(q, s) + Σ αᵢ·ΔWᵢ`` in
 float32 (``LayerMerger`` with a dequantizing ``widen`` and a re-quantizing ``finish``), stored as fresh per-block codes

@@ -29,6 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from common import LLAMA_TARGETS as TARGETS  # noqa: E402
 from common import bench_args, dir_bytes, machine_line, report_self, run_worker, workdir  # noqa: E402
+from common import start_checkpoint  # noqa: E402
 from common import write_safetensors_streaming  # noqa: E402
 
 # name: (hidden, intermediate, layers, attention heads, kv heads, vocab, shard MiB)
@@ -46,17 +47,13 @@ SIDES = {"peft": "PEFT merge_and_unload", "fp32": "ours --precision fp32 (refere
 def build_base(work: Path, size: str, layers: int) -> dict[str, tuple[int, ...]]:
     """A random bf16 Llama checkpoint of ``size`` in ``work/base``, sharded with an index; returns its shapes."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig
 
     hidden, intermediate, n_layers, heads, kv, vocab, shard_mb = SIZES[size]
     config = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers or n_layers,
                          num_attention_heads=heads, num_key_value_heads=kv, vocab_size=vocab,
                          tie_word_embeddings=False, dtype="bfloat16", architectures=["LlamaForCausalLM"])
-    with torch.device("meta"):
-        shapes = {k: tuple(v.shape) for k, v in LlamaForCausalLM(config).state_dict().items()}
-    base = work / "base"
-    base.mkdir(parents=True)
-    config.save_pretrained(base)
+    base, shapes = start_checkpoint(work, config)
     gen = torch.Generator().manual_seed(0)
     groups: list[dict[str, tuple[int, ...]]] = [{}]
     group_bytes = 0

@@ -92,6 +92,20 @@ def bench_args(choices: dict[str, tuple[str, ...]] | None = None, lists: dict[st
     return p.parse_args()
 
 
+def start_checkpoint(work: Path, config) -> tuple[Path, dict[str, tuple[int, ...]]]:
+    """``work/base`` created holding ``config`` (a transformers config, saved as config.json), and the shapes of the
+    state dict of the causal LM it builds (on the meta device, nothing allocated)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in AutoModelForCausalLM.from_config(config).state_dict().items()}
+    base = work / "base"
+    base.mkdir(parents=True)
+    config.save_pretrained(base)
+    return base, shapes
+
+
 def dir_bytes(path: Path, pattern: str) -> int:
     """Total size of the files in ``path`` matching ``pattern`` (0 when ``path`` does not exist)."""
     return sum(f.stat().st_size for f in path.glob(pattern) if f.is_file()) if path.is_dir() else 0

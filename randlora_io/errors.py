@@ -79,3 +79,8 @@ class UnsupportedPrecisionError(ValueError, RandloraError):
 
 class LayerTooLargeError(ValueError, RandloraError):
     """A layer's ΔW would exceed the memory budget (``RANDLORA_IO_MAX_LAYER_BYTES``); nothing was allocated."""
+
+
+class QuantizedBaseError(ValueError, RandloraError):
+    """A quantized base this tool cannot merge into (GPTQ, AWQ, bitsandbytes, compressed-tensors, another method, or
+    an FP8 variant it does not handle): refused by name before anything is written."""

@@ -8,6 +8,7 @@ pointing at a missing shard, every shard's header consistent with the index.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import json
 import os
 from collections.abc import Collection, Mapping
@@ -60,6 +61,14 @@ class Checkpoint:
 
     def total_bytes(self) -> int:
         return sum(self.shard_path(s).stat().st_size for s in self.shards)
+
+    @functools.cached_property
+    def quantization(self):
+        """None, or the :class:`~randlora_io.checkpoint.quantization.Fp8Layout` of an FP8 block-quantized base; any
+        other ``quantization_config`` is refused by name (read from config.json once, on first use)."""
+        from .quantization import read_quantization
+
+        return read_quantization(self)
 
     def side_files(self) -> list[Path]:
         """BASE's non-weight files that belong to the checkpoint (:data:`SIDE_FILE_PATTERNS`), for OUT."""

@@ -26,7 +26,7 @@ from .shard_writer import SequentialWriter, read_exact
 
 TORCH_DTYPE_OF = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                   "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-                  "BOOL": torch.bool}
+                  "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 NAME_OF_DTYPE = {v: k for k, v in TORCH_DTYPE_OF.items()}
 
 Transform = Callable[[str, torch.Tensor], torch.Tensor]
@@ -34,7 +34,8 @@ Transform = Callable[[str, torch.Tensor], torch.Tensor]
 
 def stream_rewrite(src: str | os.PathLike, header: SafetensorsHeader, dst: str | os.PathLike, transform: Transform,
                    out_dtype: torch.dtype | None = None, keys: Collection[str] | None = None,
-                   progress: Callable[[int], None] | None = None) -> None:
+                   progress: Callable[[int], None] | None = None, drop: Collection[str] = (),
+                   late: Collection[str] = ()) -> None:
     """Write ``dst`` with the tensors of ``src`` (whose validated header is ``header``) in the same order.
 
     ``keys``: the tensors ``transform(key, tensor) -> tensor`` may change (same shape; ``None`` = all); the others
@@ -46,11 +47,17 @@ def stream_rewrite(src: str | os.PathLike, header: SafetensorsHeader, dst: str |
     behind, in file order, while ``transform`` runs. Contract for ``transform``: the tensor it receives lives in a
     buffer reused two calls later, and its result is written before the call after next returns, so it may return
     a view of a buffer it alternates between (see ``merge.layer.Workspace``).
+
+    ``drop``: tensors left out of ``dst``. ``late``: tensors whose result depends on tensors after them (an FP8
+    weight's scales, computed with the weight): their bytes are reserved in file order, and ``transform`` is called
+    for them after every other tensor, its results written in place before ``dst`` is made durable; their dtype is
+    never cast.
     """
-    order = sorted(header.tensors, key=lambda k: header.tensors[k].begin)
+    order = [k for k in sorted(header.tensors, key=lambda k: header.tensors[k].begin) if k not in drop]
     entries = _output_entries(src, header, order, out_dtype)
     raw = header_bytes(entries, {**header.metadata, "format": "pt"})
-    changed = [k for k in order if keys is None or k in keys or entries[k]["dtype"] != header.tensors[k].dtype]
+    changed = [k for k in order if k not in late and (keys is None or k in keys
+                                                      or entries[k]["dtype"] != header.tensors[k].dtype)]
     scratch = [bytearray(), bytearray()]  # read buffers, alternating between consecutive changed tensors
 
     with open(src, "rb", buffering=0) as fin, SequentialWriter(dst) as out, \
@@ -72,10 +79,14 @@ def stream_rewrite(src: str | os.PathLike, header: SafetensorsHeader, dst: str |
         pending: list[Future] = [io.submit(out.write, raw)]
         reads = {0: io.submit(read, 0)} if changed else {}
         try:
-            advance(header.data_offset)
+            advance(header.data_offset + sum(header.tensors[k].end - header.tensors[k].begin for k in drop))
             j = 0
             for key in order:
                 info = header.tensors[key]
+                if key in late:
+                    pending.append(io.submit(out.write, bytes(info.end - info.begin)))
+                    advance(info.end - info.begin)
+                    continue
                 if j >= len(changed) or changed[j] != key:
                     pending.append(io.submit(out.copy_from, fd_in, header.data_offset + info.begin,
                                              info.end - info.begin, f"{src}: truncated while reading {key!r}"))
@@ -106,6 +117,30 @@ def stream_rewrite(src: str | os.PathLike, header: SafetensorsHeader, dst: str |
             for f in [*pending, *reads.values()]:
                 f.cancel()
             raise
+    if late:
+        _write_late(src, header, dst, [k for k in order if k in late], entries, len(raw), transform)
+
+
+def _write_late(src: str | os.PathLike, header: SafetensorsHeader, dst: str | os.PathLike, late: list[str],
+                entries: dict[str, dict], data_offset: int, transform: Transform) -> None:
+    """``transform(key, tensor)`` of each ``late`` tensor of ``src``, written over its reserved bytes in ``dst``
+    (same dtype and shape), then ``dst`` fsynced."""
+    with open(src, "rb", buffering=0) as fin, open(dst, "r+b") as fout:
+        for key in late:
+            info = header.tensors[key]
+            buf = bytearray(info.end - info.begin)
+            read_exact(fin.fileno(), memoryview(buf), header.data_offset + info.begin,
+                       f"{src}: truncated while reading {key!r}")
+            dtype = TORCH_DTYPE_OF[info.dtype]
+            tensor = torch.frombuffer(buf, dtype=dtype).reshape(info.shape) if buf else torch.empty(info.shape,
+                                                                                                   dtype=dtype)
+            result = transform(key, tensor).detach().cpu().contiguous()
+            if list(result.shape) != entries[key]["shape"] or NAME_OF_DTYPE[result.dtype] != entries[key]["dtype"]:
+                raise SafetensorsFormatError(f"{dst}: internal error: {key!r} changed shape or dtype while merging")
+            fout.seek(data_offset + entries[key]["data_offsets"][0])
+            fout.write(memoryview(result.reshape(-1).view(torch.uint8).numpy()))
+        fout.flush()
+        os.fsync(fout.fileno())
 
 
 def _overflowed(before: torch.Tensor, after: torch.Tensor) -> bool:

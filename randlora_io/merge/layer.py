@@ -8,6 +8,7 @@ Triton kernel on CUDA, or a dense delta); ``LayerMerger`` runs it for every adap
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -159,11 +160,15 @@ class LayerMerger:
     unchanged: list[str] = field(default_factory=list)  # keys whose merged weight equals the input (a no-op)
     workspace: Workspace = field(default_factory=Workspace)
 
-    def __call__(self, tensor: torch.Tensor, key: str, terms: list[tuple[DeltaSource, float]]) -> torch.Tensor:
+    def __call__(self, tensor: torch.Tensor, key: str, terms: list[tuple[DeltaSource, float]],
+                 widen: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
+                 finish: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
         """W + Σ αᵢ·ΔWᵢ for one weight: float32 in the workspace, rounded once to ``out_dtype`` (default W's dtype).
-        The result is a view of the workspace, valid until the call after next (``stream_rewrite``'s contract)."""
+        The result is a view of the workspace, valid until the call after next (``stream_rewrite``'s contract).
+        A quantized weight (``merge/fp8.py``) brings ``widen(w32, tensor)`` (dequantize into the float32 buffer)
+        and ``finish(w32) -> result`` (re-quantize instead of the rounding; called after the finite check)."""
         w32 = self.workspace.take("w32", tensor.shape, torch.float32, self.device)
-        w32.copy_(tensor)
+        w32.copy_(tensor) if widen is None else widen(w32, tensor)
         from .terms import apply_term_  # here: LayerMerger.__call__ is this file's only DoRA / extras hook
 
         for source, alpha in terms:  # replace / DoRA-rescale / add ΔW (merge/terms.py); the add keeps its fast paths
@@ -172,6 +177,8 @@ class LayerMerger:
         if self.check_finite and not all_finite(w32):
             raise NonFiniteError(f"merged weight {key!r} contains NaN or Inf (from {terms[0][0].path}); "
                                  "nothing was written")
+        if finish is not None:
+            return finish(w32)
         merged = self.workspace.take("out", tensor.shape, self.out_dtype or tensor.dtype, torch.device("cpu"), slots=2)
         merged.copy_(w32)
         if self.check_finite and merged.dtype == torch.float16 and not all_finite(merged):

@@ -27,6 +27,8 @@ from ..checkpoint.atomic import atomic_directory, check_output_path
 from ..checkpoint.base_model import base_info_from_checkpoint
 from .distributed import Processes, share_out
 from ..checkpoint.directory import INDEX_FILE, Checkpoint, absent_weight_hint, check_base_copies, open_checkpoint
+from ..checkpoint.quantization import check_companions, check_output_dtype
+from .fp8 import dropped_keys, shard_rewrite
 from ..format.fingerprint import check_fingerprint
 from ..errors import BaseModelMismatchError, OutputExistsError, SourceFormatError
 from ..sources.keymap import for_checkpoint, open_loaded
@@ -94,6 +96,8 @@ def check_weights(weights: list[float] | None, count: int) -> list[float]:
 def plan_merge(ckpt: Checkpoint, sources: list[DeltaSource]) -> dict[str, list[int]]:
     """``{weight key: [source indices]}``; raises before anything is written if any adapter does not fit BASE."""
     plan: dict[str, list[int]] = {}
+    quant = ckpt.quantization  # GPTQ, AWQ, …: refused by name; fp8 weights checked in check_companions
+    fp8 = {*quant.scales, *quant.unpaired} if quant else set()
     for i, source in enumerate(sources):
         for key in source.keys():
             if key not in ckpt.weight_map:
@@ -105,11 +109,12 @@ def plan_merge(ckpt: Checkpoint, sources: list[DeltaSource]) -> dict[str, list[i
                     f"{source.path}: {key!r} has shape {list(source.stored_shape(key))} but the base weight is "
                     f"{list(info.shape)} (transposed Conv1D or another model size?)"
                 )
-            if info.dtype not in SUPPORTED_DTYPES:
+            if info.dtype not in SUPPORTED_DTYPES and key not in fp8:
                 raise BaseModelMismatchError(f"{ckpt.root}: weight {key!r} is {info.dtype}; only F32, BF16 and F16 "
                                              "weights can be merged (dequantize first)")
             plan.setdefault(key, []).append(i)
         check_base_copies(ckpt, source.path, source.base_copies)
+    check_companions(ckpt, plan, [str(s.path) for s in sources])
     replaced: dict[str, int] = {}
     for i, source in enumerate(sources):  # a tensor two adapters both replace (a head): no merge order is right
         for key in source.replacements:
@@ -159,8 +164,10 @@ def _prepare(base, adapters, out, weights, device, dtype, overwrite, precision, 
     if precision == "int8" and dev.type != "cpu":
         raise SourceFormatError("--precision int8 is a CPU path; on CUDA use --precision auto (the Triton kernel)")
     ckpt = open_checkpoint(base_p)
+    ckpt.quantization  # noqa: B018 - a base of another quantization method is refused first, by name
     sources = _open_sources(ckpt, adapters, peft_draw_dtype, on_note)
     plan = plan_merge(ckpt, sources)
+    check_output_dtype(ckpt, OUT_DTYPES[dtype])  # --dtype on an fp8 base: only what it dequantizes exactly
     if check_base_fingerprint and procs.rank == 0:  # reads every targeted weight: once per job, not per rank
         for source in sources:
             check_fingerprint(ckpt, source)
@@ -259,13 +266,14 @@ def merge(
 
         def write_shards(tmp: Path, bar) -> None:
             for shard in mine:
-                def transform(key: str, tensor: torch.Tensor) -> torch.Tensor:
+                def transform(key: str, tensor: torch.Tensor, **fp8_hooks) -> torch.Tensor:
                     if key not in plan:  # only cast (--dtype): stream_rewrite does it
                         return tensor
-                    return merge_one(tensor, key, [(sources[i], sign * weights[i]) for i in plan[key]])
+                    return merge_one(tensor, key, [(sources[i], sign * weights[i]) for i in plan[key]], **fp8_hooks)
 
-                stream_rewrite(ckpt.shard_path(shard), ckpt.shards[shard], tmp / shard, transform, out_dtype,
-                               keys=plan, progress=bar.update)
+                step = shard_rewrite(ckpt, shard, plan, transform, out_dtype, report.unchanged)  # merge/fp8.py
+                stream_rewrite(ckpt.shard_path(shard), ckpt.shards[shard], tmp / shard, step.transform, out_dtype,
+                               keys=step.keys, progress=bar.update, drop=step.drop, late=step.late)
 
         total = sum(ckpt.shard_path(s).stat().st_size for s in mine)
         bar = progress_bar(progress and procs.rank == 0, total=total, unit="B", unit_scale=True, desc="merge")
@@ -309,6 +317,8 @@ def _write_index(ckpt: Checkpoint, tmp: Path, out_dtype: torch.dtype | None) -> 
     if out_dtype is not None:
         index["metadata"] = {**index.get("metadata", {}),
                              "total_size": sum((tmp / s).stat().st_size for s in ckpt.shards)}
+        dropped = dropped_keys(ckpt.quantization)  # an fp8 base's scales, absent from a plain output
+        index["weight_map"] = {k: s for k, s in index["weight_map"].items() if k not in dropped}
     (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
 
 
@@ -327,6 +337,8 @@ def _copy_side_files(ckpt: Checkpoint, dst: Path, out_dtype: torch.dtype | None)
         if not isinstance(data, dict):
             raise SourceFormatError(f"{ckpt.root / 'config.json'}: must be a JSON object")
         name = str(out_dtype).removeprefix("torch.")
+        if ckpt.quantization is not None:  # an fp8 base written as a plain checkpoint
+            data.pop("quantization_config", None)
         for key in ("torch_dtype", "dtype"):
             if key in data:
                 data[key] = name

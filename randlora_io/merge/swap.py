@@ -154,6 +154,10 @@ def _check(source: DeltaSource, state: dict[str, torch.Tensor], keys: list[str])
         if tuple(tensor.shape) != tuple(source.stored_shape(key)) and key not in source.replacements:
             raise BaseModelMismatchError(f"{source.path}: {key!r} has shape {list(source.stored_shape(key))}, "
                                          f"the model has {list(tensor.shape)}")
+        if tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):  # transformers' FP8Linear (on a GPU)
+            raise BaseModelMismatchError(f"{source.path}: {key!r} is {tensor.dtype} in the model (an FP8 layer with "
+                                         "block scales); it cannot be merged in place: merge the checkpoint on disk "
+                                         "(randlora-io merge), or load the model dequantized")
         if tensor.dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise BaseModelMismatchError(f"{source.path}: {key!r} is {tensor.dtype} in the model; only float32, "
                                          "bfloat16 and float16 weights can be swapped in place")

@@ -196,20 +196,27 @@ def normalisation(generator: GeneratorSpec) -> float:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def shared_dims(layers: Iterable[tuple[Sequence[int], bool]]) -> tuple[int, int]:
-    """``(min_dim, max_dim)`` a set of layers implies: the elementwise max of (out, in) over the layers, then its
-    (min, max), as PEFT 0.21.2's ``_find_dim``. With (96, 64) and (64, 96) layers that is (96, 96), not the max of
-    the per-layer minima. ``layers`` iterates (stored shape, fan_in_fan_out); a stored shape is (out, in), or
-    (in, out) when fan_in_fan_out. Raises :class:`AdapterShapeError` for no layers or a zero-size / non-2-D one."""
+def max_out_in(layers: Iterable[tuple[Sequence[int], bool]]) -> tuple[int, int]:
+    """``(max_out, max_in)``: the elementwise max of (out, in) over ``layers`` (stored shape, fan_in_fan_out; a
+    stored shape is (out, in), or (in, out) when fan_in_fan_out), as PEFT 0.21.2's ``_find_dim`` (RandLoRA and
+    VeRA). Raises :class:`AdapterShapeError` for no layers or a zero-size / non-2-D one."""
     max_out = max_in = 0
     for shape, fan in layers:
         if len(shape) != 2 or min(shape) < 1:
-            raise AdapterShapeError(f"a layer of shape {list(shape)}: RandLoRA adapts 2-D weights, and a zero-size "
-                                    "dimension has nothing to adapt; drop that layer")
+            raise AdapterShapeError(f"a layer of shape {list(shape)}: RandLoRA and VeRA adapt 2-D weights, and a "
+                                    "zero-size dimension has nothing to adapt; drop that layer")
         out_f, in_f = (shape[1], shape[0]) if fan else (shape[0], shape[1])
         max_out, max_in = max(max_out, int(out_f)), max(max_in, int(in_f))
     if max_out == 0:
         raise AdapterShapeError("no layers to adapt")
+    return max_out, max_in
+
+
+def shared_dims(layers: Iterable[tuple[Sequence[int], bool]]) -> tuple[int, int]:
+    """``(min_dim, max_dim)`` a set of layers implies: the elementwise max of (out, in) over the layers
+    (:func:`max_out_in`), then its (min, max), as PEFT 0.21.2's RandLoRA ``_find_dim``. With (96, 64) and (64, 96)
+    layers that is (96, 96), not the max of the per-layer minima."""
+    max_out, max_in = max_out_in(layers)
     return min(max_out, max_in), max(max_out, max_in)
 
 

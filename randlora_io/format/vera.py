@@ -1,0 +1,125 @@
+"""VeRA (Kopiczko et al., ICLR 2024) as PEFT 0.21.2's ``VeraModel`` computes it: the shared bases and ΔW.
+
+Shapes and orientation: the shared bases are ``A`` (r, max_in) and ``B`` (max_out, r), float32, where
+(max_out, max_in) is the elementwise maximum of (out, in) over the targeted layers (PEFT's ``_find_dim``). A layer
+of (out, in) has the trained vectors λ_b (out,) and λ_d (r,) and uses the prefix slices ``B[:out, :]`` and
+``A[:, :in]``::
+
+    ΔW(out, in) = diag(λ_b) · B[:out, :] · diag(λ_d) · A[:, :in]          no scaling factor
+    stored      = ΔW(out, in)ᵀ  when fan_in_fan_out (GPT-2 Conv1D stores (in, out)), else ΔW(out, in)
+
+All arithmetic is float32 (PEFT on the CPU casts half bases and vectors to float32 before the product).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import BasesTooLargeError, HeaderError
+from .basis import BASES_BUDGET_ENV, Bases, bases_budget
+
+SEED_MIN, SEED_END = -(2**63), 2**64  # what torch.Generator.manual_seed accepts; a negative key is 2^64 + key
+_HALF = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def vera_seed(key: int) -> int:
+    """PEFT's ``projection_prng_key`` as the seed torch uses: a key in [−2^63, 0) is taken as 2^64 + key, as
+    ``torch.Generator.manual_seed`` does; the result is in [0, 2^64). Other keys raise ``ValueError``."""
+    if isinstance(key, bool) or not isinstance(key, int) or not SEED_MIN <= key < SEED_END:
+        raise ValueError(f"projection_prng_key {key!r} is not an integer in [-2^63, 2^64)")
+    return key + 2**64 if key < 0 else key
+
+
+def vera_bases_nbytes(rank: int, max_out: int, max_in: int) -> int:
+    """Bytes of the float32 bases A (r, max_in) and B (max_out, r)."""
+    return 4 * rank * (max_in + max_out)
+
+
+def check_vera_budget(rank: int, max_out: int, max_in: int, max_bytes: int | None = None,
+                      source: str = "bases") -> None:
+    """Refuse ill-sized bases (:class:`HeaderError`) or bases over the budget (:class:`BasesTooLargeError`, SPEC
+    §4.6) before anything is allocated. VeRA's r may exceed a layer's dims: only r ≥ 1 and sizes ≥ 1 are required."""
+    if rank < 1 or max_out < 1 or max_in < 1:
+        raise HeaderError(f"{source}: VeRA bases need rank, max_out and max_in >= 1, got rank {rank}, "
+                          f"max_out {max_out}, max_in {max_in}")
+    need, budget = vera_bases_nbytes(rank, max_out, max_in), bases_budget(max_bytes)
+    if need > budget:
+        raise BasesTooLargeError(
+            f"{source}: the shared VeRA bases (rank {rank}, max_out {max_out}, max_in {max_in}) need "
+            f"{need / 2**30:.2f} GiB, above the {budget / 2**30:.2f} GiB budget; if the adapter is genuine, raise it "
+            f"with {BASES_BUDGET_ENV}=<bytes> (or max_bases_bytes=)")
+
+
+def _peft_kaiming(shape: tuple[int, int], gen: torch.Generator) -> torch.Tensor:
+    """PEFT 0.21.2's ``vera.model._kaiming_init`` on a shape: ``torch.empty`` in the float32 default dtype, then
+    ``uniform_(−bound, bound)`` with bound = √3 · (√2 / √fan_in), fan_in = shape[1], evaluated in that order in
+    binary64 (so √(6 / shape[1]) up to its last bit)."""
+    tensor = torch.empty(shape, dtype=torch.float32)
+    bound = math.sqrt(3.0) * (math.sqrt(2) / math.sqrt(shape[1]))
+    with torch.no_grad():
+        return tensor.uniform_(-bound, bound, generator=gen)
+
+
+def peft_vera_bases(seed: int, rank: int, max_out: int, max_in: int, cast_dtype: str | None = None,
+                    max_bytes: int | None = None, source: str = "bases") -> Bases:
+    """PEFT 0.21.2's ``vera_A`` (r, max_in) and ``vera_B`` (max_out, r), float32, as ``_init_vera_A_vera_B``
+    draws them with ``torch.get_default_dtype()`` float32: one CPU ``torch.Generator`` seeded with ``seed`` (in
+    [0, 2^64); see :func:`vera_seed`), A first, then B. ``cast_dtype`` (``bfloat16`` / ``float16``): PEFT's cast of
+    the shared bases to a half base's dtype (then back to float32 by ``autocast_adapter_dtype``)."""
+    check_vera_budget(rank, max_out, max_in, max_bytes, source)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    A = _peft_kaiming((rank, max_in), gen)
+    B = _peft_kaiming((max_out, rank), gen)
+    if cast_dtype is not None:
+        A, B = A.to(_HALF[cast_dtype]).float(), B.to(_HALF[cast_dtype]).float()
+    return Bases(A=A, B=B)
+
+
+@dataclass(frozen=True)
+class VeraLayer:
+    """One VeRA layer: the weight's stored ``shape`` ((out, in), or (in, out) when ``fan_in_fan_out``)."""
+
+    shape: tuple[int, int]
+    fan_in_fan_out: bool = False
+
+    @property
+    def out_in(self) -> tuple[int, int]:
+        """(out_features, in_features)."""
+        return (self.shape[1], self.shape[0]) if self.fan_in_fan_out else (self.shape[0], self.shape[1])
+
+
+def vera_delta(layer: VeraLayer, lambda_b: torch.Tensor, lambda_d: torch.Tensor, A_full: torch.Tensor,
+               B_full: torch.Tensor, device: str | torch.device = "cpu") -> torch.Tensor:
+    """ΔW of one layer in its stored shape, float32, from λ_b (out,), λ_d (r,) and the model-wide bases A (r, ≥in)
+    and B (≥out, r): (λ_b ⊙ B[:out]) @ (λ_d ⊙ A[:, :in]), transposed when ``fan_in_fan_out`` (PEFT's
+    ``get_delta_weight``, whose float32 product this is)."""
+    out_f, in_f = layer.out_in
+    B = B_full[:out_f].to(device, torch.float32) * lambda_b.to(device, torch.float32)[:, None]
+    A = A_full[:, :in_f].to(device, torch.float32) * lambda_d.to(device, torch.float32)[:, None]
+    update = B @ A
+    return (update.T if layer.fan_in_fan_out else update).contiguous()
+
+
+@dataclass
+class VeraAdapter:
+    """A VeRA adapter in memory, keyed by base weight key: ``layers`` (orientation), ``lambda_b[key]`` (out,) and
+    ``lambda_d[key]`` (r,) (any float dtype; used as float32), and the shared ``bases`` used (float32, A (r, max_in),
+    B (max_out, r)). ``seed`` / ``cast_dtype``: the generator the bases come from; ``bases_from_seed`` is False when
+    the bases are saved ones that the seed does not reproduce."""
+
+    rank: int
+    seed: int
+    layers: dict[str, VeraLayer]
+    lambda_b: dict[str, torch.Tensor]
+    lambda_d: dict[str, torch.Tensor]
+    bases: Bases
+    cast_dtype: str | None = None
+    bases_from_seed: bool = True
+    source: str = "<memory>"
+
+    def delta(self, key: str, device: str | torch.device = "cpu") -> torch.Tensor:
+        """ΔW of ``key`` in the weight's stored orientation, float32 (:func:`vera_delta`)."""
+        return vera_delta(self.layers[key], self.lambda_b[key], self.lambda_d[key], self.bases.A, self.bases.B, device)

@@ -59,7 +59,7 @@ class PeftDir:
 
 
 EXTRAS_CONFIG_KEYS = ("modules_to_save", "bias", "task_type")
-_OWN_BIAS = {"LORA": "lora_only", "RANDLORA": "randlora_only"}  # bias="<method>_only" under each peft_type
+_OWN_BIAS = {"LORA": "lora_only", "RANDLORA": "randlora_only", "VERA": "vera_only"}  # bias="<method>_only" under each peft_type
 
 
 @dataclass(frozen=True)
@@ -179,8 +179,9 @@ def _trains_bias(config: dict) -> bool:
 
 
 def _is_adapter_tensor(saved_key: str) -> bool:
-    """A tensor of the adapter method itself (``lora_A``, ``lora_magnitude_vector``, ``randlora_gamma``, …)."""
-    return any(part.startswith(("lora_", "randlora_")) for part in saved_key.split("."))
+    """A tensor of the adapter method itself (``lora_A``, ``lora_magnitude_vector``, ``randlora_gamma``,
+    ``vera_lambda_b``, …)."""
+    return any(part.startswith(("lora_", "randlora_", "vera_")) for part in saved_key.split("."))
 
 
 def _under(module: str, saved_module: str) -> bool:

@@ -42,10 +42,11 @@ def peft_merged(base, adapter) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in merged.state_dict().items()}
 
 
-def assert_merges_like_peft(tmp_path, base, adapter, targets) -> dict[str, torch.Tensor]:
-    """Merge with the CLI; every tensor bit-equal to PEFT's merge (same float32 product, one rounding: PEFT adds
-    its float32 ΔW into the weight in place), and every targeted weight changed."""
-    expected = peft_merged(base, adapter)
+def assert_merges_like_peft(tmp_path, base, adapter, targets, peft_dir=None) -> dict[str, torch.Tensor]:
+    """Merge ``adapter`` with the CLI; every tensor bit-equal to PEFT's merge of ``peft_dir`` (default: the
+    adapter itself; same float32 product, one rounding: PEFT adds its float32 ΔW into the weight in place), and
+    every targeted weight changed."""
+    expected = peft_merged(base, peft_dir or adapter)
     run_cli("merge", base, adapter, "-o", tmp_path / "out")
     merged = load_file(str(tmp_path / "out" / "model.safetensors"))
     before = load_file(str(base / "model.safetensors"))

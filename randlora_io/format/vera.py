@@ -14,12 +14,14 @@ All arithmetic is float32 (PEFT on the CPU casts half bases and vectors to float
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from ..errors import BasesTooLargeError, HeaderError
-from .basis import BASES_BUDGET_ENV, Bases, bases_budget
+from .basis import BASES_BUDGET_ENV, Bases, bases_budget, philox_block_torch
+from .philox import MATRIX_A, MATRIX_B
+from .spec import GeneratorSpec
 
 SEED_MIN, SEED_END = -(2**63), 2**64  # what torch.Generator.manual_seed accepts; a negative key is 2^64 + key
 _HALF = {"bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -53,12 +55,17 @@ def check_vera_budget(rank: int, max_out: int, max_in: int, max_bytes: int | Non
             f"with {BASES_BUDGET_ENV}=<bytes> (or max_bases_bytes=)")
 
 
+def kaiming_bound(fan_in: int) -> float:
+    """PEFT 0.21.2's VeRA bound √3 · (√2 / √fan_in), evaluated in that order in binary64 (√(6 / fan_in) up to its
+    last bit): A's fan_in is max_in, B's is r."""
+    return math.sqrt(3.0) * (math.sqrt(2) / math.sqrt(fan_in))
+
+
 def _peft_kaiming(shape: tuple[int, int], gen: torch.Generator) -> torch.Tensor:
     """PEFT 0.21.2's ``vera.model._kaiming_init`` on a shape: ``torch.empty`` in the float32 default dtype, then
-    ``uniform_(−bound, bound)`` with bound = √3 · (√2 / √fan_in), fan_in = shape[1], evaluated in that order in
-    binary64 (so √(6 / shape[1]) up to its last bit)."""
+    ``uniform_(−bound, bound)`` with bound = :func:`kaiming_bound` (shape[1])."""
     tensor = torch.empty(shape, dtype=torch.float32)
-    bound = math.sqrt(3.0) * (math.sqrt(2) / math.sqrt(shape[1]))
+    bound = kaiming_bound(shape[1])
     with torch.no_grad():
         return tensor.uniform_(-bound, bound, generator=gen)
 
@@ -73,17 +80,44 @@ def peft_vera_bases(seed: int, rank: int, max_out: int, max_in: int, cast_dtype:
     gen = torch.Generator(device="cpu").manual_seed(seed)
     A = _peft_kaiming((rank, max_in), gen)
     B = _peft_kaiming((max_out, rank), gen)
-    if cast_dtype is not None:
+    if cast_dtype in _HALF:  # "float32" (or None): no cast
         A, B = A.to(_HALF[cast_dtype]).float(), B.to(_HALF[cast_dtype]).float()
     return Bases(A=A, B=B)
 
 
+def philox_vera_bases(seed: int, rank: int, max_out: int, max_in: int, max_bytes: int | None = None,
+                      source: str = "bases") -> Bases:
+    """The native VeRA bases (SPEC §2.1): element (row, col) of A (m = 0) and B (m = 1) is SPEC §4.2's philox dense
+    value u ∈ (−1, 1) of (seed, m, row, col), times :func:`kaiming_bound` (max_in for A, r for B), the product of
+    the float32 u and the binary64 bound rounded once to float32: PEFT's distribution, exact on every machine."""
+    check_vera_budget(rank, max_out, max_in, max_bytes, source)
+    gen = GeneratorSpec(name="philox", kind="dense", seed=seed)
+    A = philox_block_torch(gen, MATRIX_A, slice(0, rank), slice(0, max_in)).double() * kaiming_bound(max_in)
+    B = philox_block_torch(gen, MATRIX_B, slice(0, max_out), slice(0, rank)).double() * kaiming_bound(rank)
+    return Bases(A=A.float(), B=B.float())
+
+
+def vera_bases(generator: GeneratorSpec, rank: int, max_out: int, max_in: int, max_bytes: int | None = None,
+               source: str = "bases") -> Bases:
+    """The bases a VeRA generator (``method`` vera) describes: :func:`peft_vera_bases` (then its ``cast_dtype``)
+    or :func:`philox_vera_bases`; A (r, max_in), B (max_out, r), float32."""
+    if generator.name == "philox":
+        return philox_vera_bases(generator.seed, rank, max_out, max_in, max_bytes, source)
+    return peft_vera_bases(generator.seed, rank, max_out, max_in, generator.cast_dtype, max_bytes, source)
+
+
 @dataclass(frozen=True)
 class VeraLayer:
-    """One VeRA layer: the weight's stored ``shape`` ((out, in), or (in, out) when ``fan_in_fan_out``)."""
+    """One VeRA layer: the weight's stored ``shape`` ((out, in), or (in, out) when ``fan_in_fan_out``), the dtype
+    of its vectors λ_b / λ_d in a file, and a file's unknown layer keys (kept on rewrite, SPEC §2)."""
 
     shape: tuple[int, int]
     fan_in_fan_out: bool = False
+    dtype: str = "float32"
+    extra: dict = field(default_factory=dict, hash=False, compare=False)
+
+    def to_json(self) -> dict:
+        return {"shape": list(self.shape), "fan_in_fan_out": self.fan_in_fan_out, "dtype": self.dtype, **self.extra}
 
     @property
     def out_in(self) -> tuple[int, int]:
@@ -102,24 +136,3 @@ def vera_delta(layer: VeraLayer, lambda_b: torch.Tensor, lambda_d: torch.Tensor,
     update = B @ A
     return (update.T if layer.fan_in_fan_out else update).contiguous()
 
-
-@dataclass
-class VeraAdapter:
-    """A VeRA adapter in memory, keyed by base weight key: ``layers`` (orientation), ``lambda_b[key]`` (out,) and
-    ``lambda_d[key]`` (r,) (any float dtype; used as float32), and the shared ``bases`` used (float32, A (r, max_in),
-    B (max_out, r)). ``seed`` / ``cast_dtype``: the generator the bases come from; ``bases_from_seed`` is False when
-    the bases are saved ones that the seed does not reproduce."""
-
-    rank: int
-    seed: int
-    layers: dict[str, VeraLayer]
-    lambda_b: dict[str, torch.Tensor]
-    lambda_d: dict[str, torch.Tensor]
-    bases: Bases
-    cast_dtype: str | None = None
-    bases_from_seed: bool = True
-    source: str = "<memory>"
-
-    def delta(self, key: str, device: str | torch.device = "cpu") -> torch.Tensor:
-        """ΔW of ``key`` in the weight's stored orientation, float32 (:func:`vera_delta`)."""
-        return vera_delta(self.layers[key], self.lambda_b[key], self.lambda_d[key], self.bases.A, self.bases.B, device)

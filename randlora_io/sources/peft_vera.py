@@ -19,12 +19,14 @@ import torch
 from ..checkpoint.base_model import BaseModelInfo, half_cast_dtype, layer_orientations
 from ..errors import AdapterShapeError, NonFiniteError, SourceFormatError
 from ..format.basis import Bases
-from ..format.spec import max_out_in
-from ..format.vera import VeraAdapter, VeraLayer, peft_vera_bases, vera_seed
-from .interface import DeltaSource, OpenOptions, Probe, layer_row
+from ..format.spec import GeneratorSpec, max_out_in
+from ..format.vera import VeraLayer, peft_vera_bases, vera_seed
+from ..format.vera_file import VeraAdapter, build_vera_adapter
+from .interface import OpenOptions, Probe, layer_row
 from .peft_dir import PEFT_PREFIX, PeftDir, local_base_info, module_of, read_peft_dir, weight_key
 from .peft_randlora import as_base_info, base_weight_shape
 from .peft_targets import targeted_layers, weight_module
+from .randlora_file import VeraSource
 
 PEFT_TYPE = "VERA"
 KIND = "peft-vera"
@@ -101,8 +103,9 @@ def peft_vera_to_adapter(src: str | os.PathLike | PeftDir, base: BaseModelInfo |
 
     Layers are those the config targets (peft_targets); each one's orientation comes from its module type
     (``Conv1D`` → fan_in_fan_out), never from the config's single flag; the bases are sized by every targeted layer
-    (``_find_dim``). Saved projections are used as saved and compared with the seed's draw
-    (``bases_from_seed``); regenerated ones are rounded to the targeted weights' half dtype as PEFT casts them."""
+    (``_find_dim``). Saved projections are used as saved: when they are the seed's draw (possibly rounded to a half
+    dtype) the adapter records the seed only, else it keeps them (``stored``); regenerated ones are rounded to the
+    targeted weights' half dtype as PEFT casts them (``cast_dtype``)."""
     peft = read_peft_dir(src, expected_type=PEFT_TYPE)
     src, config = peft.path, peft.config
     r, seed = _config_values(peft)
@@ -131,37 +134,26 @@ def peft_vera_to_adapter(src: str | os.PathLike | PeftDir, base: BaseModelInfo |
     max_out, max_in = max_out_in((layer.shape, layer.fan_in_fan_out) for layer in layers.values())
     cast = half_cast_dtype(keys + unsaved, info, str(src))
     saved = _saved_projections(peft, r, max_out, max_in)
-    if saved is None:
-        bases, from_seed = peft_vera_bases(seed, r, max_out, max_in, cast, source=str(src)), True
-    else:
-        bases = saved
+    stored = None
+    if saved is not None:
         from_seed, cast = _matches_seed(saved, seed, r, max_out, max_in)
-        if not from_seed and on_note is not None:
-            on_note(f"{src}: the saved vera_A / vera_B are not the float32 draw from projection_prng_key="
-                    f"{config.get('projection_prng_key', 0)}; used as saved, as PEFT uses them")
-    return VeraAdapter(rank=r, seed=seed, layers={k: layers[k] for k in keys},
-                       lambda_b={k: vectors[k][0] for k in keys}, lambda_d={k: vectors[k][1] for k in keys},
-                       bases=bases, cast_dtype=cast, bases_from_seed=from_seed, source=str(src))
-
-
-class VeraSource(DeltaSource):
-    """A :class:`VeraAdapter` as a source: ΔW of each layer (float32, stored orientation)."""
-
-    def __init__(self, adapter: VeraAdapter, kind: str = KIND):
-        self.adapter, self.kind, self.path = adapter, kind, adapter.source
-
-    def keys(self) -> list[str]:
-        return list(self.adapter.layers)
-
-    def stored_shape(self, key: str) -> tuple[int, int]:
-        return self.adapter.layers[key].shape
-
-    def fan_in_fan_out(self, key: str) -> bool:
-        return self.adapter.layers[key].fan_in_fan_out
-
-    def delta(self, key: str, device: str | torch.device = "cpu") -> torch.Tensor:
-        return self.adapter.delta(key, device)
-
+        if not from_seed:
+            stored = saved  # PEFT loads them over its own draw: the adapter keeps them
+            if on_note is not None:
+                on_note(f"{src}: the saved vera_A / vera_B are not the float32 draw from projection_prng_key="
+                        f"{config.get('projection_prng_key', 0)}; used as saved, as PEFT uses them")
+    generator = GeneratorSpec(name="peft", kind="dense", seed=seed, draw_dtype="float32", cast_dtype=cast,
+                              method="vera")
+    vectors = {k: vectors[k] if vectors[k][0].dtype == vectors[k][1].dtype else (vectors[k][0].float(),
+                                                                                 vectors[k][1].float())
+               for k in keys}  # a file's layer has one dtype for both vectors: mixed ones are widened (exact)
+    if unsaved and max_out_in((layers[k].shape, layers[k].fan_in_fan_out) for k in keys) != (max_out, max_in):
+        # they size the bases: kept as layers with PEFT's λ_b = 0 (ΔW = 0), so the bases keep PEFT's size
+        vectors.update({k: (torch.zeros(layers[k].out_in[0]), torch.zeros(r)) for k in unsaved})
+        keys = keys + unsaved
+    return build_vera_adapter(generator=generator, rank=r, layers={k: layers[k] for k in keys},
+                              lambda_b={k: v[0] for k, v in vectors.items()},
+                              lambda_d={k: v[1] for k, v in vectors.items()}, stored=stored, source=str(src))
 
 def matches(probe: Probe) -> bool:
     return probe.path.is_dir() and probe.peft_config.get("peft_type") == PEFT_TYPE
@@ -174,7 +166,7 @@ def load(probe: Probe, options: OpenOptions) -> VeraSource:
     if base is None:
         raise SourceFormatError(f"{probe.path}: a PEFT VeRA dir needs the base model's weight shapes and layer types; "
                                 "pass --base MODEL_DIR")
-    source = VeraSource(peft_vera_to_adapter(peft, base, options.on_note))
+    source = VeraSource(peft_vera_to_adapter(peft, base, options.on_note), kind=KIND)
     source.base_copies, source.replacements, source.peft_extras = peft.base_copies, peft.replacements, peft.extras
     return source
 
@@ -195,7 +187,7 @@ def validate(probe: Probe) -> str:
     base = local_base_info(probe.path, probe.peft_config)
     if base is not None:
         source = load(probe, OpenOptions(base=base))
-        seeded = "the seed's draw" if source.adapter.bases_from_seed else "not the seed's draw (used as saved)"
+        seeded = "the seed's draw" if source.adapter.stored is None else "not the seed's draw (used as saved)"
         return f"PEFT VeRA dir, {len(source.keys())} layers, checked against its local base model; bases: {seeded}"
     peft = read_peft_dir(probe.path, config=probe.peft_config)
     r, _ = _config_values(peft)

@@ -98,3 +98,23 @@ def parse_base_model(obj: dict[str, Any]) -> dict[str, Any] | None:
         value = base_model.get(key)
         require(value is None or isinstance(value, str), f"base_model: '{key}' must be a string or null, got {value!r}")
     return base_model
+
+
+def bases_object(dims: dict[str, int], sha256: str | None, stored: bool, extra: dict[str, Any]) -> dict[str, Any]:
+    """A header's ``bases`` object: the sizes (``min_dim``/``max_dim``, or VeRA's ``max_out``/``max_in``), then
+    ``sha256`` and ``stored: true`` when set, then the unknown keys read (kept on rewrite, SPEC §2)."""
+    bases: dict[str, Any] = dict(dims)
+    if sha256 is not None:
+        bases["sha256"] = sha256
+    if stored:
+        bases["stored"] = True
+    bases.update(extra)
+    return bases
+
+
+def with_optional(out: dict[str, Any], base_model: dict[str, Any] | None, extra: dict[str, Any]) -> dict[str, Any]:
+    """``out`` plus ``base_model`` when present and the unknown top-level keys read (kept on rewrite)."""
+    if base_model is not None:
+        out["base_model"] = base_model
+    out.update(extra)
+    return out

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import AdapterShapeError
-from .header_json import (bases_checksum_and_stored, int_field, is_int, parse_base_model,
+from .header_json import (bases_checksum_and_stored, bases_object, with_optional, int_field, is_int, parse_base_model,
                           parse_version, require, strict_json_loads)
 
 FORMAT_NAME = "randlora"
@@ -160,26 +160,12 @@ class AdapterHeader:
         return self.alpha / self.rank * normalisation(self.generator)
 
     def to_json(self) -> dict[str, Any]:
-        bases: dict[str, Any] = {"min_dim": self.min_dim, "max_dim": self.max_dim}
-        if self.bases_sha256 is not None:
-            bases["sha256"] = self.bases_sha256
-        if self.stored_bases:
-            bases["stored"] = True
-        bases.update(self.bases_extra)
-        out: dict[str, Any] = {
-            "format": FORMAT_NAME,
-            "format_version": self.format_version,
-            "generator": self.generator.to_json(),
-            "seed": self.generator.seed,
-            "rank": self.rank,
-            "alpha": self.alpha,
-            "bases": bases,
-            "layers": {k: v.to_json() for k, v in self.layers.items()},
-        }
-        if self.base_model is not None:
-            out["base_model"] = self.base_model
-        out.update(self.extra)
-        return out
+        bases = bases_object({"min_dim": self.min_dim, "max_dim": self.max_dim}, self.bases_sha256, self.stored_bases,
+                             self.bases_extra)
+        return with_optional({"format": FORMAT_NAME, "format_version": self.format_version,
+                              "generator": self.generator.to_json(), "seed": self.generator.seed, "rank": self.rank,
+                              "alpha": self.alpha, "bases": bases,
+                              "layers": {k: v.to_json() for k, v in self.layers.items()}}, self.base_model, self.extra)
 
     def dumps(self) -> str:
         return json.dumps(self.to_json(), separators=(",", ":"), sort_keys=False)

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import BasesTooLargeError, HeaderError
-from .basis import BASES_BUDGET_ENV, Bases, bases_budget, philox_block_torch
+from ..errors import HeaderError
+from .basis import Bases, check_budget, philox_block_torch
 from .philox import MATRIX_A, MATRIX_B
 from .spec import GeneratorSpec
 
@@ -47,12 +47,8 @@ def check_vera_budget(rank: int, max_out: int, max_in: int, max_bytes: int | Non
     if rank < 1 or max_out < 1 or max_in < 1:
         raise HeaderError(f"{source}: VeRA bases need rank, max_out and max_in >= 1, got rank {rank}, "
                           f"max_out {max_out}, max_in {max_in}")
-    need, budget = vera_bases_nbytes(rank, max_out, max_in), bases_budget(max_bytes)
-    if need > budget:
-        raise BasesTooLargeError(
-            f"{source}: the shared VeRA bases (rank {rank}, max_out {max_out}, max_in {max_in}) need "
-            f"{need / 2**30:.2f} GiB, above the {budget / 2**30:.2f} GiB budget; if the adapter is genuine, raise it "
-            f"with {BASES_BUDGET_ENV}=<bytes> (or max_bases_bytes=)")
+    check_budget(vera_bases_nbytes(rank, max_out, max_in),
+                 f"shared VeRA bases (rank {rank}, max_out {max_out}, max_in {max_in})", max_bytes, source)
 
 
 def kaiming_bound(fan_in: int) -> float:

@@ -20,8 +20,8 @@ from ..checkpoint.safetensors_io import SafetensorsHeader, load_tensors, read_he
 from ..errors import AdapterShapeError, BasisMismatchError, HeaderError, NonFiniteError
 from .adapter import STORED_A, STORED_B, RandloraAdapter, dtype_name, read_adapter
 from .basis import Bases
-from .header_json import (bases_checksum_and_stored, int_field, is_int, parse_base_model, parse_version, require,
-                          strict_json_loads)
+from .header_json import (bases_checksum_and_stored, bases_object, int_field, is_int, parse_base_model, parse_version,
+                          require, strict_json_loads, with_optional)
 from .spec import (FORMAT_NAME, METADATA_KEY, SCALE_DTYPES, VERA_FORMAT_VERSION, GeneratorSpec, header_method,
                    max_out_in, parse_generator)
 from .vera import VeraLayer, check_vera_budget, vera_bases, vera_delta
@@ -56,19 +56,12 @@ class VeraHeader:
         return self.generator.seed
 
     def to_json(self) -> dict[str, Any]:
-        bases: dict[str, Any] = {"max_out": self.max_out, "max_in": self.max_in}
-        if self.bases_sha256 is not None:
-            bases["sha256"] = self.bases_sha256
-        if self.stored_bases:
-            bases["stored"] = True
-        bases.update(self.bases_extra)
-        out: dict[str, Any] = {"format": FORMAT_NAME, "format_version": self.format_version,
-                               "generator": self.generator.to_json(), "seed": self.seed, "rank": self.rank,
-                               "bases": bases, "layers": {k: v.to_json() for k, v in self.layers.items()}}
-        if self.base_model is not None:
-            out["base_model"] = self.base_model
-        out.update(self.extra)
-        return out
+        bases = bases_object({"max_out": self.max_out, "max_in": self.max_in}, self.bases_sha256, self.stored_bases,
+                             self.bases_extra)
+        return with_optional({"format": FORMAT_NAME, "format_version": self.format_version,
+                              "generator": self.generator.to_json(), "seed": self.seed, "rank": self.rank,
+                              "bases": bases, "layers": {k: v.to_json() for k, v in self.layers.items()}},
+                             self.base_model, self.extra)
 
 
 def vera_header_from_json(obj: dict[str, Any]) -> VeraHeader:

@@ -217,6 +217,24 @@ def _load_weights_only(path: Path) -> dict[str, torch.Tensor]:
     return obj
 
 
+def tensors_by_module(peft: PeftDir, shared: tuple[str, ...], suffixes: tuple[str, ...], method: str,
+                      needed: str) -> dict[str, dict[str, torch.Tensor]]:
+    """``{module: {suffix: tensor}}`` of a PEFT dir's per-layer adapter tensors (``base_model.model.<module>.<suffix>``),
+    the ``shared`` keys (model-wide projections) left out; any other tensor is refused naming the ``method``, and a
+    dir with none (``needed`` names them) is refused too."""
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in peft.tensors.items():
+        if key in shared:
+            continue
+        suffix = key.rsplit(".", 1)[-1]
+        if suffix not in suffixes or not key.startswith(PEFT_PREFIX):
+            raise SourceFormatError(f"{peft.path}: unexpected tensor {key!r} in a {method} adapter")
+        modules.setdefault(module_of(key, suffix), {})[suffix] = tensor
+    if not modules:
+        raise SourceFormatError(f"{peft.path}: the adapter holds no {needed} tensors")
+    return modules
+
+
 def module_of(saved_key: str, suffix: str) -> str:
     """``base_model.model.<module>.<suffix>`` → ``<module>`` (PEFT's saved-key convention)."""
     return saved_key.removeprefix(PEFT_PREFIX)[: -len(suffix) - 1]

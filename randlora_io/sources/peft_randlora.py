@@ -22,7 +22,7 @@ from ..checkpoint.directory import absent_weight_hint
 from ..errors import AdapterShapeError, BaseModelMismatchError, BasisMismatchError, NonFiniteError, SourceFormatError
 from ..format.spec import GeneratorSpec, num_bases
 from .interface import OpenOptions, Probe, layer_row
-from .peft_dir import local_base_info, PEFT_PREFIX, PeftDir, module_of, read_peft_dir, weight_key
+from .peft_dir import local_base_info, PeftDir, read_peft_dir, tensors_by_module, weight_key
 from .peft_targets import targeted_layers, weight_module
 from .randlora_file import RandloraSource
 
@@ -41,17 +41,7 @@ def peft_kind(config: dict) -> str:
 
 
 def _scales_by_module(peft: PeftDir) -> dict[str, dict[str, torch.Tensor]]:
-    modules: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in peft.tensors.items():
-        if key in (SHARED_A, SHARED_B):
-            continue
-        suffix = key.rsplit(".", 1)[-1]
-        if suffix not in _SUFFIXES or not key.startswith(PEFT_PREFIX):
-            raise SourceFormatError(f"{peft.path}: unexpected tensor {key!r} in a RandLoRA adapter")
-        modules.setdefault(module_of(key, suffix), {})[suffix] = tensor
-    if not modules:
-        raise SourceFormatError(f"{peft.path}: the adapter holds no randlora_lambda / randlora_gamma tensors")
-    return modules
+    return tensors_by_module(peft, (SHARED_A, SHARED_B), _SUFFIXES, "RandLoRA", "randlora_lambda / randlora_gamma")
 
 
 def peft_scale_tensors(peft: PeftDir) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

@@ -23,7 +23,7 @@ from ..format.spec import GeneratorSpec, max_out_in
 from ..format.vera import VeraLayer, peft_vera_bases, vera_seed
 from ..format.vera_file import VeraAdapter, build_vera_adapter
 from .interface import OpenOptions, Probe, layer_row
-from .peft_dir import PEFT_PREFIX, PeftDir, local_base_info, module_of, read_peft_dir, weight_key
+from .peft_dir import PeftDir, local_base_info, read_peft_dir, tensors_by_module, weight_key
 from .peft_randlora import as_base_info, base_weight_shape
 from .peft_targets import targeted_layers, weight_module
 from .randlora_file import VeraSource
@@ -38,17 +38,7 @@ _SUFFIXES = ("vera_lambda_b", "vera_lambda_d")
 def peft_vera_vectors(peft: PeftDir) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """``{weight key: (λ_b (out,), λ_d (r,))}`` as saved in a PEFT VeRA dir (no base needed); any other tensor but
     the shared projections is refused by name."""
-    modules: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in peft.tensors.items():
-        if key in (SHARED_A, SHARED_B):
-            continue
-        suffix = key.rsplit(".", 1)[-1]
-        if suffix not in _SUFFIXES or not key.startswith(PEFT_PREFIX):
-            raise SourceFormatError(f"{peft.path}: unexpected tensor {key!r} in a VeRA adapter (only vera_lambda_b / "
-                                    "vera_lambda_d per layer and base_model.vera_A / vera_B); re-save it with PEFT")
-        modules.setdefault(module_of(key, suffix), {})[suffix] = tensor
-    if not modules:
-        raise SourceFormatError(f"{peft.path}: the adapter holds no vera_lambda_b / vera_lambda_d tensors")
+    modules = tensors_by_module(peft, (SHARED_A, SHARED_B), _SUFFIXES, "VeRA", "vera_lambda_b / vera_lambda_d")
     out = {}
     for module, parts in modules.items():
         if set(parts) != set(_SUFFIXES):

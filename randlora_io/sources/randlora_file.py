@@ -23,44 +23,39 @@ from .interface import DeltaSource, OpenOptions, Probe, layer_row
 KIND = "randlora"
 
 
-class RandloraSource(DeltaSource):
+class AdapterSource(DeltaSource):
+    """An in-memory adapter of our format (``adapter.layers``: key → a layer with ``shape`` and ``fan_in_fan_out``,
+    ``adapter.delta(key, device)``) as a source: ΔW float32, stored orientation. Subclassed per method, so the merge
+    picks RandLoRA's fast paths by type."""
+
+    def __init__(self, adapter, kind: str = KIND):
+        self.adapter, self.kind, self.path = adapter, kind, adapter.source
+
+    def keys(self) -> list[str]:
+        return list(self.adapter.layers)
+
+    def stored_shape(self, key: str) -> tuple[int, int]:
+        return self.adapter.layers[key].shape
+
+    def fan_in_fan_out(self, key: str) -> bool:
+        return self.adapter.layers[key].fan_in_fan_out
+
+    def delta(self, key: str, device: str | torch.device = "cpu") -> torch.Tensor:
+        return self.adapter.delta(key, device)
+
+
+class RandloraSource(AdapterSource):
     """A :class:`RandloraAdapter` as a source (our file, or a PEFT RandLoRA dir converted on the fly, ``kind``
     ``"peft-randlora"``): ΔW of each layer from its λ/γ and the shared bases, float32, stored orientation."""
 
-    def __init__(self, adapter: RandloraAdapter, kind: str = KIND):
-        self.adapter, self.kind, self.path = adapter, kind, adapter.source
-
-    def keys(self) -> list[str]:
-        return list(self.adapter.layers)
-
-    def stored_shape(self, key: str) -> tuple[int, int]:
-        return self.adapter.layers[key].shape
-
-    def fan_in_fan_out(self, key: str) -> bool:
-        return self.adapter.layers[key].fan_in_fan_out
-
-    def delta(self, key: str, device: str | torch.device = "cpu") -> torch.Tensor:
-        return self.adapter.delta(key, device)
+    adapter: RandloraAdapter
 
 
-class VeraSource(DeltaSource):
+class VeraSource(AdapterSource):
     """A :class:`VeraAdapter` as a source (our VeRA file, or a PEFT VeRA dir converted on the fly, ``kind``
     ``"peft-vera"``): ΔW of each layer from λ_b, λ_d and the shared bases, float32, stored orientation."""
 
-    def __init__(self, adapter: VeraAdapter, kind: str = KIND):
-        self.adapter, self.kind, self.path = adapter, kind, adapter.source
-
-    def keys(self) -> list[str]:
-        return list(self.adapter.layers)
-
-    def stored_shape(self, key: str) -> tuple[int, int]:
-        return self.adapter.layers[key].shape
-
-    def fan_in_fan_out(self, key: str) -> bool:
-        return self.adapter.layers[key].fan_in_fan_out
-
-    def delta(self, key: str, device: str | torch.device = "cpu") -> torch.Tensor:
-        return self.adapter.delta(key, device)
+    adapter: VeraAdapter
 
 
 def _check_orientations(source: RandloraSource | VeraSource, base: BaseModelInfo) -> None:

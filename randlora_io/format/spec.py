@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import AdapterShapeError
-from .header_json import (bases_checksum_and_stored, bases_object, with_optional, int_field, is_int, parse_base_model,
-                          parse_version, require, strict_json_loads)
+from .header_json import (bases_checksum_and_stored, bases_object, int_field, is_int, parse_base_model, parse_version,
+                          require, strict_json_loads, with_optional)
 
 FORMAT_NAME = "randlora"
 FORMAT_VERSION = "1.1"  # what this library writes for RandLoRA; it reads every 1.x (SPEC §2)

@@ -246,3 +246,19 @@ def test_push_and_pull_a_vera_file_and_a_peft_vera_dir(tmp_path, monkeypatch):
             pulled = load_from_hub(repo, output_dir=tmp_path / repo.split("/")[1])
             pairs = [(path, pulled)] if path.is_file() else [(p, pulled / p.name) for p in path.iterdir()]
             assert all(a.read_bytes() == b.read_bytes() for a, b in pairs)
+
+
+def test_conversions_without_an_exact_form_are_refused_in_one_line(tmp_path):
+    """A VeRA file has no exact RandLoRA form (a fit needs --rank, and says what is exact); a non-VeRA adapter has no
+    VeRA form. Nothing is written."""
+    from peft import LoraConfig, get_peft_model
+
+    write_vera_adapter(_philox_adapter(), tmp_path / "v.safetensors")
+    result = run_cli("convert", tmp_path / "v.safetensors", tmp_path / "x", "--to", "peft-randlora", check=False)
+    assert_one_line_error(result, "fitting a vera adapter to randlora needs --rank", "--to peft-vera")
+    tiny_llama().save_pretrained(tmp_path / "base")
+    get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(tmp_path / "lora")
+    result = run_cli("convert", tmp_path / "lora", tmp_path / "y", "--to", "peft-vera", "--base", tmp_path / "base",
+                     check=False)
+    assert_one_line_error(result, "is not vera and has no exact vera form")
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

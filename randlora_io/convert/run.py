@@ -205,7 +205,10 @@ def convert(
             report.errors = {k: 0.0 for k in source.keys()}
         else:
             if rank is None:
-                raise ConversionError(f"{src}: fitting a {source.kind} adapter to RandLoRA needs --rank")
+                vera = isinstance(source, VeraSource)
+                hint = " (a VeRA adapter converts exactly --to randlora or --to peft-vera)" if vera else ""
+                raise ConversionError(f"{src}: fitting a {'VeRA' if vera else source.kind} adapter to RandLoRA needs "
+                                      f"--rank{hint}")
             adapter, report = fit_adapter(source, rank, seed, generator, progress=progress)
         if max_error is not None and report.overall_error > max_error:
             raise ConversionError(f"{src}: fit error {report.overall_error:.4g} exceeds --max-error {max_error}; "

@@ -155,7 +155,8 @@ def model_card(path: str | os.PathLike, repo_id: str) -> str:
 
         name = read_peft_config(path).get("base_model_name_or_path")
         base = name if isinstance(name, str) and name and not Path(name).is_absolute() else None
-    tags = ["randlora-io", "randlora" if "randlora" in kind else kind.replace("peft-", "")]
+    method = "vera" if info.get("method") == "vera" else "randlora" if "randlora" in kind else kind.replace("peft-", "")
+    tags = ["randlora-io", method]
     if kind.startswith("peft-"):
         tags.append("peft")
     yaml = ["---", "library_name: randlora-io"]
@@ -175,9 +176,9 @@ def model_card(path: str | os.PathLike, repo_id: str) -> str:
         how += ["This folder is also a PEFT adapter:", "", "```python", "from peft import PeftModel",
                 f"model = PeftModel.from_pretrained(base_model, \"{repo_id}\")", "```", ""]
     title = f"# {repo_id.split('/')[-1]}"
-    text = ("A RandLoRA adapter in the randlora format: a seed, a rank and the trained scales; the random bases "
-            "are regenerated bit-exactly from the seed (see the randlora-io SPEC)." if kind == "randlora" else
-            f"An adapter ({kind}) pushed with randlora-io.")
+    text = (f"A {'VeRA' if method == 'vera' else 'RandLoRA'} adapter in the randlora format: a seed, a rank and the "
+            f"trained {'vectors' if method == 'vera' else 'scales'}; the random bases are regenerated bit-exactly from "
+            "the seed (see the randlora-io SPEC)." if kind == "randlora" else f"An adapter ({kind}) pushed with randlora-io.")
     return "\n".join(yaml + [title, "", text, ""] + table + [""] + how)
 
 

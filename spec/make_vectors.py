@@ -2,7 +2,8 @@
 
 golden.json: numbers (Philox known answers, basis elements, word → value rules, ΔW probes with their tolerance
 bound, checksums, `peft`-generator bases, the base fingerprint). files.json: whole randlora files, valid and
-invalid, each invalid one naming the rule it breaks and which check catches it (SPEC §8).
+invalid, each invalid one naming the rule it breaks and which check catches it (SPEC §8); VeRA (SPEC §2.1): its bases,
+ΔW probes and files.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from pathlib import Path
 
 from reference import (SPARSE_THRESHOLD, base_fingerprint, bases_sha256, bits_value, delta_element_bound,
                        element_bits, element_value, f32_bytes, peft_bases, philox4x32_10, philox_bases, sample_scales,
-                       scaling, shared_dims, very_sparse_threshold)
+                       scaling, shared_dims, vera_delta_element, vera_peft_bases, vera_philox_bases,
+                       very_sparse_threshold)
 
 HERE = Path(__file__).parent / "vectors"
 
@@ -147,6 +149,64 @@ def fingerprint_vectors() -> list[dict]:
     weights = [w1, w2]
     return [{"weights": [{"key": k, "shape": s, "dtype": d, "data_hex": raw.hex()} for k, s, d, raw in weights],
              "fingerprint": base_fingerprint(weights)}]
+
+
+VERA_BASES_CASES = [  # generator, seed, cast_dtype, rank, max_out, max_in
+    ("peft", 0, None, 3, 7, 5),
+    ("peft", 2**63 + 5, None, 4, 6, 9),
+    ("peft", 2**64 - 1, "bfloat16", 2, 5, 4),  # PEFT's projection_prng_key -1
+    ("peft", 42, "float16", 8, 3, 2),  # r above both dims
+    ("philox", 0, None, 3, 7, 5),
+    ("philox", 2**64 - 1, None, 2, 5, 4),
+]
+
+
+def _vera_bases(generator, seed, cast, rank, max_out, max_in):
+    if generator == "philox":
+        return vera_philox_bases(seed, rank, max_out, max_in)
+    A, B = vera_peft_bases(seed, cast, rank, max_out, max_in)
+    return A.tolist(), B.tolist()
+
+
+def vera_bases_vectors() -> list[dict]:
+    out = []
+    for generator, seed, cast, rank, max_out, max_in in VERA_BASES_CASES:
+        A, B = _vera_bases(generator, seed, cast, rank, max_out, max_in)
+        elements = [{"matrix": "A", "row": i, "col": j, "value_f32": f32_bits(A[i][j])}
+                    for i, j in ((0, 0), (rank - 1, max_in - 1))]
+        elements += [{"matrix": "B", "row": i, "col": j, "value_f32": f32_bits(B[i][j])}
+                     for i, j in ((0, 0), (max_out - 1, rank - 1))]
+        out.append({"generator": generator, "seed": seed, "cast_dtype": cast, "rank": rank, "max_out": max_out,
+                    "max_in": max_in, "elements": elements, "sha256": bases_sha256(A, B)})
+    return out
+
+
+VERA_DELTA_CASES = [  # id, generator, seed, rank, (max_out, max_in), stored shape, fan_in_fan_out
+    ("philox out < in", "philox", 7, 3, (6, 9), [4, 9], False),
+    ("philox Conv1D", "philox", 7, 3, (6, 9), [9, 6], True),
+    ("peft r above the layer dims, slices of larger bases", "peft", 2**63, 8, (6, 9), [3, 5], False),
+]
+
+
+def vera_sample_vectors(out_f: int, rank: int) -> tuple[list[float], list[float]]:
+    """Deterministic, exactly representable λ_b (out,) and λ_d (r,)."""
+    return [((5 * o) % 13 - 6) / 32 for o in range(out_f)], [((3 * k) % 11 - 5) / 16 for k in range(rank)]
+
+
+def vera_delta_vectors() -> list[dict]:
+    out = []
+    for name, generator, seed, rank, (max_out, max_in), shape, fan in VERA_DELTA_CASES:
+        A, B = _vera_bases(generator, seed, None, rank, max_out, max_in)
+        out_f = shape[1] if fan else shape[0]
+        lam_b, lam_d = vera_sample_vectors(out_f, rank)
+        probes = []
+        for r, c in [(r, c) for r in range(shape[0]) for c in range(shape[1])][::3]:
+            value, abs_sum = vera_delta_element(A, B, lam_b, lam_d, shape, fan, r, c)
+            probes.append({"row": r, "col": c, "value": value, "abs_sum": abs_sum})
+        out.append({"id": name, "generator": generator, "seed": seed, "rank": rank, "max_out": max_out,
+                    "max_in": max_in, "shape": shape, "fan_in_fan_out": fan, "lambda_b": lam_b, "lambda_d": lam_d,
+                    "probes": probes})
+    return out
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -395,6 +455,95 @@ INVALID = [  # name, rule, checked_by, base factory, mutation
 ]
 
 
+VERA_LAYERS = {"m.q.weight": ([6, 4], False), "m.o.weight": ([4, 6], False), "h.c.weight": ([4, 9], True)}
+
+
+class VeraFileCase(FileCase):
+    """A VeRA file (SPEC §2.1, format 1.2): λ_b / λ_d per layer; (max_out, max_in) = (9, 6) for VERA_LAYERS."""
+
+    def __init__(self, *, version="1.2", seed=42, generator=None, rank=5, layers=None, sha=True):
+        layers = layers or VERA_LAYERS
+        self.generator = generator or {"name": "philox", "kind": "dense", "method": "vera"}
+        max_out = max(s[1] if f else s[0] for s, f in layers.values())
+        max_in = max(s[0] if f else s[1] for s, f in layers.values())
+        self.header = {"format": "randlora", "format_version": version, "generator": copy.deepcopy(self.generator),
+                       "seed": seed, "rank": rank, "bases": {"max_out": max_out, "max_in": max_in}, "layers": {}}
+        self.tensors = []
+        for key, (shape, fan) in layers.items():
+            out_f = shape[1] if fan else shape[0]
+            self.header["layers"][key] = {"shape": shape, "fan_in_fan_out": fan, "dtype": "float32"}
+            lam_b, lam_d = vera_sample_vectors(out_f, rank)
+            self.tensors.append((key + ".lambda_b", "F32", [out_f], f32_bytes(lam_b)))
+            self.tensors.append((key + ".lambda_d", "F32", [rank], f32_bytes(lam_d)))
+        if sha:
+            self.header["bases"]["sha256"] = self.regenerated_sha()
+        self.other_metadata, self.text = {}, None
+
+    def regenerated_sha(self) -> str:
+        h, g = self.header, self.generator
+        return bases_sha256(*_vera_bases(g["name"], h["seed"], g.get("cast_dtype"), h["rank"], h["bases"]["max_out"],
+                                         h["bases"]["max_in"]))
+
+    def store_bases(self) -> None:
+        h = self.header
+        r, max_out, max_in = h["rank"], h["bases"]["max_out"], h["bases"]["max_in"]
+        A = [[((i * 7 + j * 3) % 5 - 2) / 4 for j in range(max_in)] for i in range(r)]
+        B = [[((m * 5 + k) % 7 - 3) / 8 for k in range(r)] for m in range(max_out)]
+        self.tensors.append(("__bases__.A", "F32", [r, max_in], b"".join(f32_bytes(row) for row in A)))
+        self.tensors.append(("__bases__.B", "F32", [max_out, r], b"".join(f32_bytes(row) for row in B)))
+        h["bases"]["stored"] = True
+        h["bases"]["sha256"] = bases_sha256(A, B)
+
+
+def _vera_peft() -> VeraFileCase:
+    return VeraFileCase(generator={"name": "peft", "kind": "dense", "method": "vera", "draw_dtype": "float32",
+                                   "cast_dtype": "bfloat16"}, seed=2**63 + 5)
+
+
+def vera_valid_cases() -> list[tuple[str, str, FileCase]]:
+    cases = [("vera philox", "§2.1 philox VeRA bases", VeraFileCase()),
+             ("vera peft cast bfloat16, seed 2^63+5", "§2.1 peft VeRA bases", _vera_peft()),
+             ("vera r above every layer dim", "§2.1 r is not bounded by the dims", VeraFileCase(rank=12))]
+    c = VeraFileCase(generator={"name": "peft", "kind": "dense", "method": "vera", "draw_dtype": "float32"})
+    c.store_bases()
+    cases.append(("vera stored bases", "§2.1, §4.5", c))
+    c = VeraFileCase(version="1.9", seed=2**64 - 1)
+    c.header["x_top"], c.header["bases"]["x_bases"] = 1, "kept"
+    c.header["layers"]["m.q.weight"]["x_layer"] = [1]
+    c.other_metadata["x_other"] = "kept too"
+    cases.append(("vera higher minor, unknown keys, seed 2^64-1", "§2 versions and unknown keys", c))
+    return cases
+
+
+VQ = "layers/m.q.weight"
+VERA_INVALID = [  # name, rule, checked_by, base factory, mutation
+    ("vera with alpha", "§2.1 no alpha", "schema", VeraFileCase, _set("alpha", 1.0)),
+    ("vera layer with num_bases", "§2.1 no num_bases", "schema", VeraFileCase, _set(VQ + "/num_bases", 1)),
+    ("vera bases with min_dim", "§2.1 bases are max_out / max_in", "schema", VeraFileCase, _set("bases/min_dim", 6)),
+    ("vera without max_in", "§2.1 bases are max_out / max_in", "schema", VeraFileCase, _delete("bases/max_in")),
+    ("vera sparse kind", "§2.1 VeRA bases are dense", "schema", VeraFileCase, _set("generator/kind", "sparse")),
+    ("vera peft drawn in bfloat16", "§2.1 peft VeRA draw_dtype float32", "schema", _vera_peft,
+     _set("generator/draw_dtype", "bfloat16")),
+    ("vera peft without draw_dtype", "§2.1 peft VeRA draw_dtype required", "schema", _vera_peft,
+     _delete("generator/draw_dtype")),
+    ("vera philox with cast_dtype", "§4 foreign generator parameter", "schema", VeraFileCase,
+     _set("generator/cast_dtype", "bfloat16")),
+    ("unknown method", "§2.1 method: a newer method is refused", "schema", VeraFileCase, _set("generator/method", "dora")),
+    ("vera bases not the layers' max", "§2.1 max_out / max_in equal the layers'", "reader", VeraFileCase,
+     _set("bases/max_in", 7)),
+    ("vera checksum mismatch", "§4.4 verify on read", "reader", VeraFileCase, _set("bases/sha256", "0" * 64)),
+    ("vera checksum of another seed", "§4.4 verify on read", "reader", _vera_peft, _set("seed", 43)),
+    ("vera lambda_b wrong shape", "§2.1 λ_b is (out,)", "reader", VeraFileCase, _tensor("m.q.weight.lambda_b", shape=[5],
+                                                                                       raw=f32_bytes([0.0] * 5))),
+    ("vera lambda_d missing", "§2.1 tensors: exactly λ_b, λ_d per layer", "reader", VeraFileCase,
+     _tensor("h.c.weight.lambda_d", drop=True)),
+    ("vera lambda_b NaN", "§2.1 λ_b, λ_d finite", "reader", VeraFileCase,
+     _tensor("m.o.weight.lambda_b", raw=struct.pack("<f", float("nan")) * 4)),
+    ("vera stored bases, wrong shape", "§4.5", "reader", VeraFileCase,
+     lambda c: (c.store_bases(), _tensor("__bases__.B", shape=[5, 9])(c))),
+]
+
+
 def container_cases() -> list[tuple[str, str, bytes]]:
     good = FileCase()
     text = json.dumps(good.header)
@@ -412,10 +561,10 @@ def container_cases() -> list[tuple[str, str, bytes]]:
 
 def file_vectors() -> list[dict]:
     out = []
-    for name, rule, case in valid_cases():
+    for name, rule, case in valid_cases() + vera_valid_cases():
         out.append({"name": name, "valid": True, "rule": rule, "checked_by": None,
                     "base64": base64.b64encode(case.bytes()).decode()})
-    for name, rule, checked_by, factory, mutate in INVALID:
+    for name, rule, checked_by, factory, mutate in INVALID + VERA_INVALID:
         case = factory()
         mutate(case)
         out.append({"name": name, "valid": False, "rule": rule, "checked_by": checked_by,
@@ -429,7 +578,8 @@ def file_vectors() -> list[dict]:
 def golden() -> dict:
     return {"philox4x32_10_kat": kat_vectors(), "basis_elements": element_vectors(), "word_values": word_vectors(),
             "delta_probes": delta_vectors(), "checksums": checksum_vectors(), "peft_bases": peft_vectors(),
-            "fingerprints": fingerprint_vectors(),
+            "fingerprints": fingerprint_vectors(), "vera_bases": vera_bases_vectors(),
+            "vera_delta_probes": vera_delta_vectors(),
             "note": "produced by spec/reference.py, a scalar reading of SPEC.md (peft bases: torch, per §4.3)"}
 
 

@@ -176,5 +176,50 @@ def peft_bases(seed: int, kind: str, draw_dtype: str, cast_dtype: str | None, ra
     return A.reshape(rank, min_dim).float(), B.reshape(max_dim, n_total * rank).float()
 
 
+# --------------------------------------------------------------------------------------------------------------------
+# §2.1 VeRA (method "vera"): its bases and ΔW
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def vera_bound(fan_in: int) -> float:
+    """SPEC §2.1: √3 · (√2 / √fan_in), in binary64, in that order (PEFT 0.21.2's _kaiming_init)."""
+    return math.sqrt(3.0) * (math.sqrt(2) / math.sqrt(fan_in))
+
+
+def _to_f32(x: float) -> float:
+    return struct.unpack("<f", struct.pack("<f", x))[0]
+
+
+def vera_philox_bases(seed: int, rank: int, max_out: int, max_in: int):
+    """SPEC §2.1 philox: A (r × max_in), B (max_out × r); element = f32(u · bound), u the §4.2 dense value."""
+    A = [[_to_f32(element_value(seed, 0, i, j, "dense") * vera_bound(max_in)) for j in range(max_in)]
+         for i in range(rank)]
+    B = [[_to_f32(element_value(seed, 1, m, k, "dense") * vera_bound(rank)) for k in range(rank)]
+         for m in range(max_out)]
+    return A, B
+
+
+def vera_peft_bases(seed: int, cast_dtype: str | None, rank: int, max_out: int, max_in: int):
+    """SPEC §2.1 peft, step by step: one CPU generator, A = empty(r, max_in).uniform_(±bound(max_in)), then
+    B = empty(max_out, r).uniform_(±bound(r)), float32; then the cast, then float32."""
+    import torch
+
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    A = torch.empty((rank, max_in), dtype=torch.float32).uniform_(-vera_bound(max_in), vera_bound(max_in), generator=gen)
+    B = torch.empty((max_out, rank), dtype=torch.float32).uniform_(-vera_bound(rank), vera_bound(rank), generator=gen)
+    if cast_dtype not in (None, "float32"):
+        A, B = A.to(getattr(torch, cast_dtype)), B.to(getattr(torch, cast_dtype))
+    return A.float(), B.float()
+
+
+def vera_delta_element(A, B, lambda_b, lambda_d, shape, fan_in_fan_out, row, col) -> tuple[float, float]:
+    """(value, abs_sum) of one element of a VeRA ΔW in stored orientation, binary64, by the defining sum:
+    ΔW[o, i] = λ_b[o] · Σ_k B[o][k] · λ_d[k] · A[k][i]."""
+    o, i = (col, row) if fan_in_fan_out else (row, col)
+    terms = [lambda_b[o] * B[o][k] * lambda_d[k] * A[k][i] for k in range(len(lambda_d))]
+    return sum(terms), sum(abs(t) for t in terms)
+
+
 __all__ = ["base_fingerprint", "bases_sha256", "bits_value", "delta_element", "delta_element_bound", "element_bits",
-           "element_value", "peft_bases", "philox4x32_10", "philox_bases", "sample_scales", "scaling", "shared_dims"]
+           "element_value", "peft_bases", "philox4x32_10", "philox_bases", "sample_scales", "scaling", "shared_dims",
+           "vera_bound", "vera_delta_element", "vera_peft_bases", "vera_philox_bases"]

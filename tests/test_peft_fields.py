@@ -12,11 +12,12 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import merge_refusal, run_cli
-from randlora_io.sources.peft_fields import HANDLED, LORA_FIELDS, NO_EFFECT, RANDLORA_FIELDS, REFUSED
+from randlora_io.sources.peft_fields import HANDLED, LORA_FIELDS, NO_EFFECT, RANDLORA_FIELDS, REFUSED, VERA_FIELDS
 from tiny_models import peft_lora, randomize_trainable, tiny_llama
 
 
-@pytest.mark.parametrize("config_cls, table", [("LoraConfig", LORA_FIELDS), ("RandLoraConfig", RANDLORA_FIELDS)])
+@pytest.mark.parametrize("config_cls, table", [("LoraConfig", LORA_FIELDS), ("RandLoraConfig", RANDLORA_FIELDS),
+                                               ("VeraConfig", VERA_FIELDS)])
 def test_every_field_of_the_installed_peft_is_classified(config_cls, table):
     """Fails when a PEFT upgrade adds a field nobody decided on (decide it in peft_fields.py)."""
     import peft
@@ -66,6 +67,21 @@ def test_randlora_bias_randlora_only_merges_like_peft(tmp_path):
     base = load_file(str(tmp_path / "base" / "model.safetensors"))
     key = "model.layers.0.self_attn.q_proj.bias"
     assert not torch.equal(merged[key], base[key])
+
+
+@pytest.mark.parametrize("bias", ["vera_only", "all"])
+def test_vera_trained_biases_merge_like_peft(tmp_path, bias):
+    """VeRA's bias option: PEFT trains and saves the biases (of the adapted layers, or all); they replace the base's."""
+    from peft import VeraConfig, get_peft_model
+
+    _llama_with_bias().save_pretrained(tmp_path / "base")
+    config = VeraConfig(r=8, target_modules=["q_proj", "v_proj"], bias=bias, save_projection=False)
+    merged = _merges_like_peft(tmp_path, randomize_trainable(get_peft_model(_llama_with_bias(), config)))
+    base = load_file(str(tmp_path / "base" / "model.safetensors"))
+    for key in ("model.layers.0.self_attn.q_proj.bias", "model.layers.0.self_attn.q_proj.weight"):
+        assert not torch.equal(merged[key], base[key]), key
+    changed = not torch.equal(merged["model.layers.0.self_attn.k_proj.bias"], base["model.layers.0.self_attn.k_proj.bias"])
+    assert changed == (bias == "all")
 
 
 def test_activated_lora_is_refused_word_for_word(tmp_path):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from conftest import run_cli
-from tiny_models import peft_lora, peft_randlora, tiny_llama
+from tiny_models import peft_lora, peft_randlora, peft_vera, tiny_llama
 
 from randlora_io.checkpoint.base_model import base_info_from_checkpoint
 from randlora_io.checkpoint.directory import open_checkpoint
@@ -27,11 +27,12 @@ def inputs(tmp_path_factory):
     tiny_llama().save_pretrained(root / "base")
     peft_randlora(tiny_llama(), r=4).save_pretrained(root / "peft-randlora")
     peft_lora(tiny_llama()).save_pretrained(root / "peft-lora")
+    peft_vera(tiny_llama()).save_pretrained(root / "peft-vera")
     run_cli("convert", root / "peft-randlora", root / "a.randlora.safetensors", "--to", "randlora",
             "--base", root / "base")
     run_cli("convert", root / "peft-lora", root / "d.safetensors", "--to", "dense", "--base", root / "base")
     return {"base": root / "base", "peft-randlora": root / "peft-randlora", "peft-lora": root / "peft-lora",
-            "randlora": root / "a.randlora.safetensors", "dense": root / "d.safetensors"}
+            "peft-vera": root / "peft-vera", "randlora": root / "a.randlora.safetensors", "dense": root / "d.safetensors"}
 
 
 @pytest.fixture
@@ -55,7 +56,7 @@ def _header_file(path: Path) -> Path:
     return (path / "adapter_config.json" if path.is_dir() else path).resolve()
 
 
-@pytest.mark.parametrize("kind", ["randlora", "dense", "peft-randlora", "peft-lora"])
+@pytest.mark.parametrize("kind", ["randlora", "dense", "peft-randlora", "peft-lora", "peft-vera"])
 def test_detecting_a_kind_reads_its_header_once(inputs, opened, kind):
     path = inputs[kind]
     probe = detect(path)
@@ -66,7 +67,7 @@ def test_detecting_a_kind_reads_its_header_once(inputs, opened, kind):
     assert sum(opened.values()) == 1, dict(opened)
 
 
-@pytest.mark.parametrize("kind", ["randlora", "dense", "peft-randlora", "peft-lora"])
+@pytest.mark.parametrize("kind", ["randlora", "dense", "peft-randlora", "peft-lora", "peft-vera"])
 def test_opening_reuses_the_header_detection_read(inputs, opened, kind):
     """detect + load together: the header (or adapter_config.json) once; a dir's weights file once."""
     base = base_info_from_checkpoint(open_checkpoint(inputs["base"]))
@@ -87,7 +88,7 @@ def test_a_probe_from_detect_is_not_read_again(inputs, opened):
 
 
 def test_every_kind_module_implements_the_interface():
-    assert KINDS == ("randlora", "dense", "peft-randlora", "peft-lora", "finetuned")
+    assert KINDS == ("randlora", "dense", "peft-randlora", "peft-lora", "peft-vera", "finetuned")
     for module in registry._KINDS:
         for name in ("KIND", "matches", "load", "describe", "validate"):
             assert hasattr(module, name), (module.__name__, name)

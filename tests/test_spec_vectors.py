@@ -19,6 +19,8 @@ from randlora_io.format.delta import reference_delta
 from randlora_io.errors import RandloraError
 from randlora_io.checkpoint.safetensors_io import read_header
 from randlora_io.format.spec import GeneratorSpec, LayerSpec, num_bases
+from randlora_io.format.vera import VeraLayer, vera_bases, vera_delta
+from randlora_io.format.vera_file import VeraAdapter, read_any_adapter, write_vera_adapter
 
 VECTORS = ROOT / "spec" / "vectors"
 GOLDEN = json.loads((VECTORS / "golden.json").read_text())
@@ -88,6 +90,34 @@ def test_peft_generator_vectors(entry):
         assert _f32_hex(matrix[el["row"], el["col"]].item()) == el["value_f32"], el
 
 
+def _vera_gen(entry) -> GeneratorSpec:
+    draw = "float32" if entry["generator"] == "peft" else None
+    return GeneratorSpec(name=entry["generator"], kind="dense", seed=entry["seed"], draw_dtype=draw,
+                         cast_dtype=entry.get("cast_dtype"), method="vera")
+
+
+@pytest.mark.parametrize("entry", GOLDEN["vera_bases"], ids=lambda e: f"{e['generator']}-{e['seed']}-{e['cast_dtype']}")
+def test_vera_bases_vectors(entry):
+    """SPEC §2.1: both VeRA generators give the vectors' elements and checksum (peft: PEFT 0.21.2's own draw)."""
+    bases = vera_bases(_vera_gen(entry), entry["rank"], entry["max_out"], entry["max_in"])
+    assert bases.sha256() == entry["sha256"]
+    for el in entry["elements"]:
+        matrix = bases.A if el["matrix"] == "A" else bases.B
+        assert _f32_hex(matrix[el["row"], el["col"]].item()) == el["value_f32"], el
+
+
+@pytest.mark.parametrize("entry", GOLDEN["vera_delta_probes"], ids=lambda e: e["id"])
+def test_vera_delta_probes_within_the_conformance_tolerance(entry):
+    """SPEC §2.1: |ΔW − ΔW_64| ≤ (r + 5)·2^−24·abs_sum for every probe."""
+    bases = vera_bases(_vera_gen(entry), entry["rank"], entry["max_out"], entry["max_in"])
+    layer = VeraLayer(tuple(entry["shape"]), entry["fan_in_fan_out"])
+    delta = vera_delta(layer, torch.tensor(entry["lambda_b"]), torch.tensor(entry["lambda_d"]), bases.A, bases.B)
+    assert tuple(delta.shape) == tuple(entry["shape"])
+    for probe in entry["probes"]:
+        bound = (entry["rank"] + 5) * 2.0**-24 * probe["abs_sum"]
+        assert abs(delta[probe["row"], probe["col"]].item() - probe["value"]) <= bound, (probe, bound)
+
+
 def test_base_fingerprint_vector():
     """SPEC §7: train.attach.base_fingerprint, the function handle.save records, gives the vector's value."""
     from randlora_io.train.attach import base_fingerprint
@@ -121,11 +151,11 @@ def test_reader_verdict_on_file_vectors(tmp_path, entry):
     path = _write(tmp_path, entry)
     before = path.read_bytes()
     if entry["valid"]:
-        adapter = read_adapter(path)
+        adapter = read_any_adapter(path)
         adapter.bases()  # regenerated (or stored) bases agree with the checksum
     else:
         with pytest.raises(RandloraError):
-            read_adapter(path)
+            read_any_adapter(path)
         assert_one_line_error(run_cli("validate", path, check=False), "vector.safetensors")
     assert path.read_bytes() == before
 
@@ -138,7 +168,8 @@ def test_rewrite_preserves_every_key_and_the_version(tmp_path, entry):
     """SPEC §2: a tool that rewrites a file keeps unknown keys at every level, other metadata entries and the label."""
     path = _write(tmp_path, entry)
     original = read_header(path).metadata
-    write_adapter(read_adapter(path), tmp_path / "again.safetensors")
+    adapter = read_any_adapter(path)
+    (write_vera_adapter if isinstance(adapter, VeraAdapter) else write_adapter)(adapter, tmp_path / "again.safetensors")
     again = read_header(tmp_path / "again.safetensors").metadata
     assert set(again) == set(original)
     assert {k: v for k, v in again.items() if k != "randlora"} == {k: v for k, v in original.items() if k != "randlora"}

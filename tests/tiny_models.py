@@ -44,6 +44,16 @@ def peft_randlora(model, *, r: int = 8, seed: int = 0, sparse: bool = False, ver
     return _randomize(get_peft_model(model, config), ("randlora_lambda", "randlora_gamma"), scale_seed)
 
 
+def peft_vera(model, *, r: int = 8, seed: int = 0, save_projection: bool = True, targets=None, scale_seed: int = 3,
+              **config):
+    """Wrap ``model`` in a PEFT VeRA adapter and give λ_b, λ_d random non-zero values (PEFT inits λ_b = 0: ΔW = 0)."""
+    from peft import VeraConfig, get_peft_model
+
+    config = VeraConfig(r=r, projection_prng_key=seed, save_projection=save_projection,
+                        target_modules=targets or LLAMA_TARGETS, **config)
+    return randomize_trainable(get_peft_model(model, config), scale_seed)
+
+
 def peft_lora(model, *, r: int = 4, alpha: float = 8.0, use_rslora: bool = False, targets=None,
               fan_in_fan_out: bool = False, rank_pattern=None, alpha_pattern=None, scale_seed: int = 2):
     """Wrap ``model`` in a PEFT LoRA adapter with random A and B (so ΔW ≠ 0)."""

@@ -37,7 +37,7 @@ def print_notes(notes: list[str]) -> None:
 @click.option("--generator", type=click.Choice(["philox", "peft"]), default="philox", show_default=True)
 @click.option("--max-error", type=click.FloatRange(min=0), help="Fail if the relative error exceeds this.")
 @click.option("--keep-bases", is_flag=True, help="Store PEFT's saved bases if they cannot be regenerated.")
-@click.option("--save-projection", is_flag=True, help="With --to peft-randlora: save the bases in the PEFT dir.")
+@click.option("--save-projection", is_flag=True, help="With --to peft-randlora / peft-vera: save the bases in the PEFT dir.")
 @click.option("--shared-projection-only", is_flag=True,
               help="With saved bases in a PEFT dir: write only base_model.randlora_A/B, without PEFT 0.21.2's copy "
                    "per layer (the layout of later PEFT versions; PEFT 0.21.2 loads it too).")
@@ -48,7 +48,7 @@ def print_notes(notes: list[str]) -> None:
 @handle_errors
 def convert_command(src, dst, to, rank, seed, generator, max_error, keep_bases, save_projection,
                     shared_projection_only, base, peft_draw_dtype, overwrite):
-    """Convert SRC (randlora file, PEFT RandLoRA/LoRA dir, dense delta) to DST in another format."""
+    """Convert SRC (randlora file, PEFT RandLoRA/LoRA/VeRA dir, dense delta) to DST in another format."""
     notes: list[str] = []
     report = convert(src, dst, to, rank=rank, seed=seed, generator=generator, max_error=max_error,
                      keep_bases=keep_bases, save_projection=save_projection, base=base, overwrite=overwrite,

@@ -22,8 +22,8 @@ def inspect_command(path: Path, as_json: bool) -> None:
         click.echo(json.dumps(info, indent=2))
         return
     click.echo(f"{info['path']}  [{info['kind']}]")
-    for key in ("generator", "kind_of_bases", "seed", "rank", "alpha", "scaling", "format_version", "file_bytes",
-                "trainable_params"):
+    for key in ("method", "generator", "kind_of_bases", "seed", "rank", "alpha", "scaling", "format_version",
+                "file_bytes", "trainable_params"):
         if info.get(key) is not None:
             click.echo(f"  {key:<17} {info[key]}")
     rows = [("layer", "shape", "r", "N", "params", "bytes")]

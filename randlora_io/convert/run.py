@@ -1,7 +1,8 @@
 """``convert``: move an adapter between formats, losslessly where the math allows, with measured error elsewhere.
 
 Targets: ``randlora`` (our file), ``peft-randlora`` (PEFT dir), ``dense`` (dense-delta file), ``peft-lora`` (PEFT
-dir at rank k). Lossy steps (fit to RandLoRA scales, truncated SVD) report per-layer relative Frobenius errors,
+dir at rank k), ``peft-vera`` (PEFT dir; VeRA sources only). A VeRA source converts to ``randlora`` losslessly (a
+method-``vera`` file, SPEC §2.1). Lossy steps (fit to RandLoRA scales, truncated SVD) report per-layer relative Frobenius errors,
 measured on the written result against the source ΔW.
 """
 
@@ -24,19 +25,21 @@ from ..checkpoint.directory import check_base_copies, open_checkpoint
 from .dense import write_dense
 from .peft_lora import lora_factors, write_peft_lora
 from .peft_randlora import adapter_to_peft_randlora
+from .peft_vera import adapter_to_peft_vera
 from ..checkpoint.disk import path_bytes
-from ..errors import LayerTypeError, OutputExistsError, RandloraError
+from ..errors import BasisMismatchError, LayerTypeError, OutputExistsError, RandloraError
 from .fit import fit_scales
 from ..sources.keymap import open_loaded
 from ..progress import progress_bar
 from ..sources.interface import DeltaSource
 from ..sources.dense import DenseSource
-from ..sources.randlora_file import RandloraSource
+from ..sources.randlora_file import RandloraSource, VeraSource
+from ..format.vera_file import write_vera_adapter
 from ..sources.registry import detect, open_source
 from ..format.spec import SPARSE_THRESHOLD, GeneratorSpec, normalisation, num_bases
 
-TARGETS = ("randlora", "peft-randlora", "peft-lora", "dense")
-PEFT_TARGETS = ("peft-randlora", "peft-lora")  # targets that keep an adapter's modules_to_save / trained biases
+TARGETS = ("randlora", "peft-randlora", "peft-lora", "dense", "peft-vera")
+PEFT_TARGETS = ("peft-randlora", "peft-lora", "peft-vera")  # targets that keep an adapter's modules_to_save / trained biases
 
 
 class ConversionError(ValueError, RandloraError):
@@ -192,13 +195,20 @@ def convert(
     if isinstance(source, DenseSource) and base_info is not None:
         source.fans = _dense_orientations(source, base_info)
     report = ConvertReport()
-    if to in ("randlora", "peft-randlora"):
+    if to == "peft-vera" or (to == "randlora" and isinstance(source, VeraSource)):
+        _write_vera(source, dst_p, to, keep_bases, save_projection, overwrite)
+        report.errors = {k: 0.0 for k in source.keys()}
+        report.params_out = source.adapter.trainable_parameters()
+    elif to in ("randlora", "peft-randlora"):
         if isinstance(source, RandloraSource):
             adapter = source.adapter
             report.errors = {k: 0.0 for k in source.keys()}
         else:
             if rank is None:
-                raise ConversionError(f"{src}: fitting a {source.kind} adapter to RandLoRA needs --rank")
+                vera = isinstance(source, VeraSource)
+                hint = " (a VeRA adapter converts exactly --to randlora or --to peft-vera)" if vera else ""
+                raise ConversionError(f"{src}: fitting a {'VeRA' if vera else source.kind} adapter to RandLoRA needs "
+                                      f"--rank{hint}")
             adapter, report = fit_adapter(source, rank, seed, generator, progress=progress)
         if max_error is not None and report.overall_error > max_error:
             raise ConversionError(f"{src}: fit error {report.overall_error:.4g} exceeds --max-error {max_error}; "
@@ -237,6 +247,26 @@ def convert(
     report.bytes_in = path_bytes(src_p)
     report.bytes_out = path_bytes(dst_p)
     return report
+
+
+def _write_vera(source: DeltaSource, dst: Path, to: str, keep_bases: bool, save_projection: bool,
+                overwrite: bool) -> None:
+    """A VeRA source, losslessly: our file (seed + vectors; saved projections the seed does not give only with
+    ``keep_bases``) or a PEFT VeRA dir. Anything else has no VeRA form: refused."""
+    if not isinstance(source, VeraSource):
+        raise ConversionError(f"{source.path}: a {source.kind} adapter is not VeRA and has no exact VeRA form; "
+                              "--to peft-vera takes a PEFT VeRA dir or a VeRA randlora file")
+    adapter = source.adapter
+    if to == "peft-vera":
+        adapter_to_peft_vera(adapter, dst, save_projection=save_projection, overwrite=overwrite,
+                             extras=source.peft_extras)
+        return
+    if adapter.stored is not None and not keep_bases and source.kind == "peft-vera":
+        raise BasisMismatchError(
+            f"{source.path}: the saved vera_A / vera_B are not the float32 draw from projection_prng_key="
+            f"{adapter.header.seed} (nor its bfloat16 / float16 rounding); pass --keep-bases to store them in the "
+            "randlora file")
+    write_vera_adapter(adapter, dst, overwrite=overwrite)
 
 
 __all__ = ["ConvertReport", "ConversionError", "convert", "fit_adapter", "measure_errors"]

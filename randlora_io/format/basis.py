@@ -81,13 +81,17 @@ def check_bases_budget(rank: int, min_dim: int, max_dim: int, max_bytes: int | N
     if not (1 <= rank <= min_dim <= max_dim):
         raise HeaderError(f"{source}: bases need 1 <= rank <= min_dim <= max_dim, got rank {rank}, "
                           f"min_dim {min_dim}, max_dim {max_dim}")
-    need, budget = bases_nbytes(rank, min_dim, max_dim), bases_budget(max_bytes)
+    check_budget(bases_nbytes(rank, min_dim, max_dim), f"shared bases (rank {rank}, min_dim {min_dim}, max_dim "
+                 f"{max_dim})", max_bytes, source)
+
+
+def check_budget(need: int, what: str, max_bytes: int | None, source: str) -> None:
+    """Refuse (:class:`BasesTooLargeError`) ``need`` bytes of ``what`` over the budget (SPEC §4.6)."""
+    budget = bases_budget(max_bytes)
     if need > budget:
         raise BasesTooLargeError(
-            f"{source}: the shared bases (rank {rank}, min_dim {min_dim}, max_dim {max_dim}) need "
-            f"{need / 2**30:.2f} GiB, above the {budget / 2**30:.2f} GiB budget; if the adapter is genuine, raise it "
-            f"with {BASES_BUDGET_ENV}=<bytes> (or max_bases_bytes=)"
-        )
+            f"{source}: the {what} need {need / 2**30:.2f} GiB, above the {budget / 2**30:.2f} GiB budget; if the "
+            f"adapter is genuine, raise it with {BASES_BUDGET_ENV}=<bytes> (or max_bases_bytes=)")
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -7,20 +7,22 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import AdapterShapeError, HeaderError, UnsupportedVersionError
+from ..errors import AdapterShapeError
+from .header_json import (bases_checksum_and_stored, bases_object, int_field, is_int, parse_base_model, parse_version,
+                          require, strict_json_loads, with_optional)
 
 FORMAT_NAME = "randlora"
-FORMAT_VERSION = "1.1"  # what this library writes; it reads every 1.x (SPEC §2)
-SUPPORTED_MAJOR = 1
+FORMAT_VERSION = "1.1"  # what this library writes for RandLoRA; it reads every 1.x (SPEC §2)
+VERA_FORMAT_VERSION = "1.2"  # VeRA files (generator method "vera", SPEC §2.1) need a 1.2 reader
 METADATA_KEY = "randlora"
 
 GENERATORS = ("philox", "peft")
+METHODS = ("randlora", "vera")  # generator `method` (SPEC §2.1, 1.2); absent means randlora
 KINDS = ("dense", "sparse", "very_sparse")
 SCALE_DTYPES = ("float32", "float16", "bfloat16", "float64")
 PEFT_DRAW_DTYPES = ("bfloat16", "float16", "float32")
@@ -31,19 +33,21 @@ SPARSE_THRESHOLD = 715827882  # floor(2^32 / 6): P(-1) = P(+1) = 1/6, PEFT's `sp
 _KNOWN_TOP_KEYS = {"format", "format_version", "generator", "seed", "rank", "alpha", "bases", "layers", "base_model"}
 _KNOWN_BASES_KEYS = {"min_dim", "max_dim", "sha256", "stored"}
 _KNOWN_LAYER_KEYS = {"shape", "fan_in_fan_out", "num_bases", "dtype"}
-_BASE_MODEL_STRINGS = ("id", "revision", "fingerprint")
-_VERSION_RE = re.compile(r"(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)")
-_SHA256_RE = re.compile(r"[0-9a-f]{64}")
 
 
-def generator_parameters(name: str, kind: str) -> tuple[frozenset[str], frozenset[str]]:
+def generator_parameters(name: str, kind: str, method: str = "randlora") -> tuple[frozenset[str], frozenset[str]]:
     """(required, optional) keys of a generator object (SPEC §4). Any other key is refused, whatever the minor
-    version: an unknown parameter could change the bases."""
+    version: an unknown parameter could change the bases. ``method`` ``vera`` (SPEC §2.1) is required where it is
+    used; ``randlora`` may be written (writers omit it, so 1.1 readers read the file)."""
+    if method == "vera":
+        if name == "philox":
+            return frozenset({"name", "kind", "method"}), frozenset()
+        return frozenset({"name", "kind", "method", "draw_dtype"}), frozenset({"cast_dtype"})
     if name == "philox":
         if kind == "dense":
-            return frozenset({"name", "kind"}), frozenset()
-        return frozenset({"name", "kind", "threshold"}), frozenset()
-    return frozenset({"name", "kind", "draw_dtype"}), frozenset({"cast_dtype"})
+            return frozenset({"name", "kind"}), frozenset({"method"})
+        return frozenset({"name", "kind", "threshold"}), frozenset({"method"})
+    return frozenset({"name", "kind", "draw_dtype"}), frozenset({"cast_dtype", "method"})
 
 
 def num_bases(dim: int, rank: int) -> int:
@@ -63,7 +67,8 @@ class GeneratorSpec:
     ``name``: ``philox`` (native, SPEC §4.2) or ``peft`` (PEFT 0.21.2's torch CPU RNG, SPEC §4.3).
     ``kind``: dense, sparse or very_sparse. ``threshold``: philox ternary threshold (sparse kinds only).
     ``draw_dtype``/``cast_dtype``: peft only; the dtype PEFT drew in, and the dtype the bases were cast to before
-    use (PEFT casts them to the base layer's dtype), or None for no cast.
+    use (PEFT casts them to the base layer's dtype), or None for no cast. ``method``: ``randlora`` or ``vera``
+    (SPEC §2.1: VeRA's bases and update; written only when ``vera``).
     """
 
     name: str
@@ -72,9 +77,12 @@ class GeneratorSpec:
     threshold: int | None = None
     draw_dtype: str | None = None
     cast_dtype: str | None = None
+    method: str = "randlora"
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.name, "kind": self.kind}
+        if self.method != "randlora":
+            out["method"] = self.method
         if self.threshold is not None:
             out["threshold"] = self.threshold
         if self.draw_dtype is not None:
@@ -152,26 +160,12 @@ class AdapterHeader:
         return self.alpha / self.rank * normalisation(self.generator)
 
     def to_json(self) -> dict[str, Any]:
-        bases: dict[str, Any] = {"min_dim": self.min_dim, "max_dim": self.max_dim}
-        if self.bases_sha256 is not None:
-            bases["sha256"] = self.bases_sha256
-        if self.stored_bases:
-            bases["stored"] = True
-        bases.update(self.bases_extra)
-        out: dict[str, Any] = {
-            "format": FORMAT_NAME,
-            "format_version": self.format_version,
-            "generator": self.generator.to_json(),
-            "seed": self.generator.seed,
-            "rank": self.rank,
-            "alpha": self.alpha,
-            "bases": bases,
-            "layers": {k: v.to_json() for k, v in self.layers.items()},
-        }
-        if self.base_model is not None:
-            out["base_model"] = self.base_model
-        out.update(self.extra)
-        return out
+        bases = bases_object({"min_dim": self.min_dim, "max_dim": self.max_dim}, self.bases_sha256, self.stored_bases,
+                             self.bases_extra)
+        return with_optional({"format": FORMAT_NAME, "format_version": self.format_version,
+                              "generator": self.generator.to_json(), "seed": self.generator.seed, "rank": self.rank,
+                              "alpha": self.alpha, "bases": bases,
+                              "layers": {k: v.to_json() for k, v in self.layers.items()}}, self.base_model, self.extra)
 
     def dumps(self) -> str:
         return json.dumps(self.to_json(), separators=(",", ":"), sort_keys=False)
@@ -196,20 +190,27 @@ def normalisation(generator: GeneratorSpec) -> float:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def shared_dims(layers: Iterable[tuple[Sequence[int], bool]]) -> tuple[int, int]:
-    """``(min_dim, max_dim)`` a set of layers implies: the elementwise max of (out, in) over the layers, then its
-    (min, max), as PEFT 0.21.2's ``_find_dim``. With (96, 64) and (64, 96) layers that is (96, 96), not the max of
-    the per-layer minima. ``layers`` iterates (stored shape, fan_in_fan_out); a stored shape is (out, in), or
-    (in, out) when fan_in_fan_out. Raises :class:`AdapterShapeError` for no layers or a zero-size / non-2-D one."""
+def max_out_in(layers: Iterable[tuple[Sequence[int], bool]]) -> tuple[int, int]:
+    """``(max_out, max_in)``: the elementwise max of (out, in) over ``layers`` (stored shape, fan_in_fan_out; a
+    stored shape is (out, in), or (in, out) when fan_in_fan_out), as PEFT 0.21.2's ``_find_dim`` (RandLoRA and
+    VeRA). Raises :class:`AdapterShapeError` for no layers or a zero-size / non-2-D one."""
     max_out = max_in = 0
     for shape, fan in layers:
         if len(shape) != 2 or min(shape) < 1:
-            raise AdapterShapeError(f"a layer of shape {list(shape)}: RandLoRA adapts 2-D weights, and a zero-size "
-                                    "dimension has nothing to adapt; drop that layer")
+            raise AdapterShapeError(f"a layer of shape {list(shape)}: RandLoRA and VeRA adapt 2-D weights, and a "
+                                    "zero-size dimension has nothing to adapt; drop that layer")
         out_f, in_f = (shape[1], shape[0]) if fan else (shape[0], shape[1])
         max_out, max_in = max(max_out, int(out_f)), max(max_in, int(in_f))
     if max_out == 0:
         raise AdapterShapeError("no layers to adapt")
+    return max_out, max_in
+
+
+def shared_dims(layers: Iterable[tuple[Sequence[int], bool]]) -> tuple[int, int]:
+    """``(min_dim, max_dim)`` a set of layers implies: the elementwise max of (out, in) over the layers
+    (:func:`max_out_in`), then its (min, max), as PEFT 0.21.2's RandLoRA ``_find_dim``. With (96, 64) and (64, 96)
+    layers that is (96, 96), not the max of the per-layer minima."""
+    max_out, max_in = max_out_in(layers)
     return min(max_out, max_in), max(max_out, max_in)
 
 
@@ -218,69 +219,11 @@ def shared_dims(layers: Iterable[tuple[Sequence[int], bool]]) -> tuple[int, int]
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _require(cond: bool, msg: str) -> None:
-    if not cond:
-        raise HeaderError(msg)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _int(obj: dict, key: str, where: str, minimum: int | None = None) -> int:
-    value = obj.get(key)
-    _require(_is_int(value), f"{where}: '{key}' must be an integer (written without fraction or exponent), "
-             f"got {value!r}")
-    if minimum is not None:
-        _require(value >= minimum, f"{where}: '{key}' must be >= {minimum}, got {value}")
-    return value
-
-
-def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        _require(key not in out, f"header JSON has the key {key!r} twice (SPEC §1: duplicate keys are refused)")
-        out[key] = value
-    return out
-
-
-def _no_constants(name: str) -> Any:
-    raise HeaderError(f"header JSON contains {name}, which is not JSON (SPEC §1)")
-
-
-def strict_json_loads(text: str) -> Any:
-    """RFC 8259 JSON, strictly (SPEC §1): duplicate keys, NaN / Infinity and nesting too deep for the parser are
-    refused with :class:`HeaderError`; integers are parsed exactly (Python ints)."""
-    try:
-        return json.loads(text, object_pairs_hook=_no_duplicate_keys, parse_constant=_no_constants)
-    except HeaderError:
-        raise
-    except json.JSONDecodeError as exc:
-        raise HeaderError(f"header is not valid JSON ({exc.msg} at character {exc.pos})") from None
-    except RecursionError:
-        raise HeaderError("header JSON is nested too deeply") from None
-    except ValueError as exc:  # e.g. an integer with more digits than int() accepts
-        raise HeaderError(f"header JSON cannot be read ({exc})") from None
-
-
 def parse_header(text: str) -> AdapterHeader:
     """Parse and validate the JSON header string. Raises :class:`HeaderError` (or its version subclass)."""
     obj = strict_json_loads(text)
-    _require(isinstance(obj, dict), "header must be a JSON object")
+    require(isinstance(obj, dict), "header must be a JSON object")
     return header_from_json(obj)
-
-
-def _version(obj: dict[str, Any]) -> str:
-    version = obj.get("format_version")
-    _require(isinstance(version, str) and _VERSION_RE.fullmatch(version) is not None,
-             f"'format_version' must be 'MAJOR.MINOR' (digits, no leading zeros), got {version!r}")
-    major = int(version.split(".")[0])
-    if major != SUPPORTED_MAJOR:
-        raise UnsupportedVersionError(
-            f"format version {version} is not supported (this library reads major version {SUPPORTED_MAJOR}); "
-            "upgrade randlora-io"
-        )
-    return version
 
 
 def _alpha(obj: dict[str, Any]) -> float:
@@ -288,48 +231,54 @@ def _alpha(obj: dict[str, Any]) -> float:
     ok = isinstance(alpha, (int, float)) and not isinstance(alpha, bool)
     if ok and isinstance(alpha, int):
         ok = abs(alpha) <= sys.float_info.max
-    _require(ok and math.isfinite(alpha), f"header: 'alpha' must be a finite number, got {alpha!r}")
+    require(ok and math.isfinite(alpha), f"header: 'alpha' must be a finite number, got {alpha!r}")
     return float(alpha)
 
 
+def header_method(obj: Any) -> str:
+    """The method of a decoded header (SPEC §2.1): its generator's ``method``, ``randlora`` when absent. A method
+    this reader does not know is a newer one: refused with a :class:`HeaderError` saying so, before anything else
+    of the header is read as if it were RandLoRA."""
+    gen = obj.get("generator") if isinstance(obj, dict) else None
+    method = gen.get("method", "randlora") if isinstance(gen, dict) else "randlora"
+    require(isinstance(method, str) and method in METHODS,
+             f"generator: method {method!r} is a newer adapter method than this reader knows "
+             f"({', '.join(METHODS)}; SPEC §2.1): upgrade randlora-io to read this file")
+    return method
+
+
 def header_from_json(obj: dict[str, Any]) -> AdapterHeader:
-    """Validate a decoded header object (SPEC §2, §4, §8) and build an :class:`AdapterHeader`."""
-    _require(isinstance(obj, dict), "header must be a JSON object")
-    _require(obj.get("format") == FORMAT_NAME, f"'format' must be {FORMAT_NAME!r}, got {obj.get('format')!r}")
-    version = _version(obj)
-    rank = _int(obj, "rank", "header", minimum=1)
+    """Validate a decoded RandLoRA header object (SPEC §2, §4, §8) and build an :class:`AdapterHeader` (a VeRA
+    header is :func:`randlora_io.format.vera_file.vera_header_from_json`'s)."""
+    require(isinstance(obj, dict), "header must be a JSON object")
+    require(obj.get("format") == FORMAT_NAME, f"'format' must be {FORMAT_NAME!r}, got {obj.get('format')!r}")
+    require(header_method(obj) == "randlora", "a VeRA header (generator method 'vera', SPEC §2.1), not a RandLoRA "
+             "one: read it with randlora_io.format.vera_file.read_any_adapter")
+    version = parse_version(obj)
+    rank = int_field(obj, "rank", "header", minimum=1)
     alpha = _alpha(obj)
-    seed = _int(obj, "seed", "header", minimum=0)
-    _require(seed < 2**64, f"header: 'seed' must be < 2^64, got {seed}")
+    seed = int_field(obj, "seed", "header", minimum=0)
+    require(seed < 2**64, f"header: 'seed' must be < 2^64, got {seed}")
 
     bases = obj.get("bases")
-    _require(isinstance(bases, dict), "header: 'bases' must be an object with min_dim and max_dim")
-    min_dim = _int(bases, "min_dim", "bases", minimum=1)
-    max_dim = _int(bases, "max_dim", "bases", minimum=1)
-    _require(min_dim <= max_dim, f"bases: min_dim {min_dim} exceeds max_dim {max_dim}")
-    _require(rank <= min_dim, f"header: rank {rank} exceeds the bases' min_dim {min_dim}")
-    sha = bases.get("sha256")
-    _require("sha256" not in bases or (isinstance(sha, str) and _SHA256_RE.fullmatch(sha) is not None),
-             f"bases: 'sha256' must be 64 lowercase hex digits when present (SPEC §4.4), got {sha!r}")
-    stored = bases.get("stored", False)
-    _require(isinstance(stored, bool), "bases: 'stored' must be a boolean")
+    require(isinstance(bases, dict), "header: 'bases' must be an object with min_dim and max_dim")
+    min_dim = int_field(bases, "min_dim", "bases", minimum=1)
+    max_dim = int_field(bases, "max_dim", "bases", minimum=1)
+    require(min_dim <= max_dim, f"bases: min_dim {min_dim} exceeds max_dim {max_dim}")
+    require(rank <= min_dim, f"header: rank {rank} exceeds the bases' min_dim {min_dim}")
+    sha, stored = bases_checksum_and_stored(bases)
 
-    generator = _parse_generator(obj.get("generator"), seed)
+    generator = parse_generator(obj.get("generator"), seed)
 
     layers_obj = obj.get("layers")
-    _require(isinstance(layers_obj, dict) and layers_obj, "header: 'layers' must be a non-empty object")
+    require(isinstance(layers_obj, dict) and layers_obj, "header: 'layers' must be a non-empty object")
     layers = {key: _parse_layer(key, entry, rank) for key, entry in layers_obj.items()}
     implied = shared_dims((layer.shape, layer.fan_in_fan_out) for layer in layers.values())
-    _require((min_dim, max_dim) == implied,
+    require((min_dim, max_dim) == implied,
              f"bases: min_dim/max_dim are ({min_dim}, {max_dim}) but the layers imply {implied} (SPEC §2: the "
              "elementwise max of (out, in) over the layers, PEFT's _find_dim); the file is corrupt or hostile")
 
-    base_model = obj.get("base_model")
-    _require(base_model is None or isinstance(base_model, dict), "header: 'base_model' must be an object")
-    for key in _BASE_MODEL_STRINGS if base_model is not None else ():
-        value = base_model.get(key)
-        _require(value is None or isinstance(value, str),
-                 f"base_model: '{key}' must be a string or null, got {value!r}")
+    base_model = parse_base_model(obj)
     extra = {k: v for k, v in obj.items() if k not in _KNOWN_TOP_KEYS}
     bases_extra = {k: v for k, v in bases.items() if k not in _KNOWN_BASES_KEYS}
     return AdapterHeader(rank=rank, alpha=alpha, generator=generator, min_dim=min_dim, max_dim=max_dim,
@@ -337,47 +286,49 @@ def header_from_json(obj: dict[str, Any]) -> AdapterHeader:
                          format_version=version, extra=extra, bases_extra=bases_extra)
 
 
-def _parse_generator(gen: Any, seed: int) -> GeneratorSpec:
-    _require(isinstance(gen, dict), "header: 'generator' must be an object with name and kind")
-    name, kind = gen.get("name"), gen.get("kind")
-    _require(name in GENERATORS, f"generator: unknown name {name!r} (expected one of {', '.join(GENERATORS)})")
-    _require(kind in KINDS, f"generator: unknown kind {kind!r} (expected one of {', '.join(KINDS)})")
-    required, optional = generator_parameters(name, kind)
+def parse_generator(gen: Any, seed: int) -> GeneratorSpec:
+    """A validated :class:`GeneratorSpec` from a header's ``generator`` object and ``seed`` (SPEC §4, §2.1)."""
+    require(isinstance(gen, dict), "header: 'generator' must be an object with name and kind")
+    name, kind, method = gen.get("name"), gen.get("kind"), header_method({"generator": gen})
+    require(name in GENERATORS, f"generator: unknown name {name!r} (expected one of {', '.join(GENERATORS)})")
+    require(kind in KINDS, f"generator: unknown kind {kind!r} (expected one of {', '.join(KINDS)})")
+    require(method != "vera" or kind == "dense", f"generator: VeRA's bases are dense, got kind {kind!r} (SPEC §2.1)")
+    required, optional = generator_parameters(name, kind, method)
     for key in gen:
-        _require(key in required or key in optional,
+        require(key in required or key in optional,
                  f"generator: {name} {kind} takes no parameter {key!r} (SPEC §4: unknown generator parameters "
                  "are refused; a newer randlora-io may read this file)")
     for key in required:
-        _require(key in gen, f"generator: {name} {kind} needs {key!r}")
+        require(key in gen, f"generator: {name} {kind} needs {key!r}")
     if name == "philox":
         threshold = None
         if kind != "dense":
-            threshold = _int(gen, "threshold", "generator", minimum=1)
-            _require(threshold <= 2**31, f"generator: 'threshold' must be <= 2^31, got {threshold}")
-        return GeneratorSpec(name=name, kind=kind, seed=seed, threshold=threshold)
+            threshold = int_field(gen, "threshold", "generator", minimum=1)
+            require(threshold <= 2**31, f"generator: 'threshold' must be <= 2^31, got {threshold}")
+        return GeneratorSpec(name=name, kind=kind, seed=seed, threshold=threshold, method=method)
     draw = gen.get("draw_dtype")
-    allowed = PEFT_DENSE_DRAW_DTYPES if kind == "dense" else ("float32",)
-    _require(draw in allowed, f"generator: peft {kind} needs 'draw_dtype' in {allowed} (SPEC §4.3), got {draw!r}")
+    allowed = PEFT_DENSE_DRAW_DTYPES if kind == "dense" and method == "randlora" else ("float32",)
+    require(draw in allowed, f"generator: peft {kind} needs 'draw_dtype' in {allowed} (SPEC §4.3), got {draw!r}")
     cast = gen.get("cast_dtype")
-    _require("cast_dtype" not in gen or cast in CAST_DTYPES,
+    require("cast_dtype" not in gen or cast in CAST_DTYPES,
              f"generator: 'cast_dtype' must be one of {CAST_DTYPES} when present, got {cast!r}")
-    return GeneratorSpec(name=name, kind=kind, seed=seed, draw_dtype=draw, cast_dtype=cast)
+    return GeneratorSpec(name=name, kind=kind, seed=seed, draw_dtype=draw, cast_dtype=cast, method=method)
 
 
 def _parse_layer(key: str, entry: Any, rank: int) -> LayerSpec:
     where = f"layer {key!r}"
-    _require(isinstance(key, str) and key, "header: layer keys must be non-empty strings")
-    _require(isinstance(entry, dict), f"{where}: must be an object")
+    require(isinstance(key, str) and key, "header: layer keys must be non-empty strings")
+    require(isinstance(entry, dict), f"{where}: must be an object")
     shape = entry.get("shape")
-    _require(isinstance(shape, list) and len(shape) == 2 and all(_is_int(d) and d >= 1 for d in shape),
+    require(isinstance(shape, list) and len(shape) == 2 and all(is_int(d) and d >= 1 for d in shape),
              f"{where}: 'shape' must be two positive integers, got {shape!r}")
     fan = entry.get("fan_in_fan_out", False)
-    _require(isinstance(fan, bool), f"{where}: 'fan_in_fan_out' must be a boolean")
+    require(isinstance(fan, bool), f"{where}: 'fan_in_fan_out' must be a boolean")
     layer_min = min(shape)
-    n = _int(entry, "num_bases", where, minimum=1)
-    _require(n == num_bases(layer_min, rank),
+    n = int_field(entry, "num_bases", where, minimum=1)
+    require(n == num_bases(layer_min, rank),
              f"{where}: num_bases {n} disagrees with ceil({layer_min} / {rank}) = {num_bases(layer_min, rank)}")
     dtype = entry.get("dtype", "float32")
-    _require(dtype in SCALE_DTYPES, f"{where}: 'dtype' must be one of {SCALE_DTYPES}, got {dtype!r}")
+    require(dtype in SCALE_DTYPES, f"{where}: 'dtype' must be one of {SCALE_DTYPES}, got {dtype!r}")
     extra = {k: v for k, v in entry.items() if k not in _KNOWN_LAYER_KEYS}
     return LayerSpec(key=key, shape=(shape[0], shape[1]), fan_in_fan_out=fan, num_bases=n, dtype=dtype, extra=extra)

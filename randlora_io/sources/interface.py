@@ -1,9 +1,9 @@
 """The one interface every adapter input kind implements, and what detection learns of an input path.
 
-A kind is a module of this package (``randlora_file``, ``dense``, ``peft_randlora``, ``peft_lora``) listed in
-:mod:`randlora_io.sources.registry`, with five names:
+A kind is a module of this package (``randlora_file``, ``dense``, ``peft_randlora``, ``peft_lora``, ``peft_vera``)
+listed in :mod:`randlora_io.sources.registry`, with five names:
 
-- ``KIND``: its name (``"randlora"``, ``"dense"``, ``"peft-randlora"``, ``"peft-lora"``);
+- ``KIND``: its name (``"randlora"``, ``"dense"``, ``"peft-randlora"``, ``"peft-lora"``, ``"peft-vera"``);
 - ``matches(probe) -> bool``: whether ``probe`` (a :class:`Probe`, whose header is read once and shared) is this kind;
 - ``load(probe, options) -> DeltaSource``: the input as PEFT 0.21.2 would load it onto ``options.base``;
 - ``describe(probe) -> dict``: the JSON-able facts ``randlora-io inspect`` prints (its ``layers`` rows from

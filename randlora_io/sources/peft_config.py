@@ -14,7 +14,7 @@ from ..errors import SourceFormatError
 
 _BOOLS = ("sparse", "very_sparse", "fan_in_fan_out", "use_rslora", "use_dora", "save_projection", "inference_mode")
 _POSITIVE_INTS = ("r",)
-_NUMBERS = ("lora_alpha", "randlora_alpha", "randlora_dropout", "lora_dropout")
+_NUMBERS = ("lora_alpha", "randlora_alpha", "randlora_dropout", "lora_dropout", "vera_dropout", "d_initial")
 _NAME_LISTS = ("target_modules", "modules_to_save", "exclude_modules", "layers_pattern", "target_parameters")
 _PATTERNS = ("rank_pattern", "alpha_pattern")
 
@@ -45,9 +45,11 @@ def check_peft_config(config: dict, path: str | Path) -> None:
     for key in _NUMBERS:
         if key in config and config[key] is not None and not _is_number(config[key]):
             raise bad(key, "a finite number")
+    # VeRA takes any key torch.Generator.manual_seed takes (a negative one is 2^64 + key); RandLoRA's [0, 2^64)
+    low = -(2**63) if config.get("peft_type") == "VERA" else 0
     if "projection_prng_key" in config and not (_is_int(config["projection_prng_key"])
-                                                 and 0 <= config["projection_prng_key"] < 2**64):
-        raise bad("projection_prng_key", "an integer seed in [0, 2^64)")
+                                                 and low <= config["projection_prng_key"] < 2**64):
+        raise bad("projection_prng_key", f"an integer seed in [{'-2^63' if low else '0'}, 2^64)")
     for key in _NAME_LISTS:
         value = config.get(key)
         if value is None or isinstance(value, str):
@@ -64,7 +66,7 @@ def check_peft_config(config: dict, path: str | Path) -> None:
     # PEFT 0.21.2 (tuners_utils) treats every "<x>_only" alike: the biases of the adapted layers are trained
     bias = config.get("bias")
     if "bias" in config and not (bias in ("none", "all", None) or (isinstance(bias, str) and bias.endswith("_only"))):
-        raise bad("bias", '"none", "all", "lora_only" or "randlora_only"')
+        raise bad("bias", '"none", "all", "lora_only", "randlora_only" or "vera_only"')
     for key in _PATTERNS:
         value = config.get(key)
         if value is None:

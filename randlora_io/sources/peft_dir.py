@@ -59,7 +59,7 @@ class PeftDir:
 
 
 EXTRAS_CONFIG_KEYS = ("modules_to_save", "bias", "task_type")
-_OWN_BIAS = {"LORA": "lora_only", "RANDLORA": "randlora_only"}  # bias="<method>_only" under each peft_type
+_OWN_BIAS = {"LORA": "lora_only", "RANDLORA": "randlora_only", "VERA": "vera_only"}  # bias="<method>_only" under each peft_type
 
 
 @dataclass(frozen=True)
@@ -179,8 +179,9 @@ def _trains_bias(config: dict) -> bool:
 
 
 def _is_adapter_tensor(saved_key: str) -> bool:
-    """A tensor of the adapter method itself (``lora_A``, ``lora_magnitude_vector``, ``randlora_gamma``, …)."""
-    return any(part.startswith(("lora_", "randlora_")) for part in saved_key.split("."))
+    """A tensor of the adapter method itself (``lora_A``, ``lora_magnitude_vector``, ``randlora_gamma``,
+    ``vera_lambda_b``, …)."""
+    return any(part.startswith(("lora_", "randlora_", "vera_")) for part in saved_key.split("."))
 
 
 def _under(module: str, saved_module: str) -> bool:
@@ -214,6 +215,24 @@ def _load_weights_only(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
         raise UnsafeCheckpointError(f"{path}: expected a dict of tensors")
     return obj
+
+
+def tensors_by_module(peft: PeftDir, shared: tuple[str, ...], suffixes: tuple[str, ...], method: str,
+                      needed: str) -> dict[str, dict[str, torch.Tensor]]:
+    """``{module: {suffix: tensor}}`` of a PEFT dir's per-layer adapter tensors (``base_model.model.<module>.<suffix>``),
+    the ``shared`` keys (model-wide projections) left out; any other tensor is refused naming the ``method``, and a
+    dir with none (``needed`` names them) is refused too."""
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in peft.tensors.items():
+        if key in shared:
+            continue
+        suffix = key.rsplit(".", 1)[-1]
+        if suffix not in suffixes or not key.startswith(PEFT_PREFIX):
+            raise SourceFormatError(f"{peft.path}: unexpected tensor {key!r} in a {method} adapter")
+        modules.setdefault(module_of(key, suffix), {})[suffix] = tensor
+    if not modules:
+        raise SourceFormatError(f"{peft.path}: the adapter holds no {needed} tensors")
+    return modules
 
 
 def module_of(saved_key: str, suffix: str) -> str:

@@ -1,4 +1,4 @@
-"""Every field of PEFT 0.21.2's ``LoraConfig`` and ``RandLoraConfig``, classified: what each means for a merge.
+"""Every field of PEFT 0.21.2's ``LoraConfig``, ``RandLoraConfig`` and ``VeraConfig``, classified: what each means for a merge.
 
 Each field is one of:
 
@@ -53,7 +53,7 @@ def _changes_base(value: object) -> bool:
 
 _COMMON: dict[str, Field] = {
     "task_type": Field(NO_EFFECT, "the model head class PEFT wraps, not a weight"),
-    "peft_type": Field(HANDLED, "selects the reader (LORA or RANDLORA)"),
+    "peft_type": Field(HANDLED, "selects the reader (LORA, RANDLORA or VERA)"),
     "auto_mapping": Field(NO_EFFECT, "the class names PEFT loads with"),
     "peft_version": Field(NO_EFFECT, "metadata"),
     "base_model_name_or_path": Field(NO_EFFECT, "metadata (used only to find a local base when none is given)"),
@@ -125,7 +125,17 @@ RANDLORA_FIELDS: dict[str, Field] = {
                           "scales are decided in peft_targets.py)"),
 }
 
-_TABLES = {"LORA": LORA_FIELDS, "RANDLORA": RANDLORA_FIELDS}
+VERA_FIELDS: dict[str, Field] = {
+    **_COMMON,
+    "projection_prng_key": Field(HANDLED, "the seed of the shared vera_A / vera_B (a negative key is 2^64 + key)"),
+    "save_projection": Field(HANDLED, "whether vera_A / vera_B are saved (used as saved, else regenerated)"),
+    "vera_dropout": Field(NO_EFFECT, "dropout is off in eval and never merged"),
+    "d_initial": Field(NO_EFFECT, "the init value of λ_d; the merge uses the saved λ_d"),
+    "init_weights": Field(NO_EFFECT, "the init of λ_b / λ_d; the merge uses the saved ones (targets without saved "
+                          "vectors are decided in peft_vera.py)"),
+}
+
+_TABLES = {"LORA": LORA_FIELDS, "RANDLORA": RANDLORA_FIELDS, "VERA": VERA_FIELDS}
 
 
 def check_peft_fields(config: dict, path: str | Path) -> None:

@@ -22,7 +22,7 @@ from ..checkpoint.directory import absent_weight_hint
 from ..errors import AdapterShapeError, BaseModelMismatchError, BasisMismatchError, NonFiniteError, SourceFormatError
 from ..format.spec import GeneratorSpec, num_bases
 from .interface import OpenOptions, Probe, layer_row
-from .peft_dir import local_base_info, PEFT_PREFIX, PeftDir, module_of, read_peft_dir, weight_key
+from .peft_dir import local_base_info, PeftDir, read_peft_dir, tensors_by_module, weight_key
 from .peft_targets import targeted_layers, weight_module
 from .randlora_file import RandloraSource
 
@@ -41,17 +41,7 @@ def peft_kind(config: dict) -> str:
 
 
 def _scales_by_module(peft: PeftDir) -> dict[str, dict[str, torch.Tensor]]:
-    modules: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in peft.tensors.items():
-        if key in (SHARED_A, SHARED_B):
-            continue
-        suffix = key.rsplit(".", 1)[-1]
-        if suffix not in _SUFFIXES or not key.startswith(PEFT_PREFIX):
-            raise SourceFormatError(f"{peft.path}: unexpected tensor {key!r} in a RandLoRA adapter")
-        modules.setdefault(module_of(key, suffix), {})[suffix] = tensor
-    if not modules:
-        raise SourceFormatError(f"{peft.path}: the adapter holds no randlora_lambda / randlora_gamma tensors")
-    return modules
+    return tensors_by_module(peft, (SHARED_A, SHARED_B), _SUFFIXES, "RandLoRA", "randlora_lambda / randlora_gamma")
 
 
 def peft_scale_tensors(peft: PeftDir) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -73,11 +63,11 @@ def _candidate_generators(kind: str, seed: int, draw_dtype: str | None):
             yield GeneratorSpec(name="peft", kind=kind, seed=seed, draw_dtype=draw, cast_dtype=cast)
 
 
-def _base_info(base: BaseModelInfo | Mapping[str, tuple[int, ...]]) -> BaseModelInfo:
+def as_base_info(base: BaseModelInfo | Mapping[str, tuple[int, ...]]) -> BaseModelInfo:
     return base if isinstance(base, BaseModelInfo) else BaseModelInfo(shapes=dict(base))
 
 
-def _base_shape(src, base: BaseModelInfo, key: str) -> tuple[int, int]:
+def base_weight_shape(src, base: BaseModelInfo, key: str) -> tuple[int, int]:
     if key not in base.shapes:
         raise BaseModelMismatchError(f"{src}: adapter targets {key!r}, which the base checkpoint does not "
                                      f"have{absent_weight_hint(key, base.shapes)}")
@@ -117,7 +107,7 @@ def peft_randlora_to_adapter(
         raise SourceFormatError(f"{src}: adapter_config.json has invalid randlora_alpha or projection_prng_key")
     if draw_dtype not in (None, *PEFT_DENSE_DRAW_DTYPES):
         raise SourceFormatError(f"PEFT draw dtype must be one of {', '.join(PEFT_DENSE_DRAW_DTYPES)}, got {draw_dtype!r}")
-    info = _base_info(base)
+    info = as_base_info(base)
     scales = peft_scale_tensors(peft)
     # RandLoraConfig (0.21.2) has no exclude_modules field: PEFT drops that key when it loads the config
     targeting_config = {k: v for k, v in config.items() if k != "exclude_modules"}
@@ -127,7 +117,7 @@ def peft_randlora_to_adapter(
     layers: dict[str, tuple[tuple[int, int], bool]] = {}
     for key in keys:
         lam, gam = scales[key]
-        shape = _base_shape(src, info, key)
+        shape = base_weight_shape(src, info, key)
         n = num_bases(min(shape), r)
         if tuple(lam.shape) != (r, n) or tuple(gam.shape) != (n, min(shape)):
             raise AdapterShapeError(
@@ -167,7 +157,7 @@ def _check_unsaved(src, config: dict, unsaved: list[str], info: BaseModelInfo, f
     zero ΔW) and sizes the shared bases with them too. Exact only when they change neither; else refuse."""
     if not unsaved:
         return
-    grown = peft_shared_dims(loaded + [(_base_shape(src, info, k), fans[k]) for k in unsaved])
+    grown = peft_shared_dims(loaded + [(base_weight_shape(src, info, k), fans[k]) for k in unsaved])
     if config.get("init_weights", True) is not True or grown != peft_shared_dims(loaded):
         raise SourceFormatError(
             f"{src}: adapter_config.json targets {weight_module(unsaved[0])!r} ({len(unsaved)} layer(s) in all), "

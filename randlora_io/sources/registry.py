@@ -14,12 +14,12 @@ from types import ModuleType
 
 from ..checkpoint.base_model import BaseModelInfo
 from ..errors import SourceFormatError, UnsafeCheckpointError
-from . import dense, finetuned, peft_lora, peft_randlora, randlora_file
+from . import dense, finetuned, peft_lora, peft_randlora, peft_vera, randlora_file
 from .interface import DeltaSource, OpenOptions, Probe
 from .peft_dir import CONFIG_FILE
 
 # the kinds, in the order they are tried; each module implements sources/interface.py
-_KINDS: tuple[ModuleType, ...] = (randlora_file, dense, peft_randlora, peft_lora, finetuned)
+_KINDS: tuple[ModuleType, ...] = (randlora_file, dense, peft_randlora, peft_lora, peft_vera, finetuned)
 KINDS: tuple[str, ...] = tuple(kind.KIND for kind in _KINDS)
 _BY_NAME = {kind.KIND: kind for kind in _KINDS}
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
@@ -48,7 +48,7 @@ def detect(path: str | os.PathLike | Probe) -> Probe:
             return probe
     if where.is_dir():
         peft_type = probe.peft_config.get("peft_type")
-        raise SourceFormatError(f"{where}: unsupported peft_type {peft_type!r} (RANDLORA and LORA are supported)")
+        raise SourceFormatError(f"{where}: unsupported peft_type {peft_type!r} (RANDLORA, LORA and VERA are supported)")
     raise SourceFormatError(f"{where}: a safetensors file without randlora or dense-delta metadata")
 
 

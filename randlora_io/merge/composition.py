@@ -144,9 +144,12 @@ class ComposedSource(DeltaSource):
             taus[i] = tau
             if comp.is_dare and comp.densities[i] < 1.0:
                 masks[i] = dare_keep_mask(comp.seed, i, key, shape, comp.densities[i]).to(tau.device)
-        return compose_(taus, comp.weights, comp.method, density=list(comp.densities), lambda_=comp.lambda_,
-                       normalize=comp.normalize, rescale=comp.rescale, keep_masks=masks, gamma=comp.gamma,
-                       stats=self.stats)
+        mixed = compose_(taus, comp.weights, comp.method, density=list(comp.densities), lambda_=comp.lambda_,
+                         normalize=comp.normalize, rescale=comp.rescale, keep_masks=masks, gamma=comp.gamma,
+                         stats=self.stats)
+        # compose_ may return one of the reused τ buffers: the caller may hold the result while the next key is
+        # composed (stream_write writes behind), so it gets its own copy
+        return mixed.clone()
 
 
 def _refuse_non_additive(source: DeltaSource, method: str) -> None:

@@ -233,13 +233,24 @@ def compose(taus: Sequence[torch.Tensor | None], weights: Sequence[float], metho
             mixed += weighted[j] * m[j]
             divisor += w[present[j]] * m[j]
         divisor[divisor == 0] = 1
-    else:
-        mixed = weighted[0]  # a fresh tensor (τ·w), safe to accumulate into
-        for d in weighted[1:]:
-            mixed += d
-        divisor = w.sum()
-        if divisor.abs() < 1e-8:
-            divisor = torch.ones((), dtype=torch.float32)
+        return finish_(mixed, divisor, normalize, lambda_)
+    return linear_sum_(weighted, w, normalize, lambda_)  # weighted[0] is a fresh tensor (τ·w)
+
+
+def linear_sum_(weighted: Sequence[torch.Tensor], w: torch.Tensor, normalize: bool, lambda_: float) -> torch.Tensor:
+    """The methods without sign election: Σᵢ wᵢτᵢ accumulated into ``weighted[0]`` (overwritten), in order; divided
+    by Σ wᵢ (all inputs' weights; 1 when |Σ wᵢ| < 1e-8) if ``normalize``; times ``lambda_``."""
+    mixed = weighted[0]
+    for d in weighted[1:]:
+        mixed += d
+    divisor = w.sum()
+    if divisor.abs() < 1e-8:
+        divisor = torch.ones((), dtype=torch.float32)
+    return finish_(mixed, divisor, normalize, lambda_)
+
+
+def finish_(mixed: torch.Tensor, divisor: torch.Tensor, normalize: bool, lambda_: float) -> torch.Tensor:
+    """``mixed`` (float32) /= ``divisor`` if ``normalize``; *= ``lambda_`` if ≠ 1; in place, returned."""
     if normalize:
         mixed /= divisor
     if lambda_ != 1:

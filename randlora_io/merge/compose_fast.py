@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 
 from ..errors import SourceFormatError
-from .compose import DEFAULTS, ComposeStats, _density, _per_input
+from .compose import DEFAULTS, ComposeStats, _density, _per_input, finish_, linear_sum_
 
 _SAMPLE = 1 << 16  # elements of the strided sample that brackets a cut value
 _SMALL = 1 << 17  # below this many elements, kthvalue on the whole tensor is as fast
@@ -161,15 +161,5 @@ def compose_(taus: Sequence[torch.Tensor | None], weights: Sequence[float], meth
             stats.conflicts += int(torch.count_nonzero(lost))
         if normalize:
             divisor[divisor == 0] = 1
-    else:
-        mixed = first
-        for i in present[1:]:
-            mixed += taus[i]
-        divisor = w.sum()
-        if divisor.abs() < 1e-8:
-            divisor = torch.ones((), dtype=torch.float32)
-    if normalize:
-        mixed /= divisor
-    if lambda_ != 1:
-        mixed *= lambda_
-    return mixed
+        return finish_(mixed, divisor, normalize, lambda_)
+    return linear_sum_([taus[i] for i in present], w, normalize, lambda_)

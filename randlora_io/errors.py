@@ -79,3 +79,12 @@ class UnsupportedPrecisionError(ValueError, RandloraError):
 
 class LayerTooLargeError(ValueError, RandloraError):
     """A layer's ΔW would exceed the memory budget (``RANDLORA_IO_MAX_LAYER_BYTES``); nothing was allocated."""
+
+
+class ConversionError(ValueError, RandloraError):
+    """A lossy conversion cannot meet its bound (``--max-error``), or its options do not fit (nothing was written)."""
+
+
+class UnservableError(ConversionError):
+    """A serving engine (``convert --to peft-lora --for vllm|sglang``) cannot serve what the adapter holds: a rank
+    above its limit, DoRA, modules_to_save or trained biases, or a layer type it has no LoRA for."""

@@ -224,11 +224,11 @@ def _decaying(m: int, n: int, decay: float, seed: int) -> torch.Tensor:
     return ((U * s) @ V.T).float()
 
 
-@pytest.mark.parametrize("decay,max_error", [(0.9, 0.01), (0.97, 0.05), (0.8, 1e-4)])
+@pytest.mark.parametrize("decay,max_error", [(0.9, 0.01), (0.95, 0.05), (0.8, 1e-4)])
 def test_randomized_path_agrees_with_the_full_svd_reference(decay, max_error):
     from randlora_io.convert.rank_budget import full_budget_factors, randomized_budget_factors
 
-    W = _decaying(1100, 1300, decay, seed=int(decay * 100))
+    W = _decaying(400, 500, decay, seed=int(decay * 100))  # rank ≈ 40–60, under a quarter of 400
     fast = randomized_budget_factors(W, max_error)
     ref = full_budget_factors(W, max_error)
     assert fast is not None and fast.method == "rsvd" and ref.method == "svd"
@@ -242,9 +242,9 @@ def test_randomized_path_agrees_with_the_full_svd_reference(decay, max_error):
 def test_randomized_path_hands_a_large_rank_to_the_full_svd():
     from randlora_io.convert.rank_budget import budget_factors, randomized_budget_factors
 
-    W = torch.randn(1024, 1100, generator=torch.Generator().manual_seed(5))  # flat spectrum: rank ≈ 0.8·D needed
+    W = torch.randn(400, 450, generator=torch.Generator().manual_seed(5))  # flat spectrum: most of the rank needed
     assert randomized_budget_factors(W, 0.3) is None
-    low = budget_factors(W, 0.3)
+    low = budget_factors(W, 0.3, "randomized")
     assert low.method == "svd" and low.rank == _optimal_rank(W, 0.3) and low.rel_error <= 0.3
 
 

@@ -60,11 +60,13 @@ class LoraExport:
         return lines
 
 
-def layer_factors(delta: torch.Tensor, rank: int | None, max_error: float | None, svd: str = "auto") -> LowRank:
-    """Factors of one ΔW (out, in): at ``rank`` (truncated SVD), else the smallest rank meeting ``max_error``."""
+def layer_factors(delta: torch.Tensor, rank: int | None, max_error: float | None, svd: str = "auto",
+                  start: int = 32) -> LowRank:
+    """Factors of one ΔW (out, in): at ``rank`` (truncated SVD), else the smallest rank meeting ``max_error``
+    (``start``: the rank a like layer needed, the randomised path's first guess)."""
     if rank is not None:
         return truncated_svd(delta, rank)
-    low = budget_factors(delta, max_error, svd)
+    low = budget_factors(delta, max_error, svd, start=start)
     if low is None:
         raise ConversionError(f"--max-error {max_error:g} is below what float32 LoRA factors can hold even at full "
                               "rank; pass a larger bound (1e-6 or more)")
@@ -85,11 +87,14 @@ def export_peft_lora(source: DeltaSource, dst: str | os.PathLike, *, rank: int |
     out = LoraExport(engine=engine.name if engine else None)
     factors: dict[str, LowRank] = {}
     num = den = 0.0
+    guesses: dict[tuple[int, int], int] = {}  # shape → rank the last such layer needed
     keys = source.keys()
     for key in progress_bar(progress, iterable=keys, desc="svd", unit="layer"):
         stored = source.delta(key)
         delta = stored.T if source.fan_in_fan_out(key) else stored  # (out, in)
-        low = layer_factors(delta, rank, None if rank is not None else max_error, svd)
+        low = layer_factors(delta, rank, None if rank is not None else max_error, svd,
+                            start=guesses.get(tuple(delta.shape), 32))
+        guesses[tuple(delta.shape)] = low.rank
         norm2 = float(delta.double().pow(2).sum())
         del stored, delta
         if engine is not None and low.rank > MAX_RANK:

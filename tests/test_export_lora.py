@@ -93,11 +93,13 @@ def test_per_layer_ranks_are_the_smallest_meeting_the_budget(randlora_pair, tmp_
     _assert_peft_serves(out, written, ranks)
 
 
-def test_report_errors_and_energy_are_measured(randlora_pair, tmp_path):
+@pytest.mark.parametrize("engine", [None, "vllm"])
+def test_report_errors_and_energy_are_measured(randlora_pair, tmp_path, engine):
+    """The errors reported are those of the dir as PEFT will load it (padded or not), against PEFT's own ΔW."""
     from randlora_io.convert.run import convert
 
     base, peft, exact = randlora_pair
-    report = convert(peft, tmp_path / "lora", "peft-lora", max_error=0.1, base=base)
+    report = convert(peft, tmp_path / "lora", "peft-lora", max_error=0.1, base=base, serve_for=engine)
     written = _written(tmp_path / "lora")
     for key, delta in exact.items():
         assert abs(report.errors[key] - _rel(written[key], delta)) <= SLACK

@@ -84,3 +84,12 @@ class LayerTooLargeError(ValueError, RandloraError):
 class QuantizedBaseError(ValueError, RandloraError):
     """A quantized base this tool cannot merge into (GPTQ, AWQ, bitsandbytes, compressed-tensors, another method, or
     an FP8 variant it does not handle): refused by name before anything is written."""
+
+
+class ConversionError(ValueError, RandloraError):
+    """A lossy conversion cannot meet its bound (``--max-error``), or its options do not fit (nothing was written)."""
+
+
+class UnservableError(ConversionError):
+    """A serving engine (``convert --to peft-lora --for vllm|sglang``) cannot serve what the adapter holds: a rank
+    above its limit, DoRA, modules_to_save or trained biases, or a layer type it has no LoRA for."""

@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import ROOT, assert_one_line_error, run_cli
 
-from randlora_io.format.adapter import read_adapter, write_adapter
+from randlora_io.format.adapter import write_adapter
 from randlora_io.format.basis import (bits_to_values_numpy, bits_to_values_torch, generate_bases, peft_bases_raw, peft_bases_to_spec)
 from randlora_io.format.delta import reference_delta
 from randlora_io.errors import RandloraError

@@ -35,7 +35,14 @@ def print_notes(notes: list[str]) -> None:
 @click.option("--rank", type=click.IntRange(min=1), help="r for a fit to RandLoRA, or k for --to peft-lora.")
 @click.option("--seed", type=click.IntRange(0, 2**64 - 1), default=0, show_default=True, help="Seed of fitted bases.")
 @click.option("--generator", type=click.Choice(["philox", "peft"]), default="philox", show_default=True)
-@click.option("--max-error", type=click.FloatRange(min=0), help="Fail if the relative error exceeds this.")
+@click.option("--max-error", type=click.FloatRange(min=0),
+              help="Fail if the relative error exceeds this; with --to peft-lora and no --rank, each layer gets the "
+                   "smallest rank whose relative Frobenius error is at most this.")
+@click.option("--for", "serve_for", type=click.Choice(["vllm", "sglang"]),
+              help="With --to peft-lora: one rank that engine accepts (--max-lora-rank), only config fields it "
+                   "reads; refuses what it cannot serve.")
+@click.option("--svd", type=click.Choice(["auto", "full", "randomized"]), default="auto", show_default=True,
+              help="With --max-error: full float64 SVD per layer, or randomised SVD (error still measured exactly).")
 @click.option("--keep-bases", is_flag=True, help="Store PEFT's saved bases if they cannot be regenerated.")
 @click.option("--save-projection", is_flag=True, help="With --to peft-randlora / peft-vera: save the bases in the PEFT dir.")
 @click.option("--shared-projection-only", is_flag=True,
@@ -46,15 +53,22 @@ def print_notes(notes: list[str]) -> None:
 @peft_draw_dtype_option
 @click.option("--overwrite", is_flag=True, help="Replace an existing DST.")
 @handle_errors
-def convert_command(src, dst, to, rank, seed, generator, max_error, keep_bases, save_projection,
+def convert_command(src, dst, to, rank, seed, generator, max_error, serve_for, svd, keep_bases, save_projection,
                     shared_projection_only, base, peft_draw_dtype, overwrite):
     """Convert SRC (randlora file, PEFT RandLoRA/LoRA/VeRA dir, dense delta) to DST in another format."""
     notes: list[str] = []
     report = convert(src, dst, to, rank=rank, seed=seed, generator=generator, max_error=max_error,
                      keep_bases=keep_bases, save_projection=save_projection, base=base, overwrite=overwrite,
                      progress=True, peft_draw_dtype=draw_dtype_arg(peft_draw_dtype),
-                     shared_projection_only=shared_projection_only, on_note=notes.append)
+                     shared_projection_only=shared_projection_only, on_note=notes.append, serve_for=serve_for,
+                     svd=svd)
     click.echo(f"{dst}: {report.summary()}")
+    if report.lora is not None:
+        for line in report.lora.table():
+            click.echo(line)
+        if report.lora.flags:
+            click.echo(f"{report.lora.engine} flags: {report.lora.flags[0]}")
+            click.echo(f"  e.g. {report.lora.flags[1]}")
     print_notes(notes)
 
 

@@ -16,12 +16,18 @@ EXACT_LIMIT = 2048
 @dataclass
 class LowRank:
     """``up`` (out, k) and ``down`` (k, in) with ``up @ down`` ≈ ΔW (out, in), float32; ``kept_energy`` is
-    Σ_{i<k} σ_i² / Σ σ_i² (1.0 for a zero update); ``rel_error`` is ‖up·down − ΔW‖ / ‖ΔW‖."""
+    Σ_{i<k} σ_i² / Σ σ_i² (1.0 for a zero update); ``rel_error`` is ‖up·down − ΔW‖ / ‖ΔW‖; ``method``: how the
+    factors were found (``svd``, ``rsvd`` randomised, ``zero`` for a zero ΔW at rank 0)."""
 
     up: torch.Tensor
     down: torch.Tensor
     kept_energy: float
     rel_error: float
+    method: str = "svd"
+
+    @property
+    def rank(self) -> int:
+        return self.up.shape[1]
 
 
 def truncated_svd(delta: torch.Tensor, rank: int, oversample: int = 16, power_iters: int = 4, seed: int = 0) -> LowRank:

@@ -23,11 +23,12 @@ from ..format.basis import generate_bases
 from ..sources.budget import check_layer_budget
 from ..checkpoint.directory import check_base_copies, open_checkpoint
 from .dense import write_dense
-from .peft_lora import lora_factors, write_peft_lora
+from .peft_lora import LoraExport, export_peft_lora
+from .serving import check_servable, engine_named
 from .peft_randlora import adapter_to_peft_randlora
 from .peft_vera import adapter_to_peft_vera
 from ..checkpoint.disk import path_bytes
-from ..errors import BasisMismatchError, LayerTypeError, OutputExistsError, RandloraError
+from ..errors import BasisMismatchError, ConversionError, LayerTypeError, OutputExistsError
 from .fit import fit_scales
 from ..sources.keymap import open_loaded
 from ..progress import progress_bar
@@ -42,10 +43,6 @@ TARGETS = ("randlora", "peft-randlora", "peft-lora", "dense", "peft-vera")
 PEFT_TARGETS = ("peft-randlora", "peft-lora", "peft-vera")  # targets that keep an adapter's modules_to_save / trained biases
 
 
-class ConversionError(ValueError, RandloraError):
-    """A lossy conversion exceeded ``--max-error`` (nothing was written)."""
-
-
 @dataclass
 class ConvertReport:
     """What a conversion did: layer count, parameters and bytes in/out, per-layer errors (relative Frobenius)
@@ -58,6 +55,7 @@ class ConvertReport:
     errors: dict[str, float] = field(default_factory=dict)
     kept_energy: dict[str, float] = field(default_factory=dict)
     overall_error: float = 0.0
+    lora: LoraExport | None = None  # --to peft-lora: per-layer ranks, engine flags
 
     @property
     def max_error(self) -> float:
@@ -160,6 +158,8 @@ def convert(
     peft_draw_dtype: str | None = None,
     shared_projection_only: bool = False,
     on_note: Callable[[str], None] | None = None,
+    serve_for: str | None = None,
+    svd: str = "auto",
 ) -> ConvertReport:
     """Convert ``src`` (any supported adapter) to ``dst`` in format ``to``. Nothing is written on error.
 
@@ -189,6 +189,10 @@ def convert(
                          base_info, base)  # keymap.py: retried under transformers' loaded names
     if base is not None:  # no output format carries PEFT's copies of base weights: they must equal BASE's
         check_base_copies(ckpt, str(src_p), source.base_copies)
+    if serve_for is not None:
+        if to != "peft-lora":
+            raise ConversionError(f"--for {serve_for} needs --to peft-lora (engines serve PEFT LoRA only)")
+        check_servable(source, engine_named(serve_for), rank)
     check_extras_fit(source, to)
     check_layer_budget(str(src_p), ((k, source.stored_shape(k)) for k in source.keys()))  # before any ΔW exists
 
@@ -225,24 +229,10 @@ def convert(
         report.errors = {k: 0.0 for k in source.keys()}
         report.params_out = sum(math.prod(source.stored_shape(k)) for k in source.keys())
     else:
-        if rank is None:
-            raise ConversionError("--to peft-lora needs --rank K")
-        deltas = {k: (source.delta(k), source.fan_in_fan_out(k)) for k in source.keys()}
-        bar = progress_bar(progress, total=len(deltas), desc="svd", unit="layer")
-        lows = lora_factors(deltas, rank, on_layer=bar.update)
-        bar.close()
-        report.errors = {k: v.rel_error for k, v in lows.items()}
-        report.kept_energy = {k: v.kept_energy for k, v in lows.items()}
-        total = sum(float(d.double().pow(2).sum()) for d, _ in deltas.values())
-        lost = sum((v.rel_error**2) * float(deltas[k][0].double().pow(2).sum()) for k, v in lows.items())
-        report.overall_error = math.sqrt(lost / total) if total > 0 else 0.0
-        if max_error is not None and report.max_error > max_error:
-            raise ConversionError(f"{src}: SVD error {report.max_error:.4g} exceeds --max-error {max_error}; "
-                                  "raise --rank or the bound")
-        # PEFT sets fan_in_fan_out per layer type on load and saves the last layer's: write that one
-        write_peft_lora(lows, list(deltas.values())[-1][1], dst_p, rank, overwrite=overwrite,
-                        extras=source.peft_extras)
-        report.params_out = sum(v.up.numel() + v.down.numel() for v in lows.values())
+        lora = export_peft_lora(source, dst_p, rank=rank, max_error=max_error, svd=svd, overwrite=overwrite,
+                                engine=engine_named(serve_for) if serve_for else None, progress=progress)
+        report.errors, report.kept_energy, report.lora = lora.errors, lora.kept_energy, lora
+        report.overall_error, report.params_out = lora.overall_error, lora.params_out
     report.layers = len(source.keys())
     report.bytes_in = path_bytes(src_p)
     report.bytes_out = path_bytes(dst_p)

@@ -53,12 +53,15 @@ from .errors import handle_errors
 @click.option("--generator", type=click.Choice(["philox", "peft"]), default="philox", show_default=True)
 @click.option("--kind", type=click.Choice(["dense", "sparse", "very_sparse"]), default="dense", show_default=True)
 @click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True)
+@click.option("--method", type=click.Choice(["randlora", "vera"]), default="randlora", show_default=True,
+              help="vera: train VeRA's λ_b, λ_d on shared bases (no --alpha; --r is the shared rank).")
+@click.option("--d-initial", type=float, default=0.1, show_default=True, help="VeRA's initial λ_d.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing OUT.")
 @handle_errors
 def train_command(base, data, out, rank, alpha, lr, steps, epochs, batch_size, grad_accum, seq_len, schedule,
                   warmup_steps, max_grad_norm, precision, device, gradient_checkpointing, eval_split, eval_every,
                   save_every, checkpoint_dir, resume, no_packing, log_every, tensorboard_dir, seed, targets, generator,
-                  kind, dropout, overwrite):
+                  kind, dropout, method, d_initial, overwrite):
     """Fine-tune the causal LM in BASE on DATA (JSONL input_ids / text / prompt+completion / messages, or plain
     text) and write a randlora file. Progress: a bar on a terminal, plain log lines otherwise. Under
     ``torchrun --nproc-per-node N -m randlora_io train ...`` it trains with DDP, --batch-size per process."""
@@ -67,7 +70,7 @@ def train_command(base, data, out, rank, alpha, lr, steps, epochs, batch_size, g
 
     names = ALL_LINEAR if targets.strip() == ALL_LINEAR else [t.strip() for t in targets.split(",") if t.strip()]
     config = RandloraConfig(r=rank, alpha=alpha, target_modules=names, generator=generator, kind=kind, seed=seed,
-                            dropout=dropout)
+                            dropout=dropout, method=method, d_initial=d_initial)
     options = TrainOptions(lr=lr, steps=steps, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum,
                            seq_len=seq_len, warmup_steps=warmup_steps, schedule=schedule,
                            max_grad_norm=max_grad_norm, precision=precision, device=device,

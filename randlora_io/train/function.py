@@ -216,17 +216,24 @@ def randlora_linear(x: torch.Tensor, xd: torch.Tensor, weight_outin: torch.Tenso
     Under ``torch.autocast`` (dtype d): the base product runs in d, as autocast runs ``nn.Linear``; the adapter
     path stays float32 (λ, γ are float32 parameters); the output is d. The casts are done here, before the autograd
     Function, which runs with autocast off, so its backward sees the dtypes its forward saw."""
+    return apply_adapter_linear(RandloraLinearFunction, x, xd, weight_outin, bias, lam, gam, A, U_B, scaling, mode)
+
+
+def apply_adapter_linear(function: type[torch.autograd.Function], x: torch.Tensor, xd: torch.Tensor,
+                         weight_outin: torch.Tensor, bias: torch.Tensor | None, *rest):
+    """``function.apply(x, xd or None, weight_outin, bias, *rest)`` with autocast resolved first: ``xd is x`` is
+    passed as None (one tensor never passed twice); under ``torch.autocast`` (dtype d) x, xd, the weight and bias
+    are cast to d and the Function runs with autocast off, so its backward sees the dtypes its forward saw."""
     amp = autocast_dtype(x)
     same = xd is x
     if amp is None:
-        return RandloraLinearFunction.apply(x, None if same else xd, weight_outin, bias, lam, gam, A, U_B, scaling,
-                                            mode)
+        return function.apply(x, None if same else xd, weight_outin, bias, *rest)
     x = x.to(amp)
     xd = None if same else xd.to(amp)
     weight_outin = weight_outin.to(amp)
     bias = None if bias is None else bias.to(amp)
     with torch.autocast(x.device.type, enabled=False):
-        return RandloraLinearFunction.apply(x, xd, weight_outin, bias, lam, gam, A, U_B, scaling, mode)
+        return function.apply(x, xd, weight_outin, bias, *rest)
 
 
 def randlora_update(xd: torch.Tensor, lam: torch.Tensor, gam: torch.Tensor, A: torch.Tensor, U_B: torch.Tensor,
@@ -234,11 +241,16 @@ def randlora_update(xd: torch.Tensor, lam: torch.Tensor, gam: torch.Tensor, A: t
     """The adapter path alone, s · xd ΔWᵀ: (..., in) → (..., out) float32 (the factored path, ΔW never formed), for
     a base layer that must be called as a module (FSDP-wrapped, quantized) rather than read as a weight;
     ``shape_outin`` is the base's (out, in). Its oracle: :func:`randlora_linear_reference` with a zero weight."""
-    args = (xd, None, None, None, lam, gam, A, U_B, scaling, "factored", tuple(shape_outin))
+    return apply_adapter_only(RandloraLinearFunction, xd, lam, gam, A, U_B, scaling, "factored", tuple(shape_outin))
+
+
+def apply_adapter_only(function: type[torch.autograd.Function], xd: torch.Tensor, *rest):
+    """``function.apply(xd, None, None, None, *rest)`` (no base weight: the adapter path alone, float32) with
+    autocast off inside the Function."""
     if autocast_dtype(xd) is None:
-        return RandloraLinearFunction.apply(*args)
+        return function.apply(xd, None, None, None, *rest)
     with torch.autocast(xd.device.type, enabled=False):
-        return RandloraLinearFunction.apply(*args)
+        return function.apply(xd, None, None, None, *rest)
 
 
 def randlora_linear_reference(x: torch.Tensor, xd: torch.Tensor, weight_outin: torch.Tensor,

@@ -24,13 +24,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..format.adapter import RandloraAdapter, build_adapter, read_adapter, write_adapter
+from ..format.adapter import RandloraAdapter, build_adapter, write_adapter
+from ..format.vera import VeraLayer
+from ..format.vera_file import VeraAdapter, build_vera_adapter, read_any_adapter, write_vera_adapter
 from ..errors import AdapterShapeError, AdapterStateError, BasisMismatchError
 from ..format.fingerprint import base_fingerprint
 from ..format.spec import GeneratorSpec
 from . import hf_save
 from .config import RandloraConfig
-from .layer import RandloraLayer, SharedBases
+from .layer import SharedBases, WrappedLayer
 
 # wrapper prefixes that torch inserts in parameter names (DDP, FSDP1, torch.compile, activation checkpointing)
 _WRAPPER_PARTS = ("module.", "_fsdp_wrapped_module.", "_orig_mod.", "_checkpoint_wrapped_module.")
@@ -75,81 +77,89 @@ class _StateDictView:
 
 @dataclass
 class AttachHandle:
-    """What :func:`attach` did to ``model``: the wrapped layers (by base weight key) and the shared bases."""
+    """What :func:`attach` did to ``model``: the wrapped layers (by base weight key) and the shared bases. The
+    layers are RandLoRA's (λ, γ) or VeRA's (λ_b, λ_d), as ``config.method`` says; each names its two trained
+    tensors in ``SCALE_NAMES``."""
 
     model: nn.Module
     config: RandloraConfig
     generator: GeneratorSpec
     shared: SharedBases
-    layers: dict[str, RandloraLayer]          # base weight key ("<module path>.weight") → layer
+    layers: dict[str, WrappedLayer]           # base weight key ("<module path>.weight") → layer
     module_names: dict[str, str]              # base weight key → module path
     base_model_id: str | None = None
     attached: bool = True
     merged: bool = False
-    # what unmerge() needs: λ, γ as merged (fp32 CPU copies), and the exact pre-merge weights when kept
+    # what unmerge() needs: the trained tensors as merged (fp32 CPU copies), and the exact pre-merge weights when kept
     _merged_scales: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
     _originals: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     _hooks: list = field(default_factory=list, repr=False)
 
     def parameters(self) -> list[nn.Parameter]:
-        """The trainable λ and γ, in layer order."""
-        return [p for layer in self.layers.values() for p in (layer.randlora_lambda, layer.randlora_gamma)]
+        """The trainable tensors (λ and γ, or λ_b and λ_d), in layer order."""
+        return [p for layer in self.layers.values() for p in layer.scales()]
 
     def trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
     # ---------------------------------------------------------------------------------------------------- saving
 
-    def to_adapter(self, state_dict: Mapping[str, torch.Tensor] | None = None) -> RandloraAdapter:
-        """The trained state as an in-memory randlora adapter (float32 scales, a base fingerprint).
+    def to_adapter(self, state_dict: Mapping[str, torch.Tensor] | None = None) -> RandloraAdapter | VeraAdapter:
+        """The trained state as an in-memory randlora adapter (float32 scales, a base fingerprint): a
+        :class:`RandloraAdapter`, or a :class:`VeraAdapter` for ``method="vera"``.
 
-        ``state_dict``: a full state dict of the model (keys may carry DDP / FSDP / compile prefixes) to read λ, γ and
-        the base weights from instead of the live modules — the way to save from FSDP1 (``FULL_STATE_DICT``) or
-        FSDP2 (``get_model_state_dict(..., full_state_dict=True)``) without gathering here. Without it, DTensor
-        parameters (FSDP2) are gathered, which is a collective: call on every rank."""
+        ``state_dict``: a full state dict of the model (keys may carry DDP / FSDP / compile prefixes) to read the
+        trained tensors and the base weights from instead of the live modules — the way to save from FSDP1
+        (``FULL_STATE_DICT``) or FSDP2 (``get_model_state_dict(..., full_state_dict=True)``) without gathering here.
+        Without it, DTensor parameters (FSDP2) are gathered, which is a collective: call on every rank."""
         if self.merged:
             raise AdapterStateError("the adapter is merged into the base weights, so the base fingerprint cannot be "
                                     "computed; save before merge() or after unmerge()")
         view = _StateDictView(state_dict) if state_dict is not None else None
-        lambdas, gammas, weights = {}, {}, {}
+        firsts, seconds, weights = {}, {}, {}
         for key, layer in self.layers.items():
             name = self.module_names[key]
             if view is not None:
-                lam, gam = view.get(f"{name}.randlora_lambda"), view.get(f"{name}.randlora_gamma")
+                trained = [view.get(f"{name}.{n}") for n in layer.SCALE_NAMES]
                 weight = view.get(f"{name}.base_layer.weight")
             else:
-                lam, gam = full_tensor(layer.randlora_lambda), full_tensor(layer.randlora_gamma)
+                trained = [full_tensor(p) for p in layer.scales()]
                 weight = full_tensor(layer.base_layer.weight)
-            r, n, D = self.shared.rank, layer.spec.num_bases, layer.spec.min_dim
-            for what, t, shape in (("randlora_lambda", lam, (r, n)), ("randlora_gamma", gam, (n, D)),
-                                   ("base weight", weight, layer.spec.shape)):
+            checks = (*zip(layer.SCALE_NAMES, trained, layer.scale_shapes()),
+                      ("base weight", weight, layer.stored_shape))
+            for what, t, shape in checks:
                 if tuple(t.shape) != tuple(shape):
                     raise AdapterShapeError(
                         f"{name}: {what} has shape {list(t.shape)} here but {list(shape)} when attached: the model "
                         "looks sharded (FSDP with use_orig_params=True); save inside FSDP.summon_full_params(model), "
                         "or pass state_dict= a full state dict of the model")
-            lambdas[key] = lam.detach().to("cpu", torch.float32, copy=True)
-            gammas[key] = gam.detach().to("cpu", torch.float32, copy=True)
+            firsts[key] = trained[0].detach().to("cpu", torch.float32, copy=True)
+            seconds[key] = trained[1].detach().to("cpu", torch.float32, copy=True)
             weights[key] = weight
-        shapes = {k: (l.spec.shape, l.spec.fan_in_fan_out) for k, l in self.layers.items()}
-        adapter = build_adapter(generator=self.generator, rank=self.shared.rank, alpha=float(self.config.alpha),
-                                layers=shapes, lambdas=lambdas, gammas=gammas, min_dim=self.shared.min_dim,
-                                max_dim=self.shared.max_dim, checksum=False,
-                                base_model={"id": self.base_model_id, "revision": None,
-                                            "fingerprint": base_fingerprint(weights)})
+        base_model = {"id": self.base_model_id, "revision": None, "fingerprint": base_fingerprint(weights)}
+        if self.config.method == "vera":
+            layers = {k: VeraLayer(shape=l.stored_shape, fan_in_fan_out=l.fan_in_fan_out)
+                      for k, l in self.layers.items()}
+            adapter = build_vera_adapter(generator=self.generator, rank=self.shared.rank, layers=layers,
+                                         lambda_b=firsts, lambda_d=seconds, base_model=base_model, checksum=False)
+        else:
+            shapes = {k: (l.spec.shape, l.spec.fan_in_fan_out) for k, l in self.layers.items()}
+            adapter = build_adapter(generator=self.generator, rank=self.shared.rank, alpha=float(self.config.alpha),
+                                    layers=shapes, lambdas=firsts, gammas=seconds, min_dim=self.shared.min_dim,
+                                    max_dim=self.shared.max_dim, checksum=False, base_model=base_model)
         # the bases the layers trained with are the ones the header describes: checksum them, do not redraw them
         adapter.header.bases_sha256 = self.shared.any().sha256()
         return adapter
 
     def save(self, path: str | os.PathLike, state_dict: Mapping[str, torch.Tensor] | None = None
-             ) -> RandloraAdapter:
+             ) -> RandloraAdapter | VeraAdapter:
         """Write the randlora file (atomically) and return the adapter written. See :meth:`to_adapter` for
         ``state_dict``. Under ``torch.distributed`` without ``state_dict``, every rank must call (DTensors are
         gathered) and rank 0 writes."""
         adapter = self.to_adapter(state_dict)
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         if state_dict is not None or not distributed or torch.distributed.get_rank() == 0:
-            write_adapter(adapter, path)
+            (write_vera_adapter if isinstance(adapter, VeraAdapter) else write_adapter)(adapter, path)
         return adapter
 
     # ---------------------------------------------------------------------------------------------- merge state
@@ -171,8 +181,7 @@ class AttachHandle:
         keep = (not detach) if keep_original is None else keep_original
         for key, layer in self.layers.items():
             w = layer.base_layer.weight
-            self._merged_scales[key] = (layer.randlora_lambda.detach().to("cpu", torch.float32, copy=True),
-                                        layer.randlora_gamma.detach().to("cpu", torch.float32, copy=True))
+            self._merged_scales[key] = tuple(p.detach().to("cpu", torch.float32, copy=True) for p in layer.scales())
             if keep and w.dtype != torch.float32:
                 self._originals[key] = w.detach().clone()
             w.copy_((w.float() + layer.delta()).to(w.dtype))
@@ -193,9 +202,9 @@ class AttachHandle:
             if key in self._originals:
                 w.copy_(self._originals.pop(key))
             else:
-                lam, gam = self._merged_scales[key]
+                first, second = self._merged_scales[key]
                 bases = self.shared.on(w.device)
-                delta = layer.spec_delta(lam.to(w.device), gam.to(w.device), bases)
+                delta = layer.spec_delta(first.to(w.device), second.to(w.device), bases)
                 w.copy_((w.float() - delta).to(w.dtype))
             layer.merged = False
         self._merged_scales.clear()
@@ -223,23 +232,27 @@ class AttachHandle:
         self.attached = True
 
     @torch.no_grad()
-    def load_scales(self, path: str | os.PathLike) -> RandloraAdapter:
-        """Load λ, γ from the randlora file ``path`` into the attached layers (resuming a checkpoint of this same
-        setup): the file must have these layers and shapes, this rank and alpha and these bases."""
-        adapter = read_adapter(path)
+    def load_scales(self, path: str | os.PathLike) -> RandloraAdapter | VeraAdapter:
+        """Load the trained tensors from the randlora file ``path`` into the attached layers (resuming a checkpoint
+        of this same setup): the file must have this method, these layers and shapes, this rank (and alpha) and
+        these bases."""
+        adapter = read_any_adapter(path)
         h = adapter.header
-        if set(h.layers) != set(self.layers) or h.rank != self.shared.rank or float(h.alpha) != float(
-                self.config.alpha):
-            raise AdapterShapeError(f"{path}: its layers, rank or alpha differ from the attached adapter's; load it "
-                                    "into a fresh base with load_into instead")
+        vera = isinstance(adapter, VeraAdapter)
+        same_alpha = vera or self.config.method == "vera" or float(h.alpha) == float(self.config.alpha)
+        if (vera != (self.config.method == "vera") or set(h.layers) != set(self.layers)
+                or h.rank != self.shared.rank or not same_alpha):
+            raise AdapterShapeError(f"{path}: its method, layers, rank or alpha differ from the attached adapter's; "
+                                    "load it into a fresh base with load_into instead")
         if h.bases_sha256 and h.bases_sha256 != self.shared.any().sha256():
             raise BasisMismatchError(f"{path}: was trained with other shared bases (generator, seed or sizes differ)")
+        tables = (adapter.lambda_b, adapter.lambda_d) if vera else (adapter.lambdas, adapter.gammas)
         for key, layer in self.layers.items():
-            if tuple(h.layers[key].shape) != tuple(layer.spec.shape):
+            if tuple(h.layers[key].shape) != tuple(layer.stored_shape):
                 raise AdapterShapeError(f"{path}: {key} is {list(h.layers[key].shape)} in the file but "
-                                        f"{list(layer.spec.shape)} in the model")
-            layer.randlora_lambda.copy_(adapter.lambdas[key])
-            layer.randlora_gamma.copy_(adapter.gammas[key])
+                                        f"{list(layer.stored_shape)} in the model")
+            for param, table in zip(layer.scales(), tables):
+                param.copy_(table[key])
         return adapter
 
     @contextlib.contextmanager

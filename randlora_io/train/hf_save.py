@@ -1,10 +1,11 @@
 """transformers' ``save_pretrained`` / ``load_state_dict`` on a model with RandLoRA attached.
 
-Attached, a targeted layer's weight lives at ``<module>.base_layer.weight`` beside ``randlora_lambda/gamma``: saved as
-is, ``from_pretrained`` would report the targeted layers missing and re-initialise them (a silently broken model).
-So while attached, ``model.save_pretrained`` writes the merged model (W + ΔW under the base's own key names, no
-λ/γ) without changing the model in memory, and ``model.load_state_dict`` of such a merged state dict (a plain
-``Trainer`` resuming from its checkpoint) is refused instead of leaving λ, γ untrained.
+Attached, a targeted layer's weight lives at ``<module>.base_layer.weight`` beside the trained tensors
+(``randlora_lambda/gamma``, or ``vera_lambda_b/d``): saved as is, ``from_pretrained`` would report the targeted layers
+missing and re-initialise them (a silently broken model). So while attached, ``model.save_pretrained`` writes the
+merged model (W + ΔW under the base's own key names, no trained tensors) without changing the model in memory, and
+``model.load_state_dict`` of such a merged state dict (a plain ``Trainer`` resuming from its checkpoint) is refused
+instead of leaving the adapter untrained.
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ def merged_state_dict(handle: AttachHandle, state_dict: Mapping[str, torch.Tenso
     for key, layer in handle.layers.items():
         name = handle.module_names[key]
         renamed[f"{name}.base_layer."] = f"{name}."
-        source.pop(f"{name}.randlora_lambda", None)
-        source.pop(f"{name}.randlora_gamma", None)
+        for scale in layer.SCALE_NAMES:
+            source.pop(f"{name}.{scale}", None)
     for k, v in source.items():
         for old, new in renamed.items():
             if k.startswith(old):
@@ -57,7 +58,7 @@ def _refuse_merged_keys(handle: AttachHandle, module, state_dict, prefix, *args)
         if f"{prefix}{name}.weight" in state_dict and f"{prefix}{name}.base_layer.weight" not in state_dict:
             raise AdapterStateError(
                 f"{name}: this state dict holds a merged model (as save_pretrained of an attached model writes it), "
-                "not RandLoRA's λ and γ; load it into the base model without RandLoRA attached, or resume training "
+                "not the adapter's trained tensors; load it into the base model without the adapter attached, or resume training "
                 "from an adapter checkpoint (randlora_io.train.RandloraTrainer writes them)")
 
 

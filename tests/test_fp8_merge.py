@@ -286,3 +286,37 @@ def test_a_dense_delta_and_an_unmerge_on_fp8(fp8_sharded, tmp_path):
     _assert_requantized(key, sub[key], sub[key.removesuffix(".weight") + ".weight_scale_inv"],
                         w - (merged["lora"][key] - w), (16, 16))
     assert _raw(lora["model.norm.weight"]) == _raw(base["model.norm.weight"])
+
+
+@pytest.mark.parametrize("method,extra", [("ties", ["--density", "0.5"]), ("dare_linear", ["--density", "0.7",
+                                                                                            "--seed", "4"])])
+def test_composition_methods_into_an_fp8_base(fp8_sharded, tmp_path, method, extra):
+    """``--method`` composes the inputs' float32 τᵢ (PEFT's own ΔW here) and the sum is added to dequant(W) before
+    re-quantizing: the same rule as one adapter, checked against the composition reference on PEFT's deltas."""
+    from peft import PeftModel
+    from tiny_models import peft_layer_deltas
+
+    from randlora_io.merge.compose import compose, dare_keep_mask
+
+    root, pairs, _ = fp8_sharded
+    taus = []
+    for i, name in enumerate(("lora", "randlora")):
+        twin, _ = fp8_llama(tmp_path / f"twin{i}", shards=1)
+        taus.append(peft_layer_deltas(PeftModel.from_pretrained(twin, root / name)))
+    twin_state = {k: v.detach().float() for k, v in fp8_llama(tmp_path / "twin", shards=1)[0].state_dict().items()}
+    run_cli("merge", root / "base", root / "lora", root / "randlora", "-o", tmp_path / "out", "--method", method,
+            "--weight", "1", "--weight", "0.5", *extra)
+    out, before = _tensors(tmp_path / "out"), _tensors(root / "base")
+    density = float(extra[1])
+    checked = 0
+    for key in pairs:
+        inputs = [taus[0][key], taus[1].get(key)]
+        masks = [None if t is None or "--seed" not in extra else
+                 dare_keep_mask(int(extra[-1]), i, key, tuple(t.shape), density) for i, t in enumerate(inputs)]
+        want = twin_state[key] + compose(inputs, [1.0, 0.5], method, density=density, keep_masks=masks)
+        _assert_requantized(key, out[key], out[key.removesuffix(".weight") + ".weight_scale_inv"], want, (16, 16))
+        checked += 1
+    assert checked == len(pairs)
+    for key in before:
+        if key not in pairs and not key.endswith("_scale_inv") and key.split(".")[-2] not in LLAMA_TARGETS:
+            assert _raw(out[key]) == _raw(before[key]), key

@@ -458,6 +458,11 @@ INVALID = [  # name, rule, checked_by, base factory, mutation
 VERA_LAYERS = {"m.q.weight": ([6, 4], False), "m.o.weight": ([4, 6], False), "h.c.weight": ([4, 9], True)}
 
 
+# SPEC §2.1: the text a VeRA header holds in `alpha` (1.1 readers refuse a non-number there, showing it)
+VERA_ALPHA_MARK = ("none: a VeRA adapter (SPEC 1.2 generator method vera), a newer adapter method than a 1.1 reader "
+                   "knows; upgrade randlora-io")
+
+
 class VeraFileCase(FileCase):
     """A VeRA file (SPEC §2.1, format 1.2): λ_b / λ_d per layer; (max_out, max_in) = (9, 6) for VERA_LAYERS."""
 
@@ -467,7 +472,8 @@ class VeraFileCase(FileCase):
         max_out = max(s[1] if f else s[0] for s, f in layers.values())
         max_in = max(s[0] if f else s[1] for s, f in layers.values())
         self.header = {"format": "randlora", "format_version": version, "generator": copy.deepcopy(self.generator),
-                       "seed": seed, "rank": rank, "bases": {"max_out": max_out, "max_in": max_in}, "layers": {}}
+                       "seed": seed, "rank": rank, "alpha": VERA_ALPHA_MARK,
+                       "bases": {"max_out": max_out, "max_in": max_in}, "layers": {}}
         self.tensors = []
         for key, (shape, fan) in layers.items():
             out_f = shape[1] if fan else shape[0]

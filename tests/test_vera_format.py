@@ -158,9 +158,12 @@ def test_a_1_1_reader_refuses_vera_files_as_newer(tmp_path, generator):
         write_vera_adapter(_philox_adapter(), tmp_path / "a.safetensors")
     text = read_header(tmp_path / "a.safetensors").metadata["randlora"]
     old = _one_point_one_spec()
-    # refused, never read as RandLoRA: 1.1 requires alpha / min_dim / max_dim / num_bases, which a VeRA header has
-    # not, and refuses the generator parameter `method`; the 1.1 code stops at the first of these, alpha
-    with pytest.raises(ValueError, match="'alpha' must be a finite number"):
+    # refused, never read as RandLoRA: 1.1 requires a numeric alpha and min_dim / max_dim / num_bases, which a VeRA
+    # header has not, and refuses the generator parameter `method`; the 1.1 code stops at the first, alpha, and
+    # shows the text VeRA writers put there (SPEC §2.1): it names the newer method and what to do
+    with pytest.raises(ValueError, match=r"'alpha' must be a finite number, got 'none: a VeRA adapter \(SPEC 1.2 "
+                                         r"generator method vera\), a newer adapter method than a 1.1 reader knows; "
+                                         r"upgrade randlora-io'"):
         old.parse_header(text)
     header = json.loads(text)  # were it given RandLoRA's fields, the generator check would still refuse it
     header.update(alpha=1.0, bases={"min_dim": 9, "max_dim": 9})
@@ -169,6 +172,14 @@ def test_a_1_1_reader_refuses_vera_files_as_newer(tmp_path, generator):
     with pytest.raises(HeaderError, match="a VeRA header"):  # this library's RandLoRA-only entry point says what
         read_adapter(tmp_path / "a.safetensors")
     assert read_any_adapter(tmp_path / "a.safetensors").header.generator.method == "vera"
+
+
+def test_a_vera_header_without_alpha_from_the_first_1_2_writer_still_reads(tmp_path):
+    assert _rewrite(tmp_path, lambda h: h.pop("alpha")).exit_code == 0     # validate
+    adapter = read_vera_adapter(tmp_path / "b.safetensors")
+    assert adapter.header.generator.method == "vera"
+    write_vera_adapter(adapter, tmp_path / "c.safetensors")   # rewritten with the text 1.1 readers show
+    assert json.loads(read_header(tmp_path / "c.safetensors").metadata["randlora"])["alpha"].startswith("none: a VeRA")
 
 
 def _rewrite(tmp_path, edit) -> object:
@@ -183,7 +194,8 @@ def _rewrite(tmp_path, edit) -> object:
 
 @pytest.mark.parametrize("edit, fragment", [
     (lambda h: h["generator"].update(method="dora"), "method 'dora' is a newer adapter method"),
-    (lambda h: h.update(alpha=1.0), "has no 'alpha'"),
+    (lambda h: h.update(alpha=1.0), "has no numeric 'alpha'"),
+    (lambda h: h.update(alpha="none"), "has no numeric 'alpha'"),
     (lambda h: h["layers"]["m.q.weight"].update(num_bases=2), "has no 'num_bases'"),
     (lambda h: h["bases"].update(max_in=10), "the layers imply (9, 6)"),
     (lambda h: h["bases"].update(min_dim=6), "not randlora's min_dim"),

@@ -28,7 +28,12 @@ from .vera import VeraLayer, check_vera_budget, vera_bases, vera_delta
 
 LAMBDA_B = ".lambda_b"
 LAMBDA_D = ".lambda_d"
-_KNOWN_TOP_KEYS = {"format", "format_version", "generator", "seed", "rank", "bases", "layers", "base_model"}
+_KNOWN_TOP_KEYS = {"format", "format_version", "generator", "seed", "rank", "alpha", "bases", "layers", "base_model"}
+# SPEC §2.1: VeRA has no scaling, so `alpha` holds this text, not a number. A 1.1 reader (which requires a finite
+# number there and checks it before the generator) then refuses the file showing it, e.g. randlora-io 1.1's
+# "header: 'alpha' must be a finite number, got 'none: a VeRA adapter ...; upgrade randlora-io'"
+VERA_ALPHA_MARK = ("none: a VeRA adapter (SPEC 1.2 generator method vera), a newer adapter method than a 1.1 reader "
+                   "knows; upgrade randlora-io")
 _KNOWN_BASES_KEYS = {"max_out", "max_in", "sha256", "stored"}
 _KNOWN_LAYER_KEYS = {"shape", "fan_in_fan_out", "dtype"}
 
@@ -60,7 +65,8 @@ class VeraHeader:
                              self.bases_extra)
         return with_optional({"format": FORMAT_NAME, "format_version": self.format_version,
                               "generator": self.generator.to_json(), "seed": self.seed, "rank": self.rank,
-                              "bases": bases, "layers": {k: v.to_json() for k, v in self.layers.items()}},
+                              "alpha": VERA_ALPHA_MARK, "bases": bases,
+                              "layers": {k: v.to_json() for k, v in self.layers.items()}},
                              self.base_model, self.extra)
 
 
@@ -74,7 +80,8 @@ def vera_header_from_json(obj: dict[str, Any]) -> VeraHeader:
     rank = int_field(obj, "rank", "header", minimum=1)
     seed = int_field(obj, "seed", "header", minimum=0)
     require(seed < 2**64, f"header: 'seed' must be < 2^64, got {seed}")
-    require("alpha" not in obj, "header: a VeRA header has no 'alpha' (VeRA's update has no scaling, SPEC §2.1)")
+    require(obj.get("alpha", VERA_ALPHA_MARK) == VERA_ALPHA_MARK, "header: a VeRA header has no numeric 'alpha' "
+            "(VeRA's update has no scaling; SPEC §2.1: absent, or the text 1.1 readers show when they refuse it)")
     bases = obj.get("bases")
     require(isinstance(bases, dict), "header: 'bases' must be an object with max_out and max_in")
     require(not {"min_dim", "max_dim"} & set(bases), "bases: a VeRA header sizes its bases by max_out / max_in, "

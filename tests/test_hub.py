@@ -216,3 +216,27 @@ def test_model_card_and_hub_references(adapter_file):
     with pytest.raises(HubError, match="not a Hub reference"):
         parse_hub_source("hub:")
     json.dumps(card)  # plain text
+
+
+def test_a_vera_file_pushes_pulls_and_merges_from_the_hub(hub, tmp_path):
+    from tiny_models import LLAMA_TARGETS, tiny_llama
+
+    from randlora_io.train import RandloraConfig, attach
+
+    tiny_llama().save_pretrained(tmp_path / "base")
+    model = tiny_llama()
+    handle = attach(model, RandloraConfig(method="vera", r=8, target_modules=LLAMA_TARGETS, seed=3))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in handle.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    local = tmp_path / "v.randlora.safetensors"
+    handle.save(local)
+    push_to_hub(local, "alice/vera")
+    card = hub.repos["alice/vera"].commits[hub.repos["alice/vera"].branches["main"]]["README.md"].decode()
+    assert "vera" in card.lower() and "| seed | 3 |" in card
+    assert load_from_hub("alice/vera").read_bytes() == local.read_bytes()
+    assert cli("merge", str(tmp_path / "base"), "hub:alice/vera", "-o", str(tmp_path / "hub_out")).exit_code == 0
+    assert cli("merge", str(tmp_path / "base"), str(local), "-o", str(tmp_path / "local_out")).exit_code == 0
+    assert (tmp_path / "hub_out" / "model.safetensors").read_bytes() == \
+        (tmp_path / "local_out" / "model.safetensors").read_bytes()

@@ -163,15 +163,7 @@ class RandloraLinearFunction(torch.autograd.Function):
                     left, right = gU, S                                   # (T, K) @ (K, in)
                 else:
                     left, right = gf @ S.T, U.T                           # (T, K) @ (K, in)
-                if ctx.same and base_grad is not None:   # accumulated onto the base gradient, rounded once
-                    acc = base_grad.reshape(T, in_f).to(dt).addmm_(left, right)
-                else:
-                    acc = left @ right
-                adapter_grad = acc.reshape(xd.shape).to(xd.dtype)
-                if ctx.same:
-                    grad_x = adapter_grad
-                else:
-                    grad_x, grad_xd = base_grad, adapter_grad
+                grad_x, grad_xd = input_grads(base_grad, left, right, xd, ctx.same, dt)
             else:
                 grad_x = base_grad
         d_lam = d_gam = None
@@ -188,6 +180,19 @@ class RandloraLinearFunction(torch.autograd.Function):
         if not need[0]:
             grad_x = None
         return grad_x, grad_xd, None, None, d_lam, d_gam, None, None, None, None, None
+
+
+def input_grads(base_grad: torch.Tensor | None, left: torch.Tensor, right: torch.Tensor, xd: torch.Tensor,
+                same: bool, dt: torch.dtype) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(grad_x, grad_xd) when the adapter path's input gradient is ``left @ right`` ((T, k) @ (k, in), in ``dt``):
+    with xd the same tensor as x it is accumulated onto the base gradient (T, in) and rounded once (one gradient,
+    for x); else the base's goes to x and the adapter's to xd (dropout's input)."""
+    if same and base_grad is not None:
+        acc = base_grad.reshape(-1, right.shape[1]).to(dt).addmm_(left, right)
+    else:
+        acc = left @ right
+    adapter_grad = acc.reshape(xd.shape).to(xd.dtype)
+    return (adapter_grad, None) if same else (base_grad, adapter_grad)
 
 
 def _merged_weight(weight: torch.Tensor, U: torch.Tensor, S: torch.Tensor, in_is_min: bool) -> torch.Tensor:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .function import apply_adapter_linear, apply_adapter_only
+from .function import apply_adapter_linear, apply_adapter_only, input_grads
 
 
 def _dtype(lambda_b: torch.Tensor) -> torch.dtype:
@@ -73,17 +73,8 @@ class VeraLinearFunction(torch.autograd.Function):
                 d_ld = (h * gB).sum(0).to(lambda_d.dtype)           # (r,)
         grad_x = grad_xd = None
         base_grad = (grad_out @ weight.to(grad_out.dtype)) if need[0] and weight is not None else None
-        if need_x:
-            Ad = A * ld[:, None]
-            if ctx.same and base_grad is not None:                    # accumulated onto the base gradient, rounded once
-                acc = base_grad.reshape(-1, in_f).to(dt).addmm_(gB, Ad)
-            else:
-                acc = gB @ Ad
-            adapter_grad = acc.reshape(xd.shape).to(xd.dtype)
-            if ctx.same:
-                grad_x = adapter_grad
-            else:
-                grad_x, grad_xd = base_grad, adapter_grad
+        if need_x:   # (T, r) @ (r, in), onto the base gradient when xd is x
+            grad_x, grad_xd = input_grads(base_grad, gB, A * ld[:, None], xd, ctx.same, dt)
         else:
             grad_x = base_grad
         if not need[0]:

@@ -247,3 +247,37 @@ def test_cli_train_vera(llama_dir, tmp_path):
     assert {k.split(".")[-2] for k in header.layers} == {"q_proj", "v_proj", "down_proj"}
     assert_one_line_error(run_cli("train", llama_dir, data, "-o", tmp_path / "x.safetensors", "--method", "vera",
                                   "--alpha", "3", check=False), "no scaling factor")
+
+
+@pytest.mark.parametrize("method,dtype", [("vera", torch.bfloat16), ("vera", torch.float16),
+                                          ("randlora", torch.float16)])
+def test_trained_on_a_half_base_merges_as_peft_merges_its_peft_dir(method, dtype, tmp_path):
+    """PEFT rounds its shared bases to a half layer's dtype: the trainer's peft generator records that cast, so the
+    trained file, our merge, and PEFT's merge of the converted PEFT dir agree bit for bit on the half base. (Before,
+    the file said float32 bases and PEFT's merge of its dir differed from ours by the bases' rounding.)"""
+    from test_peft_vera import peft_merged
+
+    tiny_llama().to(dtype).save_pretrained(tmp_path / "base")
+    model = tiny_llama().to(dtype)
+    config = vera(r=8, target_modules=LLAMA_TARGETS, generator="peft", seed=6) if method == "vera" else \
+        RandloraConfig(r=4, target_modules=LLAMA_TARGETS, generator="peft", seed=6)
+    handle = attach(model, config)
+    assert handle.generator.cast_dtype == str(dtype).removeprefix("torch.")
+    randomise(handle, scale=0.3)
+    handle.save(tmp_path / "a.safetensors")
+    run_cli("convert", tmp_path / "a.safetensors", tmp_path / "peft_dir", "--to", f"peft-{method}")
+    expected = peft_merged(tmp_path / "base", tmp_path / "peft_dir")
+    run_cli("merge", tmp_path / "base", tmp_path / "a.safetensors", "-o", tmp_path / "out")
+    merged = load_file(str(tmp_path / "out" / "model.safetensors"))
+    before = load_file(str(tmp_path / "base" / "model.safetensors"))
+    changed = 0
+    for key, tensor in merged.items():
+        if method == "vera":
+            assert torch.equal(tensor, expected[key]), (key, (tensor.float() - expected[key].float()).abs().max())
+        else:  # PEFT's RandLoRA adds a half ΔW in half (two roundings; README, Numerics): ≤ 2 ulp of operands
+            ours, peft, w = tensor.float(), expected[key].float(), before[key].float()
+            top = torch.maximum(torch.maximum(ours.abs(), peft.abs()), w.abs()).to(dtype)
+            ulp = torch.nextafter(top, torch.full_like(top, float("inf"))).float() - top.float()
+            assert bool(((ours - peft).abs() <= 2 * ulp).all()), key   # 2: PEFT's two roundings across a binade
+        changed += not torch.equal(tensor, before[key])
+    assert changed == len(handle.layers)

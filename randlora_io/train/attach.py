@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 
@@ -57,6 +58,20 @@ def _targets(model: nn.Module, config: RandloraConfig) -> dict[str, nn.Module]:
     return found
 
 
+def _peft_cast(config: RandloraConfig, generator: GeneratorSpec, targets: dict[str, nn.Module]) -> GeneratorSpec:
+    """PEFT casts its shared bases to each targeted layer's dtype in turn, so one bf16 / fp16 target rounds them for
+    every layer: a ``peft`` generator on such a model records (and its bases get) that ``cast_dtype``, so the file,
+    the merge and PEFT's own model of it agree. Targets that mix bfloat16 and float16 are refused (PEFT's bases
+    would then depend on the layer order)."""
+    halves = {m.weight.dtype for m in targets.values()} & {torch.bfloat16, torch.float16}
+    if config.generator != "peft" or not halves:
+        return generator
+    if len(halves) > 1:
+        raise HeaderError("the targeted weights mix bfloat16 and float16; PEFT's shared bases would then depend on "
+                          "the layer order: cast the model to one dtype first")
+    return dataclasses.replace(generator, cast_dtype="bfloat16" if halves == {torch.bfloat16} else "float16")
+
+
 def attach(model: nn.Module, config: RandloraConfig | None = None, *, min_dim: int | None = None,
            max_dim: int | None = None, generator: GeneratorSpec | None = None,
            bases: Bases | None = None) -> AttachHandle:
@@ -71,7 +86,7 @@ def attach(model: nn.Module, config: RandloraConfig | None = None, *, min_dim: i
     if config.method == "vera":
         if min_dim is None or max_dim is None:
             min_dim, max_dim = max_out_in(shapes.values())   # (max_out, max_in)
-        generator = generator or config.generator_spec(min(min_dim, max_dim))
+        generator = generator or _peft_cast(config, config.generator_spec(min(min_dim, max_dim)), targets)
         shared = SharedVeraBases(generator, config.r, min_dim, max_dim, bases)
 
         def make(module: nn.Module, key: str) -> WrappedLayer:
@@ -81,7 +96,7 @@ def attach(model: nn.Module, config: RandloraConfig | None = None, *, min_dim: i
             min_dim, max_dim = peft_shared_dims(shapes.values())
         if config.r > min_dim:
             raise HeaderError(f"r={config.r} exceeds the smallest shared dimension {min_dim}; choose r ≤ {min_dim}")
-        generator = generator or config.generator_spec(min_dim)
+        generator = generator or _peft_cast(config, config.generator_spec(min_dim), targets)
         shared = SharedBases(generator, config.r, min_dim, max_dim, bases)
         scaling = float(config.alpha) / config.r * normalisation(generator)
 

@@ -281,3 +281,39 @@ def test_trained_on_a_half_base_merges_as_peft_merges_its_peft_dir(method, dtype
             assert bool(((ours - peft).abs() <= 2 * ulp).all()), key   # 2: PEFT's two roundings across a binade
         changed += not torch.equal(tensor, before[key])
     assert changed == len(handle.layers)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_an_attached_vera_model_compiles_to_one_graph(dropout):
+    import torch._dynamo as dynamo
+
+    dynamo.reset()
+    model = tiny_llama(layers=1)
+    attach(model, vera(r=8, dropout=dropout))
+    model.train()
+    explained = dynamo.explain(model)(input_ids=IDS)
+    assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
+    assert explained.graph_count == 1
+
+
+@pytest.mark.parametrize("amp", [torch.bfloat16, torch.float16])
+def test_the_layer_under_autocast_matches_the_float32_reference(amp):
+    """Under autocast the base product runs in the autocast dtype, the adapter path in float32, the output in the
+    autocast dtype; the vectors' gradients stay float32 and match the float32 reference to the half rounding."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 10, 24, generator=g)
+    W, b = torch.randn(16, 24, generator=g), torch.randn(16, generator=g)
+    lb = torch.randn(16, generator=g).requires_grad_()
+    ld = torch.randn(8, generator=g).requires_grad_()
+    A, B = torch.randn(8, 24, generator=g), torch.randn(16, 8, generator=g)
+    with torch.autocast("cpu", dtype=amp):
+        y = vera_linear(x, x, W, b, lb, ld, A, B)
+    assert y.dtype == amp
+    grads = torch.autograd.grad(y.float().sum(), (lb, ld))
+    want = vera_linear_reference(x, x, W, b, lb, ld, A, B)
+    want_grads = torch.autograd.grad(want.sum(), (lb, ld))
+    tol = 2e-2 if amp is torch.bfloat16 else 2e-3
+    torch.testing.assert_close(y.float(), want, rtol=tol, atol=tol * float(want.abs().max()))
+    for got, exp in zip(grads, want_grads):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, exp, rtol=tol, atol=tol * float(exp.abs().max()))

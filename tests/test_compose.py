@@ -9,6 +9,7 @@ sort, stacked tensors) so that it is a real second implementation. torch.bernoul
 """
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -417,3 +418,40 @@ def test_rank_range_mask_on_a_large_tied_tensor():
     mags = (torch.randint(0, 50, (400_000,), generator=g).float() / 7)
     for start, stop in [(200_000, 400_000), (123_456, 345_678), (0, 1), (399_999, 400_000)]:
         assert torch.equal(rank_range_mask(mags, start, stop), _stable_rank_mask(mags, start, stop)), (start, stop)
+
+
+# --- DARE's rescale: an L1 norm whose bits do not depend on the thread count -------------------------------------
+
+@pytest.mark.parametrize("n", [1, 2, 3, 1000, 1 << 16, (1 << 16) + 1, 5 * (1 << 16) + 777, 40 * (1 << 16) + 3])
+def test_blocked_pairwise_l1_is_the_tree_bit_for_bit(n):
+    from randlora_io.merge.fixed_sum import pairwise_l1, pairwise_l1_reference
+
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(n, generator=g) * torch.logspace(-6, 6, n)  # a wide range: the order matters
+    assert pairwise_l1(x) == pairwise_l1_reference(x)
+    assert pairwise_l1(x.bfloat16()) == pairwise_l1_reference(x.bfloat16())
+    exact = math.fsum(abs(v) for v in x.double().tolist())
+    assert abs(pairwise_l1(x) - exact) <= 1e-12 * exact
+
+
+def test_dare_rescale_gives_the_same_bits_for_any_thread_count():
+    """torch's float32 sum of 2¹⁹ elements moves by an ulp between 1 and 4 threads; DARE's ‖τ‖₁ / ‖m⊙τ‖₁ must not
+    (a DARE merge is promised byte-identical on any machine and under torchrun)."""
+    from randlora_io.merge.compose_fast import compose_
+
+    shape = (512, 1024)
+    g = torch.Generator().manual_seed(7)
+    taus = [torch.randn(shape, generator=g) * torch.rand(shape, generator=g) ** 4 for _ in range(2)]
+    masks = [dare_keep_mask(3, i, "w", shape, 0.5) for i in range(2)]
+    before = torch.get_num_threads()
+    outs = {}
+    try:
+        for threads in (1, 4):
+            torch.set_num_threads(threads)
+            ref = compose(taus, [1.0, 0.7], "dare_linear", density=0.5, keep_masks=masks)
+            fast = compose_([t.clone() for t in taus], [1.0, 0.7], "dare_linear", density=0.5, keep_masks=masks)
+            assert torch.equal(fast, ref)
+            outs[threads] = fast
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(outs[1], outs[4])

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ..errors import SourceFormatError
+from .fixed_sum import pairwise_l1_reference
 
 METHODS = ("task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties")
 SPARSIFICATIONS = ("magnitude", "magnitude_outliers", "random")
@@ -92,7 +93,9 @@ def sparsify(tau: torch.Tensor, method: str, density: float, *, gamma: float = 0
     * ``"random"`` (DARE; ``sparsify.bernoulli``): keep where ``keep_mask`` (bool, τ's shape) is True.
 
     ``rescale`` (default: True for "random", else False, as each method's mergekit default): multiply the kept
-    values by ‖τ‖₁ / ‖m⊙τ‖₁ (``rescaled_masked_tensor`` with ``RescaleNorm.l1``), unless either norm is < 1e-7.
+    values by ‖τ‖₁ / ‖m⊙τ‖₁ (``rescaled_masked_tensor`` with ``RescaleNorm.l1``), unless either norm is < 1e-7;
+    each norm by :func:`~randlora_io.merge.fixed_sum.pairwise_l1_reference` (binary64, a fixed order: mergekit's
+    float32 ``sum`` changes with the thread count), their ratio rounded to τ's dtype.
     """
     if method not in SPARSIFICATIONS:
         raise SourceFormatError(f"sparsify: unknown method {method!r}; expected one of {', '.join(SPARSIFICATIONS)}")
@@ -124,10 +127,10 @@ def sparsify(tau: torch.Tensor, method: str, density: float, *, gamma: float = 0
     masked = tau * mask
     if not rescale:
         return masked
-    before, after = tau.abs().sum(), masked.abs().sum()
+    before, after = pairwise_l1_reference(tau), pairwise_l1_reference(masked)
     if before < 1e-7 or after < 1e-7:
         return masked
-    return masked * (before / after)
+    return masked * torch.tensor(before / after, dtype=tau.dtype)
 
 
 def stable_rank_mask(mags: torch.Tensor, start: int, stop: int) -> torch.Tensor:

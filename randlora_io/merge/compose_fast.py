@@ -16,6 +16,7 @@ import torch
 
 from ..errors import SourceFormatError
 from .compose import DEFAULTS, ComposeStats, _density, _per_input, finish_, linear_sum_
+from .fixed_sum import pairwise_l1
 
 _SAMPLE = 1 << 16  # elements of the strided sample that brackets a cut value
 _SMALL = 1 << 17  # below this many elements, kthvalue on the whole tensor is as fast
@@ -101,12 +102,12 @@ def _sparsify_(tau: torch.Tensor, sparsification: str, density: float, gamma: fl
             mask = rank_range_keep(mags, n_bot, n_bot + target)
         del mags
         mask = mask.reshape(tau.shape)
-    before = tau.abs().sum() if rescale else None
+    before = pairwise_l1(tau) if rescale else 0.0
     tau.mul_(mask)
     if rescale:
-        after = tau.abs().sum()
+        after = pairwise_l1(tau)
         if not (before < 1e-7 or after < 1e-7):
-            tau.mul_(before / after)
+            tau.mul_(torch.tensor(before / after, dtype=tau.dtype))
 
 
 def compose_(taus: Sequence[torch.Tensor | None], weights: Sequence[float], method: str, *,

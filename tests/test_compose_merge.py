@@ -262,6 +262,44 @@ def test_merge_into_state_dict_composes_as_merge(three, tmp_path):
         assert torch.equal(ours[key], value), key
 
 
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs_ties", "dare_ties"])
+def test_merge_into_state_dict_composes_a_tied_tensor_once(method, tmp_path, monkeypatch):
+    """A live tied model: lm_head and embed_tokens are one tensor under two names. One input adapts lm_head (LoRA),
+    another embed_tokens (dense delta): the composition trims, elects signs and normalises over the one tensor, as
+    the streaming merge of the saved (stored once) base does, and as mergekit does on that tensor."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from randlora_io import merge_into_state_dict
+    from tiny_models import tiny_tied_llama
+
+    tiny_tied_llama().save_pretrained(tmp_path / "base")
+    lora = peft_lora(tiny_tied_llama(), targets=["lm_head", "q_proj"], scale_seed=2)
+    lora.save_pretrained(tmp_path / "a")
+    g = torch.Generator().manual_seed(9)
+    key = "model.embed_tokens.weight"
+    dense = {key: torch.randn(64, 32, generator=g) * 0.01,
+             "model.layers.0.self_attn.q_proj.weight": torch.randn(32, 32, generator=g) * 0.01}
+    save_file(dense, str(tmp_path / "b.safetensors"),
+              metadata={"randlora_dense_delta": json.dumps({"format_version": "1.0"})})
+    inputs = [tmp_path / "a", tmp_path / "b.safetensors"]
+    run_cli("merge", tmp_path / "base", *inputs, "-o", tmp_path / "out", "--method", method, "--density", "0.5")
+    streamed = load_file(str(tmp_path / "out" / "model.safetensors"))
+    model = tiny_tied_llama()
+    state = model.state_dict()
+    assert state["lm_head.weight"].data_ptr() == state[key].data_ptr()
+    ours = merge_into_state_dict(state, [str(p) for p in inputs], [1.0, 1.0], method=method, density=0.5,
+                                 model_config=model.config.to_dict())
+    assert torch.equal(ours["lm_head.weight"], ours[key])
+    for name, value in streamed.items():
+        assert torch.equal(ours[name], value), name
+    taus = [peft_layer_deltas(lora)["lm_head.weight"], dense[key]]
+    expected = state[key] + _mergekit(taus, method, [0.5, 0.5], [1.0, 1.0], 1.0, monkeypatch, key)
+    skip = _undecided(taus, method, [0.5, 0.5], [1.0, 1.0])
+    torch.testing.assert_close(ours[key][~skip], expected[~skip], rtol=2e-5, atol=2e-6)
+
+
 # --- refusals: one line, non-zero exit, nothing written ------------------------------------------------------------
 
 def _refused(tmp_path, *args, fragments=()):

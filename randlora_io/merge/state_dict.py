@@ -20,6 +20,7 @@ from ..sources.interface import DeltaSource
 from ..sources.keymap import for_checkpoint
 from ..sources.randlora_file import RandloraSource
 from ..sources.registry import open_source
+from ..sources.ties import TiedSumSource
 from .composition import ComposedSource, composition_for
 from .layer import add_delta_
 from .terms import apply_term_
@@ -76,12 +77,12 @@ def merge_into_state_dict(
     sources = [source_for_state_dict(a, state_dict, model_config=model_config, conv1d=conv1d) for a in adapters]
     composition = composition_for(method, weights, [s.path for s in sources], density=density, lambda_=lambda_,
                                   normalize=normalize, seed=seed)
+    tied = _tied_keys(state_dict)
     if composition is not None:
         for source in sources:
             _check_keys(source, state_dict)
-        sources, weights = [ComposedSource(sources, composition)], [1.0]
+        sources, weights = [ComposedSource([_fold_tied(s, tied) for s in sources], composition)], [1.0]
     out = dict(state_dict)
-    tied = _tied_keys(state_dict)
     merged: dict[str, torch.Tensor] = {}  # key → float32 result, shared by keys that share one tensor
     for source, weight in zip(sources, weights):
         _merge_one(source, weight, state_dict, tied, merged)
@@ -122,6 +123,26 @@ def _merge_one(source: DeltaSource, weight: float, state_dict: Mapping[str, torc
         apply_term_(w32, source, key, weight, lambda inner, inner_key: add_delta_(w32, inner, inner_key, weight))
         for name in tied.get(key, (key,)):  # tied weights (one tensor, two names): PEFT merges into the one tensor
             merged[name] = w32
+
+
+def _fold_tied(source: DeltaSource, tied: Mapping[str, tuple[str, ...]]) -> DeltaSource:
+    """``source`` with the ΔW of every name of a tied tensor summed under its first name (state dict order), as the
+    streaming merge sees it (the checkpoint stores the tensor once): a composition then trims, elects signs and
+    normalises over the one tensor, not over each name alone. DoRA on a tied name is refused (not additive)."""
+    folded: dict[str, list[str]] = {}
+    for key in source.keys():
+        first = tied.get(key, (key,))[0]
+        if first != key:
+            folded.setdefault(first, []).append(key)
+    if not folded:
+        return source
+    for first, names in folded.items():
+        for name in [first, *names]:
+            if name in source.keys() and source.dora_magnitude(name) is not None:
+                raise BaseModelMismatchError(
+                    f"{source.path}: DoRA layer {name!r} shares its tensor with {names[0] if name == first else first!r}"
+                    " in the state dict (tied): its update is not a task vector to compose; merge it without a method")
+    return TiedSumSource(source, folded, {})
 
 
 def _tied_keys(state_dict: Mapping[str, torch.Tensor]) -> dict[str, tuple[str, ...]]:

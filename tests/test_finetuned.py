@@ -78,3 +78,36 @@ def test_convert_refuses_a_finetuned_checkpoint(tmp_path):
                      tmp_path / "base", check=False)
     assert_one_line_error(result, "a fine-tuned full checkpoint is not an adapter")
     assert not (tmp_path / "a.safetensors").exists()
+
+
+def test_a_float64_finetuned_checkpoint_is_merged_not_skipped(tmp_path):
+    """A fine-tune saved in float64 (all of it, or one tensor): τ is taken in float64 and rounded once. Before,
+    float64 tensors were left out of the task vector: exit 0 with the base's weights there."""
+    from safetensors.torch import save_file
+
+    tiny_llama().save_pretrained(tmp_path / "base")
+    base = load_file(str(tmp_path / "base" / "model.safetensors"))
+    ft = _finetuned(tmp_path, "ft", 0.01, 1)
+    as64 = {k: (v.double() if k == "model.norm.weight" or "q_proj" in k else v) for k, v in ft.items()}
+    save_file(as64, str(tmp_path / "ft" / "model.safetensors"), metadata={"format": "pt"})
+    for method in ([], ["--method", "ties", "--density", "1"]):
+        out = tmp_path / f"out{len(method)}"
+        run_cli("merge", tmp_path / "base", tmp_path / "ft", "-o", out, *method)
+        merged = load_file(str(out / "model.safetensors"))
+        for key, tensor in merged.items():
+            tau = (as64[key].double() - base[key].double()).float()
+            assert torch.equal(tensor, base[key] + tau), key
+            if not torch.equal(ft[key], base[key]):
+                assert not torch.equal(tensor, base[key]), key
+
+
+def test_a_finetuned_checkpoint_in_merge_into_state_dict_is_refused_naming_it(tmp_path):
+    import pytest
+
+    from randlora_io import merge_into_state_dict
+    from randlora_io.errors import SourceFormatError
+
+    tiny_llama().save_pretrained(tmp_path / "base")
+    _finetuned(tmp_path, "ft", 0.01, 1)
+    with pytest.raises(SourceFormatError, match=r"ft: a fine-tuned checkpoint .* merge_into_state_dict has only a"):
+        merge_into_state_dict(tiny_llama().state_dict(), str(tmp_path / "ft"))

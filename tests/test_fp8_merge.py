@@ -320,3 +320,49 @@ def test_composition_methods_into_an_fp8_base(fp8_sharded, tmp_path, method, ext
     for key in before:
         if key not in pairs and not key.endswith("_scale_inv") and key.split(".")[-2] not in LLAMA_TARGETS:
             assert _raw(out[key]) == _raw(before[key]), key
+
+
+@pytest.mark.parametrize("ft_kind", ["fp8", "bf16"])
+def test_a_fine_tuned_checkpoint_into_an_fp8_base(tmp_path, ft_kind):
+    """A fine-tuned checkpoint as input (DeepSeek-V3 → R1: both fp8; or a bf16 fine-tune of the dequantized base):
+    τ = dequant(W_ft) − dequant(W_base) per fp8 pair, its scales no weights; merged alone, the fp8 output is
+    requant(dequant(W_base) + τ), i.e. the fine-tune re-quantized. Before: refused ('another architecture'), or
+    an internal error on the fp8 codes."""
+    _, pairs = fp8_llama(tmp_path / "base", layers=1)
+    if ft_kind == "fp8":
+        ft_model, _ = fp8_llama(tmp_path / "ft", layers=1, seed=1)
+    else:
+        ft_model = tiny_llama(hidden=40, intermediate=72, layers=1, seed=1).to(torch.bfloat16)
+        ft_model.save_pretrained(tmp_path / "ft")
+    ft_state = {k: v.detach().float() for k, v in ft_model.state_dict().items()}
+    run_cli("merge", tmp_path / "base", tmp_path / "ft", "-o", tmp_path / "out")
+    out, base = _tensors(tmp_path / "out"), _tensors(tmp_path / "base")
+    for key in pairs:
+        w = dequant64(*pairs[key], (16, 16)).float()
+        want = w + (ft_state[key] - w)  # the float32 sum the merge computes
+        _assert_requantized(key, out[key], out[key.removesuffix(".weight") + ".weight_scale_inv"], want, (16, 16))
+    for key, tensor in out.items():  # bf16 weights: the fine-tune's (one rounding of base + τ)
+        if key not in pairs and not key.endswith("_scale_inv"):
+            want = (base[key].float() + (ft_state[key] - base[key].float())).to(tensor.dtype)
+            assert torch.equal(tensor, want), key
+    run_cli("merge", tmp_path / "base", tmp_path / "ft", "-o", tmp_path / "plain", "--dtype", "bfloat16")
+    plain = _tensors(tmp_path / "plain")
+    assert not any(k.endswith("_scale_inv") for k in plain)
+    for key in pairs:
+        w = dequant64(*pairs[key], (16, 16)).float()
+        assert torch.equal(plain[key], (w + (ft_state[key] - w)).bfloat16()), key
+
+
+def test_fp8_codes_a_fine_tuned_checkpoint_cannot_dequantize_are_refused(tmp_path):
+    """fp8 tensors in a fine-tuned checkpoint without a quantization_config: never silently left as the base's."""
+    from safetensors.torch import load_file, save_file
+
+    tiny_llama(hidden=40, intermediate=72, layers=1).to(torch.bfloat16).save_pretrained(tmp_path / "base")
+    fp8_llama(tmp_path / "ft", layers=1, seed=1)
+    config = json.loads((tmp_path / "ft" / "config.json").read_text())
+    del config["quantization_config"]
+    (tmp_path / "ft" / "config.json").write_text(json.dumps(config))
+    state = load_file(str(tmp_path / "ft" / "model.safetensors"))
+    save_file({k: v for k, v in state.items() if not k.endswith("_scale_inv")}, str(tmp_path / "ft" / "model.safetensors"))
+    line = merge_refusal(tmp_path / "base", tmp_path / "ft", tmp_path / "out")
+    assert "F8_E4M3" in line and "cannot read as a weight" in line, line

@@ -21,7 +21,8 @@ import torch
 
 from .safetensors_io import SafetensorsHeader
 
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "F8_E4M3": torch.float8_e4m3fn}
 
 
 def can_read_lazily(header: SafetensorsHeader, names: list[str]) -> bool:

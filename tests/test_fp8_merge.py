@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import merge_refusal, run_cli
+from conftest import assert_one_line_error, merge_refusal, run_cli
 from fp8_models import dequant64, fp8_llama, quantize64
 from safetensors import safe_open
 from tiny_models import LLAMA_TARGETS, peft_lora, peft_randlora, tiny_llama
@@ -366,3 +366,21 @@ def test_fp8_codes_a_fine_tuned_checkpoint_cannot_dequantize_are_refused(tmp_pat
     save_file({k: v for k, v in state.items() if not k.endswith("_scale_inv")}, str(tmp_path / "ft" / "model.safetensors"))
     line = merge_refusal(tmp_path / "base", tmp_path / "ft", tmp_path / "out")
     assert "F8_E4M3" in line and "cannot read as a weight" in line, line
+
+
+def test_dtype_float16_refuses_an_untouched_fp8_weight_beyond_float16(tmp_path):
+    """--dtype float16 dequantizes every fp8 weight; one whose values exceed float16 (scale_inv 1000: up to 448 000)
+    is refused as for a plain base, not written as Inf (before: exit 0, 544 Inf in an untouched v_proj)."""
+    from safetensors.torch import load_file, save_file
+
+    fp8_llama(tmp_path / "base", layers=1)
+    path = tmp_path / "base" / "model.safetensors"
+    state = load_file(str(path))
+    key = "model.layers.0.self_attn.v_proj.weight_scale_inv"
+    state[key] = torch.full_like(state[key], 1000.0)
+    save_file(state, str(path), metadata={"format": "pt"})
+    lora_dir = tmp_path / "lora"
+    peft_lora(tiny_llama(hidden=40, intermediate=72, layers=1), r=2, targets=["q_proj"]).save_pretrained(lora_dir)
+    result = run_cli("merge", tmp_path / "base", lora_dir, "-o", tmp_path / "out", "--dtype", "float16", check=False)
+    assert_one_line_error(result, "v_proj.weight' has values beyond torch.float16")
+    assert not (tmp_path / "out").exists()

@@ -300,6 +300,40 @@ def test_merge_into_state_dict_composes_a_tied_tensor_once(method, tmp_path, mon
     torch.testing.assert_close(ours[key][~skip], expected[~skip], rtol=2e-5, atol=2e-6)
 
 
+def test_to_delta_on_gpt2_records_conv1d_so_the_lora_export_needs_no_base(tmp_path):
+    """--to-delta on a GPT-2 base writes Conv1D weights (in, out), as stored, and records it: the LoRA exported from
+    the file without --base equals PEFT's merge of the composed inputs (before: transposed, exit 0)."""
+    from peft import PeftModel
+
+    tiny_gpt2().save_pretrained(tmp_path / "base")
+    a = peft_lora(tiny_gpt2(), r=4, targets=["c_attn", "c_proj"], fan_in_fan_out=True, scale_seed=1)
+    b = peft_lora(tiny_gpt2(), r=4, targets=["c_proj", "c_fc"], fan_in_fan_out=True, scale_seed=2)
+    a.save_pretrained(tmp_path / "a")
+    b.save_pretrained(tmp_path / "b")
+    run_cli("merge", tmp_path / "base", tmp_path / "a", tmp_path / "b", "-o", tmp_path / "merged")
+    merged = load_file(str(tmp_path / "merged" / "model.safetensors"))
+    run_cli("merge", tmp_path / "base", tmp_path / "a", tmp_path / "b", "--to-delta", tmp_path / "d.safetensors")
+    run_cli("convert", tmp_path / "d.safetensors", tmp_path / "lora", "--to", "peft-lora", "--max-error", "1e-6")
+    served = PeftModel.from_pretrained(tiny_gpt2(), str(tmp_path / "lora")).merge_and_unload().state_dict()
+    for key, value in merged.items():
+        torch.testing.assert_close(served[key], value, rtol=1e-5, atol=1e-5, msg=key)
+
+
+def test_to_delta_refuses_a_fine_tuned_input_that_changes_norms(three, tmp_path):
+    """A fine-tuned checkpoint changes 1-D tensors (norms) a dense delta / LoRA cannot hold: refused up front, not a
+    file nothing reads back (before: exit 0, then every reader refused it)."""
+    root, adapters, _ = three
+    model = tiny_llama()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    model.save_pretrained(tmp_path / "ft")
+    result = run_cli("merge", root / "base", tmp_path / "ft", adapters[2], "--to-delta", tmp_path / "d.safetensors",
+                     check=False)
+    assert_one_line_error(result, "not a 2-D weight", "merge into BASE")
+    assert not (tmp_path / "d.safetensors").exists()
+
+
 # --- refusals: one line, non-zero exit, nothing written ------------------------------------------------------------
 
 def _refused(tmp_path, *args, fragments=()):

@@ -420,3 +420,59 @@ def test_merge_into_state_dict_casts_sparse_bases_to_the_state_dict_dtype(tmp_pa
         want = (state[key].float() + delta).to(torch.bfloat16)  # the correctly rounded sum
         differ, total = differ + int((ours[key] != want).sum()), total + want.numel()
     assert differ <= 1e-3 * total, differ / total  # only ties decided by ΔW's last fp32 bits (without the cast: 19 %)
+
+
+def _lora_merged_state(adapter_dir) -> dict[str, torch.Tensor]:
+    from peft import PeftModel
+
+    return {k: v.detach().clone() for k, v in
+            PeftModel.from_pretrained(tiny_gpt2(), str(adapter_dir)).merge_and_unload().state_dict().items()}
+
+
+def test_a_gpt2_dense_delta_records_its_orientation_and_exports_to_lora_without_the_base(tmp_path):
+    """A dense delta is stored like its weights ((in, out) for GPT-2's Conv1D): the file records which, so
+    `convert --to peft-lora` orients the LoRA right without --base. Before: exported transposed (exit 0, square
+    c_proj wrong by 140 %)."""
+    base = _save_base(tiny_gpt2(), tmp_path / "base")
+    pm = peft_lora(tiny_gpt2(), r=4, targets=GPT2_TARGETS, fan_in_fan_out=True)
+    pm.save_pretrained(tmp_path / "lora")
+    want = {k: v.detach().clone() for k, v in pm.merge_and_unload().state_dict().items()}
+    run_cli("convert", tmp_path / "lora", tmp_path / "d.safetensors", "--to", "dense", "--base", base)
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "d.safetensors"), "pt") as f:
+        meta = json.loads(f.metadata()["randlora_dense_delta"])
+    assert sorted(meta["fan_in_fan_out"]) == sorted(read_dense(tmp_path / "d.safetensors"))
+    run_cli("convert", tmp_path / "d.safetensors", tmp_path / "exported", "--to", "peft-lora", "--max-error", "1e-5")
+    got = _lora_merged_state(tmp_path / "exported")
+    for key, value in want.items():
+        torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-5, msg=key)
+
+
+def test_a_dense_delta_without_recorded_orientation_needs_the_base_for_gpt2_names(tmp_path):
+    """A delta file that records no orientation (written from a mapping, or before it was recorded): a Conv1D-named
+    weight cannot be oriented without the base's config: refused in one line; with --base it is exact."""
+    base = _save_base(tiny_gpt2(), tmp_path / "base")
+    pm = peft_lora(tiny_gpt2(), r=4, targets=["c_proj"], fan_in_fan_out=True)
+    want = {k: v.detach().clone() for k, v in pm.merge_and_unload().state_dict().items()}
+    pm = peft_lora(tiny_gpt2(), r=4, targets=["c_proj"], fan_in_fan_out=True)
+    write_dense(peft_layer_deltas(pm), tmp_path / "d.safetensors")  # a mapping: no orientation recorded
+    result = run_cli("convert", tmp_path / "d.safetensors", tmp_path / "x", "--to", "peft-lora", "--rank", "4",
+                     check=False)
+    assert_one_line_error(result, "Conv1D", "--base")
+    assert not (tmp_path / "x").exists()
+    run_cli("convert", tmp_path / "d.safetensors", tmp_path / "x", "--to", "peft-lora", "--rank", "4",
+            "--base", base)
+    got = _lora_merged_state(tmp_path / "x")
+    for key, value in want.items():
+        torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-5, msg=key)
+
+
+def test_a_dense_delta_whose_recorded_orientation_contradicts_the_base_is_refused(tmp_path):
+    base = _save_base(tiny_gpt2(), tmp_path / "base")
+    pm = peft_lora(tiny_gpt2(), r=4, targets=["c_proj"], fan_in_fan_out=True)
+    write_dense(peft_layer_deltas(pm), tmp_path / "d.safetensors", conv1d=[])  # claims: all Linear
+    result = run_cli("convert", tmp_path / "d.safetensors", tmp_path / "x", "--to", "peft-lora", "--rank", "4",
+                     "--base", base, check=False)
+    assert_one_line_error(result, "records", "Conv1D")
+    assert not (tmp_path / "x").exists()

@@ -75,13 +75,28 @@ def md_orientation(stored: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
     return out_in if out_in.shape[1] == min(out_in.shape) else out_in.T
 
 
-def _dense_orientations(source: DenseSource, base: BaseModelInfo) -> dict[str, bool]:
-    """A dense delta is stored like its weight, whatever the layer type; a fit records each layer's orientation as
-    PEFT sets it (from the base, when its config.json tells), so the shared bases are PEFT's size on export."""
-    try:
-        return layer_orientations(source.keys(), base, False, source.path)
-    except LayerTypeError:
-        return {}
+def orient_dense(source: DenseSource, base: BaseModelInfo | None, to: str) -> None:
+    """Set which of a dense delta's weights are stored (in, out) (GPT-2 ``Conv1D``): a fit and a LoRA export factor
+    ΔW as (out, in), so a transposed one would be exported transposed. From the file when it records it (checked
+    against the base's config.json when both tell), else from the base; a target other than ``dense`` with neither
+    is refused where a weight could be a Conv1D (:func:`layer_orientations`), never guessed."""
+    told = None
+    if base is not None:
+        try:
+            told = layer_orientations(source.keys(), base, False, source.path)
+        except LayerTypeError:
+            told = None
+    if told is not None:
+        if source.recorded:
+            for key, fan in told.items():
+                if source.fans.get(key, False) != fan:
+                    raise ConversionError(
+                        f"{source.path}: records {key!r} as stored {'(out, in)' if fan else '(in, out)'} but the "
+                        f"base's config.json makes it a {'Conv1D' if fan else 'Linear'} layer: a delta of another "
+                        "model? pass the base it was made from")
+        source.fans, source.told = told, True
+    elif to != "dense" and not source.recorded:
+        layer_orientations(source.keys(), base, False, source.path)  # raises where a Conv1D cannot be ruled out
 
 
 def fit_adapter(source: DeltaSource, rank: int, seed: int, generator: str = "philox", kind: str = "dense",
@@ -196,8 +211,9 @@ def convert(
     check_extras_fit(source, to)
     check_layer_budget(str(src_p), ((k, source.stored_shape(k)) for k in source.keys()))  # before any ΔW exists
 
-    if isinstance(source, DenseSource) and base_info is not None:
-        source.fans = _dense_orientations(source, base_info)
+    dense = source.inner if isinstance(getattr(source, "inner", None), DenseSource) else source
+    if isinstance(dense, DenseSource):
+        orient_dense(dense, base_info, to)
     report = ConvertReport()
     if to == "peft-vera" or (to == "randlora" and isinstance(source, VeraSource)):
         _write_vera(source, dst_p, to, keep_bases, save_projection, overwrite)

@@ -99,6 +99,7 @@ class ComposedSource(DeltaSource):
     ``stats`` sums what each composed key kept and dropped (:class:`~randlora_io.merge.compose.ComposeStats`)."""
 
     kind = "composed"
+    orientation_known = False  # every τ is in the stored layout; which layers are Conv1D the base's config says
 
     def __init__(self, sources: Sequence[DeltaSource], composition: Composition, *, kernel: str = "auto",
                  precision: str = "auto", keys: Sequence[str] | None = None):

@@ -24,10 +24,11 @@ METADATA_KEY = "randlora_dense_delta"
 FORMAT_VERSION = "1.0"
 
 
-def read_dense(path: str | os.PathLike, header: SafetensorsHeader | None = None) -> dict[str, torch.Tensor]:
-    """``{weight key: ΔW}`` in each weight's stored shape; refuses files without the delta marker or with NaN/Inf.
-    ``header``: the file's safetensors header when already read (detection), so it is not parsed again."""
-    header = read_header(path) if header is None else header
+ORIENTATION_KEY = "fan_in_fan_out"  # in the metadata object: the keys whose weight is stored (in, out) (Conv1D)
+
+
+def _metadata(path: str | os.PathLike, header: SafetensorsHeader) -> dict:
+    """The file's ``randlora_dense_delta`` object, checked (version 1, a well-formed orientation list if any)."""
     if METADATA_KEY not in header.metadata:
         raise SourceFormatError(f"{path}: not a dense-delta file (no '{METADATA_KEY}' metadata)")
     try:
@@ -37,6 +38,26 @@ def read_dense(path: str | os.PathLike, header: SafetensorsHeader | None = None)
         raise SourceFormatError(f"{path}: malformed '{METADATA_KEY}' metadata") from None
     if major != "1":
         raise SourceFormatError(f"{path}: dense-delta version {meta['format_version']} is not supported")
+    conv = meta.get(ORIENTATION_KEY)
+    if conv is not None and (not isinstance(conv, list) or not all(isinstance(k, str) and k in header.tensors
+                                                                    for k in conv)):
+        raise SourceFormatError(f"{path}: '{METADATA_KEY}.{ORIENTATION_KEY}' must list tensor keys of the file")
+    return meta
+
+
+def recorded_orientation(path: str | os.PathLike, header: SafetensorsHeader | None = None) -> frozenset[str] | None:
+    """The keys the file records as stored (in, out) (GPT-2 ``Conv1D``), or None when it records no orientation
+    (files written before it was recorded, or without a base to tell it)."""
+    header = read_header(path) if header is None else header
+    conv = _metadata(path, header).get(ORIENTATION_KEY)
+    return frozenset(conv) if conv is not None else None
+
+
+def read_dense(path: str | os.PathLike, header: SafetensorsHeader | None = None) -> dict[str, torch.Tensor]:
+    """``{weight key: ΔW}`` in each weight's stored shape; refuses files without the delta marker or with NaN/Inf.
+    ``header``: the file's safetensors header when already read (detection), so it is not parsed again."""
+    header = read_header(path) if header is None else header
+    _metadata(path, header)
     tensors = load_tensors(path, header=header)
     for key, t in tensors.items():
         if t.ndim != 2 or t.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
@@ -52,12 +73,19 @@ def read_dense(path: str | os.PathLike, header: SafetensorsHeader | None = None)
 
 class DenseSource(DeltaSource):
     """A dense-delta file's ``{weight key: ΔW}`` (any float dtype on disk, float32 out); ``fans``: which keys are
-    stored (in, out) (GPT-2 Conv1D), told by the base, False where unknown."""
+    stored (in, out) (GPT-2 Conv1D), as the file records it or the base tells, False where unknown; ``recorded``:
+    whether the file records it (``fan_in_fan_out`` in its metadata)."""
 
     kind = KIND
 
-    def __init__(self, deltas: dict[str, torch.Tensor], path: str, fans: Mapping[str, bool] | None = None):
-        self.deltas, self.path, self.fans = deltas, path, dict(fans or {})
+    def __init__(self, deltas: dict[str, torch.Tensor], path: str, fans: Mapping[str, bool] | None = None,
+                 recorded: bool = False):
+        self.deltas, self.path, self.fans, self.recorded = deltas, path, dict(fans or {}), recorded
+        self.told = False  # set when the base told the orientation (convert --base)
+
+    @property
+    def orientation_known(self) -> bool:
+        return self.recorded or self.told
 
     def keys(self) -> list[str]:
         return list(self.deltas)
@@ -79,8 +107,12 @@ def matches(probe: Probe) -> bool:
 
 
 def load(probe: Probe, options: OpenOptions) -> DenseSource:
-    """The file's deltas, checked (2-D float, non-empty, finite); orientation is the caller's (convert, keymap)."""
-    return DenseSource(read_dense(probe.path, probe.header), str(probe.path))
+    """The file's deltas, checked (2-D float, non-empty, finite), with the orientation it records (else the caller
+    tells it: convert, keymap)."""
+    deltas = read_dense(probe.path, probe.header)
+    conv = recorded_orientation(probe.path, probe.header)
+    return DenseSource(deltas, str(probe.path), {k: k in conv for k in deltas} if conv is not None else None,
+                       recorded=conv is not None)
 
 
 def describe(probe: Probe) -> dict[str, Any]:

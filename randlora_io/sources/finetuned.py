@@ -98,6 +98,7 @@ class FinetunedSource(DeltaSource):
     """τ = W_ft − W_base (float32, stored layout) for every weight the two checkpoints share."""
 
     kind = KIND
+    orientation_known = False  # τ is in the checkpoint's layout; which layers are Conv1D only the base's config says
 
     def __init__(self, finetuned: Checkpoint, base: Checkpoint, path: str, keys: list[str]):
         self.path, self._ft, self._base, self._keys = path, finetuned, base, list(keys)

@@ -44,6 +44,9 @@ class DeltaSource:
     # a PEFT dir's trained head / biases and their config keys, for converting it to another PEFT dir
     peft_extras: PeftExtras | None = None
 
+    # whether ``fan_in_fan_out`` is known (told by the adapter or the base) rather than assumed False
+    orientation_known: bool = True
+
     def keys(self) -> list[str]:
         raise NotImplementedError
 
@@ -113,3 +116,12 @@ def layer_row(key: str, shape, r: int, n: int | None, tensors: list[torch.Tensor
     if n is not None:
         row["N"] = n
     return row
+
+
+def knows_orientation(source: DeltaSource) -> bool:
+    """Whether ``source`` (and every source it wraps, through ``inner``) knows which weights are stored (in, out)."""
+    while source is not None:
+        if not source.orientation_known:
+            return False
+        source = getattr(source, "inner", None)
+    return True

@@ -148,6 +148,8 @@ def test_saved_projections_other_than_the_seed_are_used_as_peft_uses_them(tmp_pa
      ["targets", "init_weights is false"]),
     (lambda t, c: t.update({k: v * float("nan") for k, v in t.items() if k.endswith("k_proj.vera_lambda_d")}),
      ["nan"]),
+    (lambda t, c: [t.pop("base_model.vera_A"), t.pop("base_model.vera_B")],
+     ["save_projection true but the weights hold no base_model.vera_a", "peft refuses"]),
 ])
 def test_bad_dirs_are_refused_in_one_line(tmp_path, edit, fragments):
     base, adapter = make_vera(tmp_path, tiny_llama(), save_projection=True, targets=["q_proj", "k_proj"])
@@ -203,3 +205,56 @@ def test_live_apply_and_remove_on_a_model(tmp_path):
     assert all(torch.equal(v, expected[k]) for k, v in model.state_dict().items())
     remove_adapter(model, adapter)
     assert all(torch.equal(v, original[k]) for k, v in model.state_dict().items())
+
+
+def test_saved_projections_under_save_projection_false_are_ignored_as_peft_ignores_them(tmp_path):
+    """A config saying save_projection false while the weights still hold vera_A / vera_B (hand-edited): PEFT keeps
+    its projections out of the state dict, ignores the saved ones and regenerates from the key; so does the merge
+    (before: the saved ones were used, exit 0 with 4 weights off PEFT)."""
+    base, adapter = make_vera(tmp_path, tiny_llama(), seed=4, save_projection=True, targets=["q_proj", "v_proj"])
+    weights, cfg_path = adapter / "adapter_model.safetensors", adapter / "adapter_config.json"
+    tensors = load_file(str(weights))
+    tensors["base_model.vera_A"] = tensors["base_model.vera_A"] * 2  # not the seed's draw: PEFT must not use it
+    save_file(tensors, str(weights))
+    cfg = json.loads(cfg_path.read_text())
+    cfg["save_projection"] = False
+    cfg_path.write_text(json.dumps(cfg))
+    assert_merges_like_peft(tmp_path, base, adapter, ["q_proj", "v_proj"])
+
+
+@pytest.mark.parametrize("half", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("via_file", [True, False])
+def test_saved_float32_projections_on_a_half_base_convert_to_peft_vera_exactly(tmp_path, half, via_file):
+    """PEFT uses saved float32 projections unrounded on a bf16/fp16 model, but rounds regenerated ones: a dir
+    converted from such an adapter must keep them (before: written without them, 14 weights off PEFT's, exit 0).
+    Via the randlora file (converted with the half base, then to peft-vera with no base) and directly."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base, adapter = make_vera(tmp_path, tiny_llama(), seed=7, save_projection=True, targets=LLAMA_TARGETS)
+    tiny_llama().to(half).save_pretrained(tmp_path / "half")
+    if via_file:
+        run_cli("convert", adapter, tmp_path / "v.safetensors", "--to", "randlora", "--base", tmp_path / "half")
+        run_cli("convert", tmp_path / "v.safetensors", tmp_path / "back", "--to", "peft-vera")
+    else:
+        run_cli("convert", adapter, tmp_path / "back", "--to", "peft-vera", "--base", tmp_path / "half")
+
+    def merged(adapter_dir):
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / "half", dtype="auto")
+        return PeftModel.from_pretrained(model, adapter_dir).merge_and_unload().state_dict()
+
+    want, got = merged(adapter), merged(tmp_path / "back")
+    for key, value in want.items():
+        assert torch.equal(got[key], value), key
+    run_cli("merge", tmp_path / "half", tmp_path / ("v.safetensors" if via_file else "back"), "-o", tmp_path / "out")
+    out = load_file(str(tmp_path / "out" / "model.safetensors"))
+    for key, value in out.items():
+        assert torch.equal(value, want[key]), key
+
+
+def test_a_no_cast_file_to_peft_vera_without_a_base_says_where_it_is_exact(tmp_path):
+    base, adapter = make_vera(tmp_path, tiny_llama(), seed=3, save_projection=False, targets=["q_proj"])
+    run_cli("convert", adapter, tmp_path / "v.safetensors", "--to", "randlora", "--base", base)
+    result = run_cli("convert", tmp_path / "v.safetensors", tmp_path / "back", "--to", "peft-vera")
+    assert "exact on a float32 model" in result.stderr and "--save-projection" in result.stderr
+    assert "base_model.vera_A" not in load_file(str(tmp_path / "back" / "adapter_model.safetensors"))

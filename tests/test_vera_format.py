@@ -50,7 +50,8 @@ def test_peft_vera_dir_to_file_is_lossless_and_merges_like_peft(tmp_path, case):
     assert header["format_version"] == "1.2" and header["generator"]["method"] == "vera"
     assert header["seed"] == (seed + 2**64 if seed < 0 else seed) and "stored" not in header["bases"]
     assert header["generator"].get("cast_dtype") == ("bfloat16" if case.startswith("regenerated onto bf16")
-                                                     else "bfloat16" if saved_dtype else None)
+                                                     else "bfloat16" if saved_dtype
+                                                     else "float32" if base_dtype else None)  # unrounded on bf16
     assert not any(k.startswith("__bases__") for k in read_header(file).tensors)  # the seed gives them
     assert_merges_like_peft(tmp_path, base, file, targets, peft_dir=adapter)
 

@@ -216,7 +216,7 @@ def convert(
         orient_dense(dense, base_info, to)
     report = ConvertReport()
     if to == "peft-vera" or (to == "randlora" and isinstance(source, VeraSource)):
-        _write_vera(source, dst_p, to, keep_bases, save_projection, overwrite)
+        _write_vera(source, dst_p, to, keep_bases, save_projection, overwrite, base_info, on_note)
         report.errors = {k: 0.0 for k in source.keys()}
         report.params_out = source.adapter.trainable_parameters()
     elif to in ("randlora", "peft-randlora"):
@@ -256,16 +256,21 @@ def convert(
 
 
 def _write_vera(source: DeltaSource, dst: Path, to: str, keep_bases: bool, save_projection: bool,
-                overwrite: bool) -> None:
+                overwrite: bool, base: BaseModelInfo | None = None,
+                on_note: Callable[[str], None] | None = None) -> None:
     """A VeRA source, losslessly: our file (seed + vectors; saved projections the seed does not give only with
-    ``keep_bases``) or a PEFT VeRA dir. Anything else has no VeRA form: refused."""
+    ``keep_bases``) or a PEFT VeRA dir (its bases saved where PEFT's regeneration on ``base``'s dtype would differ).
+    Anything else has no VeRA form: refused."""
     if not isinstance(source, VeraSource):
         raise ConversionError(f"{source.path}: a {source.kind} adapter is not VeRA and has no exact VeRA form; "
                               "--to peft-vera takes a PEFT VeRA dir or a VeRA randlora file")
     adapter = source.adapter
     if to == "peft-vera":
+        dtypes = None
+        if base is not None:
+            dtypes = {base.dtypes[k] for k in adapter.header.layers if k in base.dtypes} or set(base.dtypes.values())
         adapter_to_peft_vera(adapter, dst, save_projection=save_projection, overwrite=overwrite,
-                             extras=source.peft_extras)
+                             extras=source.peft_extras, model_dtypes=dtypes, on_note=on_note)
         return
     if adapter.stored is not None and not keep_bases and source.kind == "peft-vera":
         raise BasisMismatchError(

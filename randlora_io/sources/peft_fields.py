@@ -128,7 +128,8 @@ RANDLORA_FIELDS: dict[str, Field] = {
 VERA_FIELDS: dict[str, Field] = {
     **_COMMON,
     "projection_prng_key": Field(HANDLED, "the seed of the shared vera_A / vera_B (a negative key is 2^64 + key)"),
-    "save_projection": Field(HANDLED, "whether vera_A / vera_B are saved (used as saved, else regenerated)"),
+    "save_projection": Field(HANDLED, "true: vera_A / vera_B used as saved (missing: refused, as PEFT does); false: "
+                                      "regenerated, saved ones ignored as PEFT ignores them"),
     "vera_dropout": Field(NO_EFFECT, "dropout is off in eval and never merged"),
     "d_initial": Field(NO_EFFECT, "the init value of λ_d; the merge uses the saved λ_d"),
     "init_weights": Field(NO_EFFECT, "the init of λ_b / λ_d; the merge uses the saved ones (targets without saved "

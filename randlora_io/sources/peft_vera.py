@@ -61,10 +61,15 @@ def _config_values(peft: PeftDir) -> tuple[int, int]:
 
 def _saved_projections(peft: PeftDir, r: int, max_out: int, max_in: int) -> Bases | None:
     """The saved ``base_model.vera_A`` / ``vera_B`` as float32 :class:`Bases` (PEFT loads them as they are, over
-    the regenerated ones), checked for shape and finiteness; None when the dir has neither."""
+    the regenerated ones), checked for shape and finiteness; None with ``save_projection`` false (PEFT then ignores
+    saved ones and regenerates). Saved ones missing where the config says they are saved: refused, as PEFT does."""
     A, B = peft.tensors.get(SHARED_A), peft.tensors.get(SHARED_B)
+    if peft.config.get("save_projection", True) is False:
+        return None  # PEFT keeps the projections out of its state dict then: any saved ones are ignored, redrawn
     if A is None and B is None:
-        return None
+        raise SourceFormatError(f"{peft.path}: adapter_config.json says save_projection true but the weights hold no "
+                                f"{SHARED_A} / {SHARED_B}; PEFT refuses to load it: set save_projection false to "
+                                "regenerate them from projection_prng_key, or re-save the adapter with PEFT")
     if A is None or B is None:
         raise SourceFormatError(f"{peft.path}: saves {SHARED_A if B is None else SHARED_B} but not "
                                 f"{SHARED_B if B is None else SHARED_A}; re-save the adapter with PEFT")
@@ -126,7 +131,11 @@ def peft_vera_to_adapter(src: str | os.PathLike | PeftDir, base: BaseModelInfo |
     saved = _saved_projections(peft, r, max_out, max_in)
     stored = None
     if saved is not None:
+        half = cast
         from_seed, cast = _matches_seed(saved, seed, r, max_out, max_in)
+        if from_seed and cast is None and half is not None:
+            cast = "float32"  # PEFT uses the saved float32 draw unrounded on this half base: recorded, so a PEFT
+            # dir written from the adapter keeps them (regenerated, PEFT would round them to the half dtype)
         if not from_seed:
             stored = saved  # PEFT loads them over its own draw: the adapter keeps them
             if on_note is not None:

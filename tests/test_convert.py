@@ -476,3 +476,21 @@ def test_a_dense_delta_whose_recorded_orientation_contradicts_the_base_is_refuse
                      "--base", base, check=False)
     assert_one_line_error(result, "records", "Conv1D")
     assert not (tmp_path / "x").exists()
+
+
+def test_randlora_bases_saved_under_save_projection_false_are_ignored_as_peft_ignores_them(tmp_path):
+    """save_projection false makes PEFT's basis buffers non-persistent: bases left in the weights (a hand-edited
+    config) are ignored and regenerated on load. The merge does the same (before: refused as a seed mismatch)."""
+    from peft import PeftModel
+    from safetensors.torch import load_file, save_file
+
+    base = _save_base(tiny_llama(), tmp_path / "base")
+    peft_randlora(tiny_llama(), r=8, seed=3, save_projection=True).save_pretrained(tmp_path / "a")
+    weights, cfg_path = tmp_path / "a" / "adapter_model.safetensors", tmp_path / "a" / "adapter_config.json"
+    save_file({k: v * 2 if k.endswith("randlora_A") else v for k, v in load_file(str(weights)).items()}, str(weights))
+    cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), "save_projection": False}))
+    want = PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "a")).merge_and_unload().state_dict()
+    run_cli("merge", base, tmp_path / "a", "-o", tmp_path / "out")
+    merged = load_file(str(tmp_path / "out" / "model.safetensors"))
+    for key, value in merged.items():
+        assert torch.equal(value, want[key]), key

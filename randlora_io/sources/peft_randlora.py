@@ -168,7 +168,10 @@ def _check_unsaved(src, config: dict, unsaved: list[str], info: BaseModelInfo, f
 def _saved_projections(peft: PeftDir) -> tuple[torch.Tensor, torch.Tensor] | None:
     """PEFT's saved bases as PEFT 0.21.2 loads them: the shared ``base_model.randlora_A/B`` when present (PEFT loads
     them after the per-layer copies into the same buffer, so they win), else the per-layer copies, which must agree.
-    PEFT after 0.21.2 saves only the shared pair; 0.21.2 saves both."""
+    PEFT after 0.21.2 saves only the shared pair; 0.21.2 saves both. None with ``save_projection`` false: PEFT's
+    buffers are then not persistent, so it ignores saved bases and regenerates them."""
+    if peft.config.get("save_projection", True) is False:
+        return None
     found = []
     for name, shared in (("randlora_A", SHARED_A), ("randlora_B", SHARED_B)):
         tensor = peft.tensors.get(shared)

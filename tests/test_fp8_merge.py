@@ -384,3 +384,25 @@ def test_dtype_float16_refuses_an_untouched_fp8_weight_beyond_float16(tmp_path):
     result = run_cli("merge", tmp_path / "base", lora_dir, "-o", tmp_path / "out", "--dtype", "float16", check=False)
     assert_one_line_error(result, "v_proj.weight' has values beyond torch.float16")
     assert not (tmp_path / "out").exists()
+
+
+def test_an_adapter_trained_on_the_cpu_loaded_fp8_model_merges_back_into_it(tmp_path):
+    """transformers loads an FP8 checkpoint on a CPU as dequantized bf16; an adapter attached there records the
+    fingerprint of those bf16 weights. Merging it back into the FP8 checkpoint is the same base (before: refused as
+    'trained on another base'); a different base is still refused."""
+    from transformers import AutoModelForCausalLM
+
+    from randlora_io.train.attach import attach
+    from randlora_io.train.config import RandloraConfig
+
+    fp8_llama(tmp_path / "base", hidden=32, intermediate=48, layers=1, not_converted=(), zero_block="")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    handle = attach(loaded, RandloraConfig(r=4, seed=3, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for p in handle.parameters():
+            p.copy_(torch.randn(p.shape) * 0.1)
+    handle.save(tmp_path / "a.safetensors")
+    run_cli("merge", tmp_path / "base", tmp_path / "a.safetensors", "-o", tmp_path / "out")
+    fp8_llama(tmp_path / "other", hidden=32, intermediate=48, layers=1, not_converted=(), zero_block="", seed=5)
+    line = merge_refusal(tmp_path / "other", tmp_path / "a.safetensors", tmp_path / "out2")
+    assert "was trained on another base" in line, line

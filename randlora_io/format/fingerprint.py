@@ -49,14 +49,24 @@ def recorded_fingerprint(base_model: Mapping | None) -> str | None:
     return value if isinstance(value, str) and value.startswith(FINGERPRINT_PREFIX) else None
 
 
+def _read(ckpt, key: str) -> torch.Tensor:
+    with safe_open(str(ckpt.shard_path(ckpt.weight_map[key])), framework="pt") as f:
+        return f.get_tensor(key)
+
+
 def checkpoint_fingerprints(ckpt, names: Mapping[str, str],
-                            casts: tuple[torch.dtype | None, ...] = (None,)) -> dict:
+                            casts: tuple[torch.dtype | None, ...] = (None,), dequantize_fp8: bool = False) -> dict:
     """``{cast dtype (None = as stored): fingerprint}`` of the checkpoint weights ``names`` (fingerprint key →
-    checkpoint key), read one tensor at a time."""
+    checkpoint key), read one tensor at a time. ``dequantize_fp8``: an FP8 block-quantized checkpoint's fp8 weights
+    as transformers loads them on a CPU (codes · scale_inv in float32, then the cast), not their codes."""
+    from ..checkpoint.fp8_blocks import dequantize
+
+    layout = ckpt.quantization if dequantize_fp8 else None
     digests = {cast: hashlib.sha256() for cast in casts}
     for key in sorted(names):
-        with safe_open(str(ckpt.shard_path(ckpt.weight_map[names[key]])), framework="pt") as f:
-            tensor = f.get_tensor(names[key])
+        tensor = _read(ckpt, names[key])
+        if layout is not None and names[key] in layout.scales:
+            tensor = dequantize(tensor, _read(ckpt, layout.scales[names[key]]), layout.block, torch.float32)
         for cast, digest in digests.items():
             fingerprint_update(digest, key, tensor if cast is None else tensor.to(cast))
         del tensor
@@ -79,6 +89,9 @@ def check_fingerprint(ckpt, source) -> None:
         return
     if expected in checkpoint_fingerprints(ckpt, names, _FLOAT_DTYPES).values():
         return  # trained on this base loaded in another dtype
+    if ckpt.quantization is not None and expected in checkpoint_fingerprints(
+            ckpt, names, _FLOAT_DTYPES, dequantize_fp8=True).values():
+        return  # trained on this fp8 base as transformers loads it on a CPU (dequantized)
     raise BaseModelMismatchError(
         f"{source.path}: was trained on another base: its recorded base fingerprint does not match the targeted "
         f"weights of {ckpt.root}; merge into the base it was trained on, or pass --ignore-base-fingerprint to merge "

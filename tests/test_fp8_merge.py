@@ -100,9 +100,17 @@ def test_merge_into_fp8_is_requantized_peft(fp8_sharded, tmp_path, method):
         assert not bool(out[key + ".weight"][:16, :16].float().any())
 
 
-def test_merge_into_fp8_with_128_blocks(tmp_path):
+@pytest.mark.parametrize("config_as_written", ["full", "transformers defaults"])
+def test_merge_into_fp8_with_128_blocks(tmp_path, config_as_written):
+    """128 × 128 blocks; also with the config as transformers reads it (no weight_block_size: its default
+    [128, 128]; activation_scheme in capitals, which it lowercases)."""
     model, pairs = fp8_llama(tmp_path / "base", block=(128, 128), hidden=160, intermediate=200, layers=1,
                              not_converted=(), zero_block="")
+    if config_as_written != "full":
+        config = json.loads((tmp_path / "base" / "config.json").read_text())
+        del config["quantization_config"]["weight_block_size"]
+        config["quantization_config"]["activation_scheme"] = "Dynamic"
+        (tmp_path / "base" / "config.json").write_text(json.dumps(config))
     pm = peft_lora(model, r=4)
     pm.save_pretrained(tmp_path / "lora")
     merged = _peft_merged(pm)

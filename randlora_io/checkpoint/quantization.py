@@ -34,6 +34,9 @@ Checkpoint = "randlora_io.checkpoint.directory.Checkpoint"  # annotations only: 
 _QUANT_LEAF = re.compile(r"scale|zero|qweight|qzeros|g_idx|packed|absmax|quant|SCB|weight_shape|nested", re.I)
 
 
+DEFAULT_BLOCK = [128, 128]  # transformers' FineGrainedFP8Config.weight_block_size when the config omits it
+
+
 @dataclass(frozen=True)
 class Fp8Layout:
     """An FP8 block-quantized checkpoint. ``block``: (rows, cols) of a scale block; ``scales``: each
@@ -75,7 +78,8 @@ def read_quantization(ckpt: Checkpoint) -> Fp8Layout | None:
             f"{path}: the base is quantized with {_method_name(qc)} (quantization_config); merging into its packed "
             "or scaled weights is not supported: merge into the unquantized base, then quantize the result")
     _check_fp8_variant(qc, path)
-    layout = Fp8Layout(config_path=path, block=(int(qc["weight_block_size"][0]), int(qc["weight_block_size"][1])))
+    block = qc.get("weight_block_size", DEFAULT_BLOCK)
+    layout = Fp8Layout(config_path=path, block=(int(block[0]), int(block[1])))
     extras = set()
     for key in ckpt.weight_map:
         info = ckpt.info(key)
@@ -112,7 +116,7 @@ def _method_name(qc: dict) -> str:
 def _check_fp8_variant(qc: dict, path: Path) -> None:
     """The FP8 variants we merge exactly: e4m3 codes, float32 per-block scales of a 2-D block size, FP8 experts."""
     fmt = qc.get("fmt", "e4m3")
-    block = qc.get("weight_block_size")
+    block = qc.get("weight_block_size", DEFAULT_BLOCK)  # transformers' default when the key is absent
     if fmt != "e4m3":
         raise QuantizedBaseError(f"{path}: fp8 quantization with fmt {fmt!r} is not supported (only e4m3)")
     if block is None:
@@ -128,7 +132,8 @@ def _check_fp8_variant(qc: dict, path: Path) -> None:
     if qc.get("expert_dtype", "fp8") != "fp8":
         raise QuantizedBaseError(f"{path}: fp8 quantization with expert_dtype {qc.get('expert_dtype')!r} (packed "
                                  "FP4 experts) is not supported")
-    if qc.get("activation_scheme", "dynamic") not in ("dynamic", "static"):
+    scheme = qc.get("activation_scheme", "dynamic")
+    if not isinstance(scheme, str) or scheme.lower() not in ("dynamic", "static"):  # transformers lowercases it
         raise QuantizedBaseError(f"{path}: fp8 activation_scheme {qc.get('activation_scheme')!r} is not supported")
 
 

@@ -494,3 +494,13 @@ def test_randlora_bases_saved_under_save_projection_false_are_ignored_as_peft_ig
     merged = load_file(str(tmp_path / "out" / "model.safetensors"))
     for key, value in merged.items():
         assert torch.equal(value, want[key]), key
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf"])
+def test_a_max_error_that_is_not_a_finite_number_is_refused_as_such(tmp_path, bad):
+    base = _save_base(tiny_llama(), tmp_path / "base")
+    peft_lora(tiny_llama(), targets=["q_proj"]).save_pretrained(tmp_path / "lora")
+    result = run_cli("convert", tmp_path / "lora", tmp_path / "x", "--to", "peft-lora", "--max-error", bad,
+                     "--base", base, check=False)
+    assert_one_line_error(result, "must be a finite relative error")
+    assert not (tmp_path / "x").exists()

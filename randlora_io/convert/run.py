@@ -184,6 +184,8 @@ def convert(
     ``shared_projection_only``: with ``--to peft-randlora`` and saved bases, write only PEFT's shared pair."""
     if to not in TARGETS:
         raise ConversionError(f"unknown target {to!r}; choose one of {', '.join(TARGETS)}")
+    if max_error is not None and not (0 <= max_error < math.inf):
+        raise ConversionError(f"--max-error {max_error} must be a finite relative error ≥ 0 (e.g. 0.05)")
     from ..hub import resolve_adapter_arg
 
     src = resolve_adapter_arg(src)

@@ -417,6 +417,14 @@ def test_bad_configs_are_refused_in_one_line(three, tmp_path, text, fragments):
     _refused(tmp_path, "merge", "--config", tmp_path / "m.yml", "-o", tmp_path / "out", fragments=fragments)
 
 
+def test_a_config_dtype_with_to_delta_names_the_config(three, tmp_path):
+    root, adapters, _ = three
+    (tmp_path / "m.yml").write_text(f"merge_method: ties\nbase_model: {root / 'base'}\ndtype: bfloat16\nmodels:\n"
+                                    f"  - model: {adapters[0]}\n    parameters: {{weight: 1, density: 0.5}}\n")
+    _refused(tmp_path, "merge", "--config", tmp_path / "m.yml", "--to-delta", tmp_path / "d.safetensors",
+             fragments=["drop the dtype: bfloat16 in", "m.yml"])
+
+
 def test_config_and_flags_together_are_refused(three, tmp_path):
     root, adapters, _ = three
     (tmp_path / "m.yml").write_text(f"merge_method: ties\nbase_model: {root / 'base'}\nmodels:\n"

@@ -95,8 +95,11 @@ def _run(paths, out, weights, device, dtype, overwrite, kernel, precision, ignor
                   check_base_fingerprint=not ignore_base_fingerprint, peft_draw_dtype=draw_dtype_arg(peft_draw_dtype),
                   on_note=notes.append, **options)
     if to_delta is not None:
-        if subtract or dtype != "keep":
-            raise SourceFormatError("--to-delta writes the float32 update: drop --dtype (and use merge, not unmerge)")
+        if subtract:
+            raise SourceFormatError("--to-delta writes the float32 update of a merge: it cannot unmerge (--subtract)")
+        if dtype != "keep":
+            where = f"the dtype: {dtype} in {config}" if config is not None else "--dtype"
+            raise SourceFormatError(f"--to-delta writes the float32 update: drop {where}")
         from ..convert.composed import merge_to_delta
         from ..merge.composition import summary_lines
 

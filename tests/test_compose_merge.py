@@ -210,6 +210,7 @@ def test_yaml_config_gives_the_same_bytes_as_the_flags(three, tmp_path):
         f"base_model: {root / 'base'}\n"
         "models:\n"
         f"  - model: {root / 'base'}\n"  # mergekit lists the base among the models: skipped
+        f"  - model: {root / 'base'}\n    parameters: {{weight: 0.3}}\n"  # its parameters too, as mergekit ignores them
         + "".join(f"  - model: {a}\n    parameters:\n      weight: {w}\n      density: {d}\n"
                   for a, w, d in zip(adapters, WEIGHTS, DENSITIES))
         + "parameters:\n  lambda: 0.7\n  normalize: true\n"

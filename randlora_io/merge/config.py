@@ -116,10 +116,7 @@ def read_merge_config(path: str | os.PathLike) -> MergeConfig:
         model = _model_path(path, f"{where}.model", entry.get("model"))
         params = _mapping(path, f"{where}.parameters", entry.get("parameters"), _MODEL_PARAMETERS)
         if model == base or (Path(model).exists() and Path(model).resolve() == Path(base).resolve()):
-            if params:
-                raise SourceFormatError(f"{path}: {where} is the base model with parameters; the base has no task "
-                                        "vector to weigh: drop its parameters or the entry")
-            continue  # mergekit lists the base among the models; it contributes nothing
+            continue  # mergekit lists the base among the models (its parameters unused): it contributes nothing
         if "weight" not in params:
             raise SourceFormatError(f"{path}: {where} ({model}) has no parameters.weight; mergekit requires one per "
                                     "model: add e.g. `parameters: {weight: 1.0}`")

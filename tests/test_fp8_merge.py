@@ -414,3 +414,23 @@ def test_an_adapter_trained_on_the_cpu_loaded_fp8_model_merges_back_into_it(tmp_
     fp8_llama(tmp_path / "other", hidden=32, intermediate=48, layers=1, not_converted=(), zero_block="", seed=5)
     line = merge_refusal(tmp_path / "other", tmp_path / "a.safetensors", tmp_path / "out2")
     assert "was trained on another base" in line, line
+
+
+def test_composition_stats_count_each_fp8_weight_once_whatever_the_sharding(tmp_path):
+    """A weight whose scale sits in another shard is merged once per shard (the same result); the composition
+    summary counts it once (before: a 3-shard base reported 50 880 elements composed for 26 880)."""
+    from randlora_io import merge
+
+    lora = [tmp_path / "l1", tmp_path / "l2"]
+    for i, path in enumerate(lora):
+        peft_lora(tiny_llama(hidden=40, intermediate=72, layers=2), r=4, scale_seed=i).save_pretrained(path)
+    reports = {}
+    for shards in (1, 3):
+        fp8_llama(tmp_path / f"base{shards}", shards=shards, split_pair="model.layers.1.self_attn.q_proj.weight"
+                  if shards > 1 else None)
+        reports[shards] = merge(tmp_path / f"base{shards}", lora, tmp_path / f"out{shards}", method="ties",
+                                density=0.5).compose_stats
+    numel = sum(t.numel() for k, t in tiny_llama(hidden=40, intermediate=72, layers=2).state_dict().items()
+                if k.split(".")[-2] in LLAMA_TARGETS)
+    assert reports[1].elements == reports[3].elements == numel
+    assert reports[1] == reports[3]

@@ -109,6 +109,7 @@ class ComposedSource(DeltaSource):
         self._workspace = Workspace()  # the τ buffers (compose_ overwrites them) and add_delta_'s scratch
         self.stats = ComposeStats()
         self.stats.grow(len(self.sources))
+        self._counted: set[str] = set()
         self._touching: dict[str, list[int]] = {}
         for i, source in enumerate(self.sources):
             _refuse_non_additive(source, composition.method)
@@ -145,9 +146,13 @@ class ComposedSource(DeltaSource):
             taus[i] = tau
             if comp.is_dare and comp.densities[i] < 1.0:
                 masks[i] = dare_keep_mask(comp.seed, i, key, shape, comp.densities[i]).to(tau.device)
+        # a key composed again (an fp8 weight whose scale sits in another shard is merged once per shard) is counted
+        # once in the stats
+        stats = None if key in self._counted else self.stats
+        self._counted.add(key)
         mixed = compose_(taus, comp.weights, comp.method, density=list(comp.densities), lambda_=comp.lambda_,
                          normalize=comp.normalize, rescale=comp.rescale, keep_masks=masks, gamma=comp.gamma,
-                         stats=self.stats)
+                         stats=stats)
         # compose_ may return one of the reused τ buffers: the caller may hold the result while the next key is
         # composed (stream_write writes behind), so it gets its own copy
         return mixed.clone()

@@ -216,14 +216,17 @@ def test_max_error_needs_a_bound_below_one_and_above_float32_rounding(randlora_p
 # ------------------------------------------------------------------------------- randomised SVD vs the reference
 
 
-def _decaying(m: int, n: int, decay: float, seed: int) -> torch.Tensor:
-    """U diag(σ) Vᵀ with σᵢ = decayⁱ and random orthonormal U, V: (m, n) float32."""
+def _spectral(m: int, n: int, s: torch.Tensor, seed: int) -> torch.Tensor:
+    """U diag(s) Vᵀ with random orthonormal U (m, len(s)), V (n, len(s)): (m, n) float32, rank ≤ len(s)."""
     g = torch.Generator().manual_seed(seed)
-    k = min(m, n)
-    U, _ = torch.linalg.qr(torch.randn(m, k, generator=g, dtype=torch.float64))
-    V, _ = torch.linalg.qr(torch.randn(n, k, generator=g, dtype=torch.float64))
-    s = decay ** torch.arange(k, dtype=torch.float64)
-    return ((U * s) @ V.T).float()
+    U, _ = torch.linalg.qr(torch.randn(m, len(s), generator=g, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(n, len(s), generator=g, dtype=torch.float64))
+    return ((U * s.double()) @ V.T).float()
+
+
+def _decaying(m: int, n: int, decay: float, seed: int) -> torch.Tensor:
+    """σᵢ = decayⁱ (see :func:`_spectral`): (m, n) float32."""
+    return _spectral(m, n, decay ** torch.arange(min(m, n), dtype=torch.float64), seed)
 
 
 @pytest.mark.parametrize("decay,max_error", [(0.9, 0.01), (0.95, 0.05), (0.8, 1e-4)])
@@ -259,3 +262,69 @@ def test_tail_errors_formula():
     assert torch.allclose(tail_errors(s, total), torch.tensor(expected, dtype=torch.float64))
     assert smallest_rank(s, total, 0.3) == 2 and smallest_rank(s, total, 0.0) == 3
     assert smallest_rank(s, total + 1.0, 0.0) is None  # energy beyond the given values
+
+
+# Layers with min(out, in) ≥ 1024, where ``auto`` takes the randomised path: its rank must be the float64 optimum on
+# any spectrum, not only a decaying one (#28 audit: on linspace(1, 0.5) the σ̃ of svd_lowrank, which underestimate σ,
+# gave rank 134 where 128 is optimal, so vLLM's --max-lora-rank doubled to 256). Each budget is set just above the
+# optimal rank's own float64 tail error (by a relative 1e-9, as the audit did), the hardest place for a guess.
+
+
+def _cluster_at_cut() -> torch.Tensor:
+    """σ = 0.93ⁱ for i < 40, sixteen values 0.93⁴⁰·(1 − 1e-7·j) (j < 16: the cut at 48 falls inside), then 0.93ⁱ."""
+    head = 0.93 ** torch.arange(40, dtype=torch.float64)
+    cluster = 0.93**40 * (1 - 1e-7 * torch.arange(16, dtype=torch.float64))
+    return torch.cat([head, cluster, 0.93 ** torch.arange(40, 1008, dtype=torch.float64)])
+
+
+_FLAT = torch.linspace(1, 0.5, 1024, dtype=torch.float64)
+EXACT_RANK_CASES = {  # name: (shape, spectrum, optimal rank the budget is set for, whether the fast path must keep it)
+    "flat": ((1024, 1024), _FLAT, 128, False),
+    "cluster-at-cut": ((1024, 1024), _cluster_at_cut(), 48, True),
+    "rank-deficient": ((1024, 1024), torch.linspace(1, 0.5, 200, dtype=torch.float64), 100, True),
+    "wide-flat": ((1024, 3000), _FLAT, 64, False),
+    "tall-decaying": ((3000, 1024), 0.97 ** torch.arange(1024, dtype=torch.float64), 90, True),
+}
+
+
+@pytest.mark.parametrize("method", ["randomized", "auto"])
+@pytest.mark.parametrize("case", list(EXACT_RANK_CASES))
+def test_large_layer_rank_is_the_float64_optimum_on_any_spectrum(case, method):
+    from randlora_io.convert.rank_budget import budget_factors
+
+    shape, s, target, fast = EXACT_RANK_CASES[case]
+    W = _spectral(*shape, s, seed=len(case))
+    # the independent oracle: float64 svdvals of the float32 matrix as stored, the tail error at every rank
+    s2 = torch.linalg.svdvals(W.double()) ** 2
+    tails = ((s2.sum() - torch.cat([torch.zeros(1, dtype=torch.float64), s2.cumsum(0)])).clamp_min(0) / s2.sum()).sqrt()
+    max_error = float(tails[target]) * (1 + 1e-9)
+    optimal = int(torch.nonzero(tails <= max_error)[0])
+    assert optimal == target  # the budget is where it was meant to be
+    low = budget_factors(W, max_error, method)
+    assert low.rank == optimal, (case, method, low.rank, low.method)
+    independent = _rel(low.up.double() @ low.down.double(), W)
+    assert independent <= max_error and abs(independent - low.rel_error) <= 1e-9
+    if fast:  # a spectrum the randomised path can certify: it must not hand over to the full SVD
+        assert low.method == "rsvd", case
+
+
+@pytest.mark.parametrize("spectrum,proves", [("power-0.5", False), ("power-1", True), ("geometric-0.98", True)])
+def test_fast_path_returns_the_optimal_rank_or_hands_over(spectrum, proves):
+    """Over a sweep of budgets, each just above the tail error at some rank, the fast path either proves its rank
+    (then it is the optimum) or returns None for the reference: never a guess. On σᵢ = i^-½ the energy past any
+    q ≤ 256 stays above σ_k², so nothing can be proven there; the other two decay fast enough for some budgets."""
+    from randlora_io.convert.rank_budget import randomized_budget_factors
+
+    i = torch.arange(1024, dtype=torch.float64)
+    s = {"power-0.5": (i + 1) ** -0.5, "power-1": (i + 1) ** -1.0, "geometric-0.98": 0.98**i}[spectrum]
+    W = _spectral(1024, 1024, s, seed=7)
+    s2 = torch.linalg.svdvals(W.double()) ** 2
+    tails = ((s2.sum() - torch.cat([torch.zeros(1, dtype=torch.float64), s2.cumsum(0)])).clamp_min(0) / s2.sum()).sqrt()
+    proven = []
+    for target in (1, 4, 16, 48, 96):
+        max_error = float(tails[target]) * (1 + 1e-9)
+        low = randomized_budget_factors(W, max_error)
+        if low is not None:
+            assert low.rank == target and low.rel_error <= max_error, (target, low.rank)
+            proven.append(target)
+    assert bool(proven) or not proves

@@ -244,13 +244,14 @@ def test_randomized_path_agrees_with_the_full_svd_reference(decay, max_error):
     assert abs(fast.rel_error - ref.rel_error) <= 1e-5
 
 
-def test_randomized_path_hands_a_large_rank_to_the_full_svd():
-    from randlora_io.convert.rank_budget import budget_factors, randomized_budget_factors
+def test_randomized_path_hands_a_large_rank_to_the_gram_path():
+    from randlora_io.convert.rank_budget import budget_factors, full_budget_factors, randomized_budget_factors
 
     W = torch.randn(400, 450, generator=torch.Generator().manual_seed(5))  # flat spectrum: most of the rank needed
     assert randomized_budget_factors(W, 0.3) is None
     low = budget_factors(W, 0.3, "randomized")
-    assert low.method == "svd" and low.rank == _optimal_rank(W, 0.3) and low.rel_error <= 0.3
+    assert low.method == "gram" and low.rank == _optimal_rank(W, 0.3) and low.rel_error <= 0.3
+    assert low.rank == full_budget_factors(W, 0.3).rank
 
 
 def test_tail_errors_formula():
@@ -328,3 +329,22 @@ def test_fast_path_returns_the_optimal_rank_or_hands_over(spectrum, proves):
             assert low.rank == target and low.rel_error <= max_error, (target, low.rank)
             proven.append(target)
     assert bool(proven) or not proves
+
+
+@pytest.mark.parametrize("shape", [(1024, 1024), (1024, 1536), (1536, 1024)])
+@pytest.mark.parametrize("max_error_at", [128, 700])
+def test_gram_path_gives_the_optimal_rank_where_the_randomised_one_cannot_prove_it(shape, max_error_at):
+    """A flat spectrum (σ = linspace(1, 0.5), the audit's case): the randomised path hands over, and the Gram
+    eigendecomposition proves the optimal rank in float64 instead of the ~5x dearer full SVD."""
+    from randlora_io.convert.rank_budget import budget_factors, gram_budget_factors, randomized_budget_factors
+
+    W = _spectral(*shape, torch.linspace(1, 0.5, min(shape), dtype=torch.float64), seed=sum(shape))
+    s2 = torch.linalg.svdvals(W.double()) ** 2
+    tails = ((s2.sum() - torch.cat([torch.zeros(1, dtype=torch.float64), s2.cumsum(0)])).clamp_min(0) / s2.sum()).sqrt()
+    max_error = float(tails[max_error_at]) * (1 + 1e-9)
+    assert randomized_budget_factors(W, max_error) is None
+    for low in (gram_budget_factors(W, max_error), budget_factors(W, max_error, "auto")):
+        assert low is not None and low.method == "gram" and low.rank == max_error_at
+        independent = _rel(low.up.double() @ low.down.double(), W)
+        assert independent <= max_error and abs(independent - low.rel_error) <= 1e-9
+        assert low.up.shape == (shape[0], max_error_at) and low.down.shape == (max_error_at, shape[1])

@@ -19,11 +19,16 @@ VLLM_FIELDS = {"peft_type", "r", "lora_alpha", "target_modules", "bias", "module
 SLACK = 1e-5
 
 
-def _optimal_rank(delta: torch.Tensor, max_error: float) -> int:
-    """Independent: the smallest k with sqrt(Σ_{i>k} σ²)/sqrt(Σ σ²) ≤ E, from torch.linalg.svdvals in float64."""
+def _tails64(delta: torch.Tensor) -> torch.Tensor:
+    """Independent: the relative error of the best rank-k approximation at every k = 0 … min(shape), from
+    torch.linalg.svdvals in float64 (len min(shape) + 1)."""
     s2 = torch.linalg.svdvals(delta.double()) ** 2
-    tails = [float(s2[k:].sum() / s2.sum()) ** 0.5 for k in range(len(s2) + 1)]
-    return next(k for k, e in enumerate(tails) if e <= max_error)
+    return ((s2.sum() - torch.cat([torch.zeros(1, dtype=torch.float64), s2.cumsum(0)])).clamp_min(0) / s2.sum()).sqrt()
+
+
+def _optimal_rank(delta: torch.Tensor, max_error: float) -> int:
+    """Independent: the smallest k with sqrt(Σ_{i>k} σ²)/sqrt(Σ σ²) ≤ E (:func:`_tails64`)."""
+    return int(torch.nonzero(_tails64(delta) <= max_error)[0])
 
 
 def _written(out_dir) -> dict[str, torch.Tensor]:
@@ -296,8 +301,7 @@ def test_large_layer_rank_is_the_float64_optimum_on_any_spectrum(case, method):
     shape, s, target, fast = EXACT_RANK_CASES[case]
     W = _spectral(*shape, s, seed=len(case))
     # the independent oracle: float64 svdvals of the float32 matrix as stored, the tail error at every rank
-    s2 = torch.linalg.svdvals(W.double()) ** 2
-    tails = ((s2.sum() - torch.cat([torch.zeros(1, dtype=torch.float64), s2.cumsum(0)])).clamp_min(0) / s2.sum()).sqrt()
+    tails = _tails64(W)
     max_error = float(tails[target]) * (1 + 1e-9)
     optimal = int(torch.nonzero(tails <= max_error)[0])
     assert optimal == target  # the budget is where it was meant to be
@@ -319,8 +323,7 @@ def test_fast_path_returns_the_optimal_rank_or_hands_over(spectrum, proves):
     i = torch.arange(1024, dtype=torch.float64)
     s = {"power-0.5": (i + 1) ** -0.5, "power-1": (i + 1) ** -1.0, "geometric-0.98": 0.98**i}[spectrum]
     W = _spectral(1024, 1024, s, seed=7)
-    s2 = torch.linalg.svdvals(W.double()) ** 2
-    tails = ((s2.sum() - torch.cat([torch.zeros(1, dtype=torch.float64), s2.cumsum(0)])).clamp_min(0) / s2.sum()).sqrt()
+    tails = _tails64(W)
     proven = []
     for target in (1, 4, 16, 48, 96):
         max_error = float(tails[target]) * (1 + 1e-9)
@@ -339,8 +342,7 @@ def test_gram_path_gives_the_optimal_rank_where_the_randomised_one_cannot_prove_
     from randlora_io.convert.rank_budget import budget_factors, gram_budget_factors, randomized_budget_factors
 
     W = _spectral(*shape, torch.linspace(1, 0.5, min(shape), dtype=torch.float64), seed=sum(shape))
-    s2 = torch.linalg.svdvals(W.double()) ** 2
-    tails = ((s2.sum() - torch.cat([torch.zeros(1, dtype=torch.float64), s2.cumsum(0)])).clamp_min(0) / s2.sum()).sqrt()
+    tails = _tails64(W)
     max_error = float(tails[max_error_at]) * (1 + 1e-9)
     assert randomized_budget_factors(W, max_error) is None
     for low in (gram_budget_factors(W, max_error), budget_factors(W, max_error, "auto")):

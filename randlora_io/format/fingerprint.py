@@ -57,20 +57,25 @@ def _read(ckpt, key: str) -> torch.Tensor:
 def checkpoint_fingerprints(ckpt, names: Mapping[str, str],
                             casts: tuple[torch.dtype | None, ...] = (None,), dequantize_fp8: bool = False) -> dict:
     """``{cast dtype (None = as stored): fingerprint}`` of the checkpoint weights ``names`` (fingerprint key →
-    checkpoint key), read one tensor at a time. ``dequantize_fp8``: an FP8 block-quantized checkpoint's fp8 weights
-    as transformers loads them on a CPU (codes · scale_inv in float32, then the cast), not their codes."""
+    checkpoint key), read one tensor at a time. ``dequantize_fp8``: in the same pass, also ``{("dequantized", cast):
+    fingerprint}`` with an FP8 block-quantized checkpoint's fp8 weights as transformers loads them on a CPU
+    (codes · scale_inv in float32, then the cast) instead of their codes."""
     from ..checkpoint.fp8_blocks import dequantize
 
     layout = ckpt.quantization if dequantize_fp8 else None
-    digests = {cast: hashlib.sha256() for cast in casts}
+    variants = [(cast, False) for cast in casts] + ([(cast, True) for cast in casts] if layout is not None else [])
+    digests = {variant: hashlib.sha256() for variant in variants}
     for key in sorted(names):
         tensor = _read(ckpt, names[key])
+        widened = None
         if layout is not None and names[key] in layout.scales:
-            tensor = dequantize(tensor, _read(ckpt, layout.scales[names[key]]), layout.block, torch.float32)
-        for cast, digest in digests.items():
-            fingerprint_update(digest, key, tensor if cast is None else tensor.to(cast))
-        del tensor
-    return {cast: FINGERPRINT_PREFIX + d.hexdigest() for cast, d in digests.items()}
+            widened = dequantize(tensor, _read(ckpt, layout.scales[names[key]]), layout.block, torch.float32)
+        for (cast, dequantized), digest in digests.items():
+            t = widened if dequantized and widened is not None else tensor
+            fingerprint_update(digest, key, t if cast is None else t.to(cast))
+        del tensor, widened
+    return {(("dequantized", cast) if dequantized else cast): FINGERPRINT_PREFIX + d.hexdigest()
+            for (cast, dequantized), d in digests.items()}
 
 
 def check_fingerprint(ckpt, source) -> None:
@@ -87,11 +92,9 @@ def check_fingerprint(ckpt, source) -> None:
     names = {inner_key(key): key for key in source.keys() if key not in source.replacements}
     if checkpoint_fingerprints(ckpt, names)[None] == expected:
         return
-    if expected in checkpoint_fingerprints(ckpt, names, _FLOAT_DTYPES).values():
-        return  # trained on this base loaded in another dtype
-    if ckpt.quantization is not None and expected in checkpoint_fingerprints(
-            ckpt, names, _FLOAT_DTYPES, dequantize_fp8=True).values():
-        return  # trained on this fp8 base as transformers loads it on a CPU (dequantized)
+    # trained on this base loaded in another dtype, or (an fp8 base) as transformers loads it on a CPU, dequantized
+    if expected in checkpoint_fingerprints(ckpt, names, _FLOAT_DTYPES, dequantize_fp8=True).values():
+        return
     raise BaseModelMismatchError(
         f"{source.path}: was trained on another base: its recorded base fingerprint does not match the targeted "
         f"weights of {ckpt.root}; merge into the base it was trained on, or pass --ignore-base-fingerprint to merge "

@@ -112,7 +112,7 @@ class ComposedSource(DeltaSource):
         self._counted: set[str] = set()
         self._touching: dict[str, list[int]] = {}
         for i, source in enumerate(self.sources):
-            _refuse_non_additive(source, composition.method)
+            refuse_non_additive(source, composition.method)
             for key in source.keys():
                 self._touching.setdefault(key, []).append(i)
         if keys is not None:
@@ -158,7 +158,7 @@ class ComposedSource(DeltaSource):
         return mixed.clone()
 
 
-def _refuse_non_additive(source: DeltaSource, method: str) -> None:
+def refuse_non_additive(source: DeltaSource, method: str) -> None:
     """A replaced tensor (modules_to_save, trained biases) or a DoRA layer has no task vector ΔW to compose."""
     if source.replacements:
         key = next(iter(source.replacements))

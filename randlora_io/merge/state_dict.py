@@ -21,7 +21,7 @@ from ..sources.keymap import for_checkpoint
 from ..sources.randlora_file import RandloraSource
 from ..sources.registry import open_source
 from ..sources.ties import TiedSumSource
-from .composition import ComposedSource, composition_for
+from .composition import ComposedSource, composition_for, refuse_non_additive
 from .layer import add_delta_
 from .terms import apply_term_
 
@@ -81,6 +81,7 @@ def merge_into_state_dict(
     if composition is not None:
         for source in sources:
             _check_keys(source, state_dict)
+            refuse_non_additive(source, composition.method)  # before folding, which hides a tied DoRA layer
         sources, weights = [ComposedSource([_fold_tied(s, tied) for s in sources], composition)], [1.0]
     out = dict(state_dict)
     merged: dict[str, torch.Tensor] = {}  # key → float32 result, shared by keys that share one tensor
@@ -126,23 +127,15 @@ def _merge_one(source: DeltaSource, weight: float, state_dict: Mapping[str, torc
 
 
 def _fold_tied(source: DeltaSource, tied: Mapping[str, tuple[str, ...]]) -> DeltaSource:
-    """``source`` with the ΔW of every name of a tied tensor summed under its first name (state dict order), as the
-    streaming merge sees it (the checkpoint stores the tensor once): a composition then trims, elects signs and
-    normalises over the one tensor, not over each name alone. DoRA on a tied name is refused (not additive)."""
+    """``source`` (additive: no DoRA layer, no replaced tensor) with the ΔW of every name of a tied tensor summed
+    under its first name (state dict order), as the streaming merge sees it (the checkpoint stores the tensor
+    once): a composition then trims, elects signs and normalises over the one tensor, not over each name alone."""
     folded: dict[str, list[str]] = {}
     for key in source.keys():
         first = tied.get(key, (key,))[0]
         if first != key:
             folded.setdefault(first, []).append(key)
-    if not folded:
-        return source
-    for first, names in folded.items():
-        for name in [first, *names]:
-            if name in source.keys() and source.dora_magnitude(name) is not None:
-                raise BaseModelMismatchError(
-                    f"{source.path}: DoRA layer {name!r} shares its tensor with {names[0] if name == first else first!r}"
-                    " in the state dict (tied): its update is not a task vector to compose; merge it without a method")
-    return TiedSumSource(source, folded, {})
+    return TiedSumSource(source, folded, {}) if folded else source
 
 
 def _tied_keys(state_dict: Mapping[str, torch.Tensor]) -> dict[str, tuple[str, ...]]:
